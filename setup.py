@@ -1,0 +1,19 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+requirements = [
+    line.split("#")[0].strip()
+    for line in Path(__file__).with_name("requirements.txt").read_text().splitlines()
+    if line.split("#")[0].strip() and not line.startswith("pytest")
+]
+
+setup(
+    name="megablock",
+    version="0.1.0",
+    description="Block-diffusion adaptation of pretrained autoregressive LLMs (NBDiff recipe) "
+    "with megatron-core tensor parallelism and DeepSpeed.",
+    packages=find_packages(include=["megablock", "megablock.*"]),
+    python_requires=">=3.10,<3.12.99",
+    install_requires=requirements,
+)
