@@ -91,3 +91,24 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         return cls(**d)
+
+
+def stage_layer_ranges(num_layers: int, pp: int, layers_per_stage: Optional[list] = None) -> list[range]:
+    """Contiguous global layer ranges owned by each pipeline stage.
+
+    Even by default (earlier stages take the remainder, one layer each); `layers_per_stage`
+    gives them explicitly, e.g. [7, 9] to lighten the first stage, which also holds the embedding.
+    """
+    if layers_per_stage is None:
+        base, extra = divmod(num_layers, pp)
+        layers_per_stage = [base + (1 if s < extra else 0) for s in range(pp)]
+    if len(layers_per_stage) != pp or sum(layers_per_stage) != num_layers or min(layers_per_stage) < 1:
+        raise ValueError(
+            f"layers_per_stage={layers_per_stage} must list {pp} positive counts summing to "
+            f"num_layers={num_layers}"
+        )
+    ranges, start = [], 0
+    for n in layers_per_stage:
+        ranges.append(range(start, start + n))
+        start += n
+    return ranges
