@@ -1,0 +1,136 @@
+"""Tensor-parallel decoder layer: megatron-core parallel linears around block-diffusion attention.
+
+Sharding (TP size t): linear_qkv is column-parallel over whole KV groups (Megatron's grouped
+[q heads of group g, k_g, v_g] layout), so each rank runs num_kv_heads / t groups of attention
+with no communication; linear_proj is row-parallel and all-reduces once. linear_fc1 is
+column-parallel with each rank holding [its gate slice; its up slice]; linear_fc2 row-parallel.
+Norms are replicated.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig, tensor_parallel
+from torch import nn
+
+from megablock.diffusion.layout import AttentionLayout
+from megablock.model.config import ModelConfig
+from megablock.model.rope import apply_rope
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back, as HF Llama/Qwen/Mistral do."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def megatron_config(tp: int, pp: int, dtype: torch.dtype, initialize: bool) -> ModelParallelConfig:
+    # CPU initialisation draws each full weight once and slices it, so every TP layout starts
+    # from the same numbers and no CUDA RNG tracker is needed.
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        use_cpu_initialization=True,
+        perform_initialization=initialize,
+        params_dtype=dtype,
+        gradient_accumulation_fusion=False,
+        sequence_parallel=False,
+    )
+
+
+def normal_init(std: float) -> Callable[[torch.Tensor], None]:
+    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
+
+
+class ParallelAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, layer_index: int):
+        super().__init__()
+        tp = mcfg.tensor_model_parallel_size
+        self.layer_index = layer_index
+        self.head_dim = cfg.head_dim
+        self.hpg = cfg.heads_per_group
+        self.local_groups = cfg.num_kv_heads // tp
+        qkv_out = (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.linear_qkv = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, qkv_out, config=mcfg, init_method=normal_init(cfg.init_std),
+            bias=cfg.qkv_bias, gather_output=False,
+        )
+        if cfg.qk_norm:
+            self.q_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_layernorm = self.k_layernorm = None
+        out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.linear_proj = tensor_parallel.RowParallelLinear(
+            cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, config=mcfg,
+            init_method=normal_init(out_std), bias=False, input_is_parallel=True, skip_bias_add=False,
+        )
+        self.attention_impl = "auto"
+
+    def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
+        b, s, _ = x.shape
+        qkv, _ = self.linear_qkv(x)
+        qkv = qkv.view(b, s, self.local_groups, self.hpg + 2, self.head_dim)
+        q = qkv[:, :, :, : self.hpg].reshape(b, s, self.local_groups * self.hpg, self.head_dim)
+        k, v = qkv[:, :, :, self.hpg], qkv[:, :, :, self.hpg + 1]
+        if self.q_layernorm is not None:
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            out = kv_cache.attend(self.layer_index, q, k, v)
+        else:
+            from megablock.diffusion.attention import attend
+
+            out = attend(q, k, v, layout, impl=self.attention_impl)
+        out = out.transpose(1, 2).reshape(b, s, -1)
+        out, _ = self.linear_proj(out)
+        return out
+
+
+class ParallelMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig):
+        super().__init__()
+        self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, 2 * cfg.intermediate_size, config=mcfg,
+            init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
+        )
+        self.linear_fc2 = tensor_parallel.RowParallelLinear(
+            cfg.intermediate_size, cfg.hidden_size, config=mcfg,
+            init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers)),
+            bias=False, input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, x):
+        h, _ = self.linear_fc1(x)
+        gate, up = h.chunk(2, dim=-1)
+        out, _ = self.linear_fc2(F.silu(gate) * up)
+        return out
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block; `layer_index` is the global index (it names the weights and the KV cache)."""
+
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attention = ParallelAttention(cfg, mcfg, layer_index)
+        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = ParallelMLP(cfg, mcfg)
+
+    def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, layout, kv_cache)
+        return x + self.mlp(self.pre_mlp_layernorm(x))

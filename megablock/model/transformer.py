@@ -1,0 +1,113 @@
+"""The block-diffusion language model: one decoder family for Llama, Qwen2, Qwen3 and Mistral.
+
+One class serves a whole model (pp = 1) and any pipeline stage: a stage owns a contiguous range
+of global layer indices, the first stage the embedding, the last the final norm and the head
+(and, with tied embeddings, its own copy of the embedding that training keeps tied).
+Weights are named as in the sharded checkpoint format (global layer indices), so a checkpoint
+shard loads with `load_state_dict` as it is.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from torch import nn
+
+from megablock.diffusion.layout import AttentionLayout
+from megablock.model.config import ModelConfig, stage_layer_ranges
+from megablock.model.layers import DecoderLayer, RMSNorm, megatron_config, normal_init
+from megablock.model.rope import rope_cos_sin
+
+
+class BlockDiffusionLM(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        pp_rank: int = 0,
+        layers_per_stage: Optional[list] = None,
+        dtype: torch.dtype = torch.float32,
+        initialize: bool = True,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        cfg.check_parallel(self.tp, pp)
+        self.padded_vocab_size = cfg.padded_vocab_size(self.tp)
+        self.layer_range = stage_layer_ranges(cfg.num_layers, pp, layers_per_stage)[pp_rank]
+        self.pre_process = pp_rank == 0
+        self.post_process = pp_rank == pp - 1
+        mcfg = megatron_config(self.tp, pp, dtype, initialize)
+
+        if self.pre_process or (self.post_process and cfg.tie_word_embeddings):
+            self.embedding = tensor_parallel.VocabParallelEmbedding(
+                self.padded_vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=mcfg
+            )
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, mcfg, i) for i in self.layer_range})
+        if self.post_process:
+            self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            if not cfg.tie_word_embeddings:
+                self.output_layer = tensor_parallel.ColumnParallelLinear(
+                    cfg.hidden_size, self.padded_vocab_size, config=mcfg,
+                    init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
+                )
+        self.to(dtype)
+
+    # The pieces are separate methods so pipeline stages can call them one by one.
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids)
+
+    def run_layers(self, hidden, position_ids, layout: AttentionLayout, kv_cache=None):
+        cos, sin = rope_cos_sin(self.cfg, position_ids, hidden.dtype)
+        for layer in self.layers.values():
+            hidden = layer(hidden, cos, sin, layout, kv_cache)
+        return hidden
+
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This TP rank's slice of the vocabulary logits; padded entries are -inf so they never
+        reach a softmax, a loss or a sample."""
+        hidden = self.final_layernorm(hidden)
+        if self.cfg.tie_word_embeddings:
+            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
+            logits = torch.nn.functional.linear(hidden, self.embedding.weight)
+        else:
+            logits, _ = self.output_layer(hidden)
+        local = logits.shape[-1]
+        first_pad = self.cfg.vocab_size - self.tp_rank * local
+        if first_pad < local:
+            logits = logits.clone()
+            logits[..., max(first_pad, 0):] = float("-inf")
+        return logits
+
+    def forward(self, input_ids, position_ids, layout: AttentionLayout, kv_cache=None):
+        hidden = self.run_layers(self.embed(input_ids), position_ids, layout, kv_cache)
+        return self.head(hidden)
+
+    def weights(self) -> dict:
+        """Tensors as stored in a checkpoint shard (megatron's empty `_extra_state` left out)."""
+        return {k: v for k, v in self.state_dict().items() if not k.endswith("_extra_state")}
+
+    def load_weights(self, shard: dict) -> None:
+        """Load one checkpoint shard of this (TP rank, PP stage); every weight must be present."""
+        expected = self.weights()
+        missing = sorted(set(expected) - set(shard))
+        unexpected = sorted(set(shard) - set(expected))
+        if missing or unexpected:
+            raise ValueError(
+                f"checkpoint shard does not match the model: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}; was it written for another architecture?"
+            )
+        for name, value in shard.items():
+            if tuple(value.shape) != tuple(expected[name].shape):
+                raise ValueError(
+                    f"{name}: checkpoint shape {tuple(value.shape)} != model shape {tuple(expected[name].shape)}"
+                )
+        self.load_state_dict(shard, strict=False)
+
+    def set_attention_impl(self, impl: str) -> None:
+        """`auto` (FlexAttention on GPU, exact SDPA path on CPU), `sdpa`, `flex` or `dense`."""
+        for layer in self.layers.values():
+            layer.self_attention.attention_impl = impl

@@ -1,0 +1,148 @@
+"""One distributed initialisation for `deepspeed`, `torchrun` and plain `python`.
+
+Rank order is tensor fastest, then data, then pipeline: megatron-core's `parallel_state`
+(order "tp-cp-ep-dp-pp") and DeepSpeed's `PipeModelDataParallelTopology` agree on it, so a
+DeepSpeed pipeline and megatron-core tensor parallelism can share one world.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from dataclasses import dataclass
+from datetime import timedelta
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megablock.testing import free_port
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ParallelInfo:
+    """Where this process sits in the TP x DP x PP grid."""
+
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    device: torch.device
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_process_group(device: torch.device | None = None, timeout_minutes: int = 30) -> None:
+    """Start torch.distributed: from the launcher's environment (deepspeed, torchrun, Slurm
+    scripts that export RANK/WORLD_SIZE), or as a world of one for plain `python`."""
+    if dist.is_initialized():
+        return
+    device = device or default_device()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+
+
+def initialize_parallel(tp: int = 1, pp: int = 1, device: torch.device | None = None) -> ParallelInfo:
+    """Initialise torch.distributed and megatron-core's TP/DP/PP groups (idempotent)."""
+    device = device or default_device()
+    init_process_group(device)
+    world = dist.get_world_size()
+    if world % (tp * pp):
+        raise ValueError(
+            f"world size {world} is not divisible by parallel.tensor x parallel.pipeline = {tp} x {pp}; "
+            f"launch a multiple of {tp * pp} processes"
+        )
+    if parallel_state.model_parallel_is_initialized():
+        if (
+            parallel_state.get_tensor_model_parallel_world_size() != tp
+            or parallel_state.get_pipeline_model_parallel_world_size() != pp
+        ):
+            parallel_state.destroy_model_parallel()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            order="tp-cp-ep-dp-pp",
+            create_gloo_process_groups=device.type == "cuda",
+        )
+        logger.info("initialised parallel groups: world %d = TP %d x DP %d x PP %d", world, tp, world // (tp * pp), pp)
+    return parallel_info(device)
+
+
+def parallel_info(device: torch.device | None = None) -> ParallelInfo:
+    return ParallelInfo(
+        world_size=dist.get_world_size(),
+        rank=dist.get_rank(),
+        tp=parallel_state.get_tensor_model_parallel_world_size(),
+        pp=parallel_state.get_pipeline_model_parallel_world_size(),
+        dp=parallel_state.get_data_parallel_world_size(),
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        device=device or default_device(),
+    )
+
+
+def destroy_parallel() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MegatronMPU:
+    """The `mpu` object `deepspeed.initialize(mpu=...)` expects, backed by megatron-core.
+
+    DeepSpeed asks for get_model_parallel_* (its name for tensor parallelism) and the data
+    parallel group, which it uses to average gradients and shard ZeRO state.
+    """
+
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+
+
+def seed_everything(seed: int, info: ParallelInfo | None = None) -> None:
+    """Seed python, numpy and torch.
+
+    Every rank gets the same seed: model init must agree across DP ranks and the data pipeline
+    draws its noise from generators keyed by (seed, sample index), so TP ranks see the same
+    data and DP ranks different data by construction rather than by seed offsets. Dropout is
+    not used by these models, so no per-TP-rank RNG tracker is needed.
+    """
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
