@@ -1,0 +1,160 @@
+"""Sharded megablock checkpoint (converted or from training, any TP x PP) -> plain HF folder.
+
+Streams: each parameter's TP shards are read (one safetensors open per tensor), merged, mapped back
+to HF tensors (vocabulary padding stripped, the mask row kept) and written straight into the
+output safetensors file(s); memory stays at about one full tensor. Output above `max_shard_bytes`
+is split into model-0000k-of-0000n.safetensors files with a model.safetensors.index.json, the
+layout `save_pretrained` writes, so AutoModelForCausalLM loads either.
+
+config.json is the source config (unmodeled entries verbatim) plus the block-diffusion settings
+`block_size`, `mask_token_id`, `diffusion_shift`, `diffusion_attention`. Same atomic-write rule as
+conversion: OUT.tmp-<pid>, renamed when complete.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from . import format as fmt
+from .convert import ConversionError, count_parameters, finish_out, prepare_out
+from .mappings import get_family
+
+MAX_SHARD_BYTES = 5 * 10**9
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def diffusion_settings(meta: dict) -> dict:
+    """Block-diffusion entries for config.json, from megablock.json (with the recipe's defaults)."""
+    return {
+        "block_size": meta.get("block_size", 1),
+        "mask_token_id": meta.get("mask_token_id"),
+        "diffusion_shift": bool(meta.get("shift", True)),
+        "diffusion_attention": meta.get("attention", "context_causal"),
+    }
+
+
+def hf_config_dict(meta: dict, dtype: str) -> dict:
+    cfg = fmt.model_config(meta)
+    config = get_family(cfg.arch).hf_config(cfg)
+    dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
+    config[dtype_key] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    config.update(diffusion_settings(meta))
+    return config
+
+
+def plan_files(specs: dict[str, tuple], dtype: torch.dtype, max_bytes: int) -> list[list[str]]:
+    """Group tensor names, in order, into files of at most `max_bytes` (a bigger tensor gets its own)."""
+    files, current, size = [], [], 0
+    for name, shape in specs.items():
+        n = torch.Size(shape).numel() * dtype.itemsize
+        if current and size + n > max_bytes:
+            files.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += n
+    if current:
+        files.append(current)
+    return files
+
+
+def check_shards(ckpt: Path, meta: dict) -> None:
+    """Every shard file exists and is readable before anything is written."""
+    from safetensors import safe_open
+
+    for s in range(meta["pp"]):
+        for r in range(meta["tp"]):
+            path = fmt.shard_path(ckpt, r, s)
+            if not path.is_file():
+                raise fmt.CheckpointError(f"missing shard {path}; the checkpoint is incomplete (use another step or re-convert)")
+            try:
+                with safe_open(str(path), "pt"):
+                    pass
+            except Exception as e:
+                raise fmt.CheckpointError(f"shard {path} is corrupt ({e}); use another checkpoint or re-convert") from None
+
+
+def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress: bool = True,
+           max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable = print) -> dict:
+    """Write checkpoint `ckpt` (a checkpoint folder, or a training save dir with `latest`) as an
+    HF folder at `out` in `dtype` (default: the checkpoint's). Returns a summary dict."""
+    start = time.time()
+    out, tmp = prepare_out(out, force)
+    ckpt = fmt.resolve_checkpoint(ckpt)
+    meta = fmt.read_metadata(ckpt)
+    dtype = dtype or meta["dtype"]
+    if dtype not in fmt.DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not supported; use one of {', '.join(fmt.DTYPES)}")
+    torch_dtype = fmt.DTYPES[dtype]
+    cfg = fmt.model_config(meta)
+    family = get_family(cfg.arch)
+    if cfg.padded_vocab_size(meta["tp"]) != meta["padded_vocab_size"]:
+        raise fmt.CheckpointError(f"{ckpt}/megablock.json: padded_vocab_size disagrees with the model config; re-convert")
+    check_shards(ckpt, meta)
+
+    # Plan the HF tensors (names, shapes) on meta tensors, then the files they go to.
+    shapes = fmt.full_shapes(cfg, meta["tp"])
+    specs = {}
+    for b in family.params(cfg):
+        for n, t in b.to_hf(torch.empty(shapes[b.name], device="meta"), cfg).items():
+            specs[n] = tuple(t.shape)
+    files = plan_files(specs, torch_dtype, max_shard_bytes)
+    names = [WEIGHTS_NAME] if len(files) == 1 else [
+        f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))
+    ]
+    file_of = {n: names[k] for k, group in enumerate(files) for n in group}
+
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress)
+        writer, k = None, -1
+        try:
+            for name, full in fmt.iter_full_tensors(ckpt, meta):
+                for hf_name, t in family.find(name, cfg).to_hf(full, cfg).items():
+                    if writer is None or file_of[hf_name] != names[k]:
+                        if writer is not None:
+                            writer.close()
+                        k += 1
+                        writer = fmt.SafetensorsWriter(tmp / names[k], {n: (specs[n], torch_dtype) for n in files[k]})
+                    writer.write(hf_name, t.to(torch_dtype))
+                    bar.update()
+            writer.close()
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
+        bar.close()
+        if len(files) > 1:
+            total = sum(torch.Size(s).numel() for s in specs.values()) * torch_dtype.itemsize
+            index = {"metadata": {"total_size": total}, "weight_map": file_of}
+            (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(meta, dtype), indent=2) + "\n")
+        if meta.get("generation_config"):
+            (tmp / "generation_config.json").write_text(json.dumps(meta["generation_config"], indent=2) + "\n")
+        tok = ckpt / fmt.TOKENIZER_DIR
+        if tok.is_dir():
+            for f in tok.iterdir():
+                if f.is_file():
+                    shutil.copy2(f, tmp / f.name)
+        else:
+            log(f"warning: {ckpt} has no tokenizer/; the export has none either")
+        finish_out(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    summary = {
+        "out": str(out), "ckpt": str(ckpt), "arch": cfg.arch, "parameters": count_parameters(cfg),
+        "files": len(files), "dtype": dtype, "from_tp": meta["tp"], "from_pp": meta["pp"],
+        "seconds": round(time.time() - start, 2),
+    }
+    log(f"exported {cfg.arch} ({summary['parameters']:,} parameters, {meta['tp']}x{meta['pp']} shards) to "
+        f"{out} as {family.hf_class} in {len(files)} file(s), {dtype}, in {summary['seconds']} s")
+    return summary

@@ -1,0 +1,318 @@
+"""The sharded megablock checkpoint format: metadata, per-rank safetensors shards, resharding.
+
+Layout of a checkpoint folder CKPT:
+    CKPT/megablock.json                       metadata (see `make_metadata`)
+    CKPT/model/tp{TT:02d}_pp{PPP:03d}.safetensors   one shard per TP x PP rank, global layer names
+    CKPT/tokenizer/                           HF tokenizer (with the mask token)
+Training checkpoints use the same layout in SAVE/step_XXXX/, and SAVE/latest names the newest.
+
+Any saved TP x PP loads at any other TP x PP through the full (unsharded) state dict:
+`load_full_state_dict` merges, `shard_state_dict` splits; the per-parameter sharding rules are the
+mapping kinds of the model's family (megablock/checkpoint/mappings), so they exist once.
+
+Shards are written by `SafetensorsWriter`, which streams one tensor at a time into a standard
+safetensors file (header first, shapes planned in advance): writers never hold a whole shard.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+
+from megablock.model.config import ModelConfig, stage_layer_ranges
+
+from .mappings import get_family
+
+FORMAT_VERSION = 1
+METADATA_FILE = "megablock.json"
+MODEL_DIR = "model"
+TOKENIZER_DIR = "tokenizer"
+LATEST_FILE = "latest"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_REQUIRED = ("format_version", "model", "tp", "pp", "layers_per_stage", "vocab_size", "padded_vocab_size", "dtype")
+_ST_DTYPES = {
+    torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder is missing, incomplete or corrupt; the message says which and what to do."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+# --- metadata ----------------------------------------------------------------------------------
+def make_metadata(cfg: ModelConfig, tp: int, pp: int, layers_per_stage: Optional[list], dtype: str,
+                  source: str, block_size: int = 1, step: int = 0, **extra) -> dict:
+    """The megablock.json contents. `extra` adds optional fields (curriculum_stage, shift,
+    attention, generation_config, ...)."""
+    ranges = stage_layer_ranges(cfg.num_layers, pp, layers_per_stage)
+    return {
+        "format_version": FORMAT_VERSION,
+        "model": cfg.to_dict(),
+        "tp": tp,
+        "pp": pp,
+        "layers_per_stage": [len(r) for r in ranges],
+        "vocab_size": cfg.vocab_size,
+        "padded_vocab_size": cfg.padded_vocab_size(tp),
+        "mask_token_id": cfg.mask_token_id,
+        "block_size": block_size,
+        "step": step,
+        "dtype": dtype,
+        "source": source,
+        **extra,
+    }
+
+
+def write_metadata(ckpt, meta: dict) -> None:
+    """Write CKPT/megablock.json atomically (a reader never sees half a file)."""
+    path = Path(ckpt) / METADATA_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def resolve_checkpoint(path) -> Path:
+    """A checkpoint folder, or a training save dir whose `latest` file names one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist; pass a converted or training checkpoint")
+    if (path / METADATA_FILE).is_file():
+        return path
+    if (path / LATEST_FILE).is_file():
+        name = (path / LATEST_FILE).read_text().strip()
+        target = path / name
+        if not (target / METADATA_FILE).is_file():
+            raise CheckpointError(
+                f"{path / LATEST_FILE} names {name!r} but {target} has no {METADATA_FILE}; "
+                f"pass one of the step folders in {path} explicitly"
+            )
+        return target
+    raise CheckpointError(
+        f"no {METADATA_FILE} in {path}: not a megablock checkpoint (convert one with tools/convert_hf.py, "
+        f"or pass a training save dir with a '{LATEST_FILE}' file)"
+    )
+
+
+def read_metadata(ckpt) -> dict:
+    """Read and validate megablock.json; CheckpointError with the fix when missing or corrupt."""
+    path = Path(ckpt) / METADATA_FILE
+    if not path.is_file():
+        raise CheckpointError(f"no {METADATA_FILE} in {ckpt}: not a megablock checkpoint (convert one with tools/convert_hf.py)")
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is corrupt ({e}); re-convert the model or use another checkpoint") from None
+    missing = [k for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise CheckpointError(f"{path} lacks {', '.join(missing)}; re-convert the model or use another checkpoint")
+    if meta["format_version"] > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has format_version {meta['format_version']}, newer than this megablock "
+            f"({FORMAT_VERSION}); update megablock"
+        )
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+        stage_layer_ranges(cfg.num_layers, meta["pp"], meta["layers_per_stage"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} has an invalid model config ({e}); re-convert the model") from None
+    return meta
+
+
+def model_config(meta: dict) -> ModelConfig:
+    return ModelConfig.from_dict(meta["model"])
+
+
+# --- parameter placement -----------------------------------------------------------------------
+def shard_path(ckpt, tp_rank: int, pp_rank: int) -> Path:
+    return Path(ckpt) / MODEL_DIR / f"tp{tp_rank:02d}_pp{pp_rank:03d}.safetensors"
+
+
+def stage_param_names(cfg: ModelConfig, pp: int, pp_rank: int, layers_per_stage=None) -> list[str]:
+    """Names stored on pipeline stage `pp_rank`: its layers; the embedding on stage 0; final norm and
+    output layer on the last stage, which also keeps a copy of a tied embedding (its head uses it)."""
+    ranges = stage_layer_ranges(cfg.num_layers, pp, layers_per_stage)
+    first, last = pp_rank == 0, pp_rank == pp - 1
+    names = []
+    for b in get_family(cfg.arch).params(cfg, layers=ranges[pp_rank]):
+        if b.layer is not None:
+            names.append(b.name)
+        elif b.name == "embedding.weight":
+            if first or (last and cfg.tie_word_embeddings):
+                names.append(b.name)
+        elif last:
+            names.append(b.name)
+    return names
+
+
+def home_stage(name: str, cfg: ModelConfig, pp: int, layers_per_stage=None) -> int:
+    """The stage a loader reads `name` from (stage 0 for the embedding, even when tied)."""
+    if name.startswith("layers."):
+        layer = int(name.split(".")[1])
+        for s, r in enumerate(stage_layer_ranges(cfg.num_layers, pp, layers_per_stage)):
+            if layer in r:
+                return s
+    return 0 if name == "embedding.weight" else pp - 1
+
+
+def full_shapes(cfg: ModelConfig, tp: int = 1) -> dict[str, tuple]:
+    """Shape of every full megablock tensor (vocab padded for `tp`), from the config alone."""
+    v, h, i, d = cfg.padded_vocab_size(tp), cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * d
+    by_suffix = {
+        "embedding.weight": (v, h), "output_layer.weight": (v, h), "input_layernorm.weight": (h,),
+        "linear_qkv.weight": (qkv, h), "linear_qkv.bias": (qkv,), "q_layernorm.weight": (d,),
+        "k_layernorm.weight": (d,), "linear_proj.weight": (h, cfg.num_attention_heads * d),
+        "pre_mlp_layernorm.weight": (h,), "linear_fc1.weight": (2 * i, h), "linear_fc2.weight": (h, i),
+        "final_layernorm.weight": (h,),
+    }
+    out = {}
+    for b in get_family(cfg.arch).params(cfg):
+        out[b.name] = next(s for suffix, s in by_suffix.items() if b.name.endswith(suffix))
+    return out
+
+
+def shard_shapes(cfg: ModelConfig, tp: int, pp: int, pp_rank: int, layers_per_stage=None) -> dict[str, tuple]:
+    """Shape of each tensor in a TP rank's shard of stage `pp_rank` (same for every TP rank)."""
+    family, shapes = get_family(cfg.arch), full_shapes(cfg, tp)
+    out = {}
+    for name in stage_param_names(cfg, pp, pp_rank, layers_per_stage):
+        meta = torch.empty(shapes[name], device="meta")
+        out[name] = tuple(family.find(name, cfg).split(meta, tp, 0, cfg).shape)
+    return out
+
+
+# --- shard I/O ---------------------------------------------------------------------------------
+class SafetensorsWriter:
+    """Write a safetensors file one tensor at a time, in the planned order.
+
+    The header (names, dtypes, shapes, offsets) is written first from `specs`, so no more than the
+    tensor being written is ever in memory. The file appears under its name only on `close()`.
+    """
+
+    def __init__(self, path, specs: dict[str, tuple[tuple, torch.dtype]], metadata: Optional[dict] = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.partial = self.path.with_name(self.path.name + ".partial")
+        self.specs = list(specs.items())
+        header, offset = {"__metadata__": {"format": "pt", **(metadata or {})}}, 0
+        for name, (shape, dtype) in self.specs:
+            size = dtype.itemsize
+            for n in shape:
+                size *= n
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            offset += size
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        self.nbytes = offset
+        self.f = open(self.partial, "wb")
+        self.f.write(struct.pack("<Q", len(blob)) + blob)
+        self.next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        want, (shape, dtype) = self.specs[self.next]
+        if name != want or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+            raise ValueError(f"{self.path.name}: got {name} {tuple(tensor.shape)} {tensor.dtype}, expected {want} {tuple(shape)} {dtype}")
+        if tensor.numel():
+            self.f.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self.next += 1
+
+    def close(self) -> None:
+        if self.next != len(self.specs):
+            raise ValueError(f"{self.path.name}: {len(self.specs) - self.next} tensors were never written")
+        self.f.close()
+        os.replace(self.partial, self.path)
+
+    def abort(self) -> None:
+        self.f.close()
+        self.partial.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.abort() if exc_type else self.close()
+
+
+def save_shard(ckpt, tp_rank: int, pp_rank: int, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write one rank's shard (names with global layer indices)."""
+    path = shard_path(ckpt, tp_rank, pp_rank)
+    specs = {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}
+    with SafetensorsWriter(path, specs) as w:
+        for n, t in tensors.items():
+            w.write(n, t)
+    return path
+
+
+def _check_shard(path: Path) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"missing shard {path}; the checkpoint is incomplete (re-convert or use another step)")
+
+
+def load_shard(ckpt, tp_rank: int, pp_rank: int) -> dict[str, torch.Tensor]:
+    """All tensors of one rank's shard."""
+    path = shard_path(ckpt, tp_rank, pp_rank)
+    _check_shard(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for bad headers/sizes
+        raise CheckpointError(f"shard {path} is corrupt ({e}); re-convert or use another checkpoint") from None
+
+
+def read_shard_tensor(ckpt, tp_rank: int, pp_rank: int, name: str) -> torch.Tensor:
+    """One tensor of one shard, opening the file just for it (keeps memory at one tensor)."""
+    path = shard_path(ckpt, tp_rank, pp_rank)
+    _check_shard(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            if name not in f.keys():
+                raise CheckpointError(f"shard {path} lacks {name}; the checkpoint is incomplete or for another model")
+            return f.get_tensor(name)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"shard {path} is corrupt ({e}); re-convert or use another checkpoint") from None
+
+
+def iter_full_tensors(ckpt, meta: Optional[dict] = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, full tensor) in canonical order, merging the TP shards of each parameter as it
+    goes: memory stays at about one full tensor (vocab rows padded as saved)."""
+    meta = meta or read_metadata(ckpt)
+    cfg, tp, pp, lps = model_config(meta), meta["tp"], meta["pp"], meta["layers_per_stage"]
+    for b in get_family(cfg.arch).params(cfg):
+        stage = home_stage(b.name, cfg, pp, lps)
+        shards = [read_shard_tensor(ckpt, r, stage, b.name) for r in range(tp)]
+        yield b.name, b.merge(shards, cfg)
+
+
+def load_full_state_dict(ckpt) -> dict[str, torch.Tensor]:
+    """Merge all shards of checkpoint `ckpt` into full tensors (vocabulary still padded, as saved).
+
+    With `shard_state_dict` this reshards to any TP x PP; `read_metadata(ckpt)` gives the config.
+    """
+    return dict(iter_full_tensors(ckpt))
+
+
+def shard_state_dict(full: dict[str, torch.Tensor], model_config: ModelConfig, tp: int, tp_rank: int,
+                     pp: int, pp_rank: int, layers_per_stage=None) -> dict[str, torch.Tensor]:
+    """The tensors TP rank `tp_rank` of stage `pp_rank` holds, cut from a full state dict (any
+    source TP: vocabulary rows are re-padded to `model_config.padded_vocab_size(tp)`)."""
+    model_config.check_parallel(tp, pp)
+    family = get_family(model_config.arch)
+    out = {}
+    for name in stage_param_names(model_config, pp, pp_rank, layers_per_stage):
+        if name not in full:
+            raise KeyError(f"full state dict lacks {name}")
+        out[name] = family.find(name, model_config).split(full[name], tp, tp_rank, model_config)
+    return out

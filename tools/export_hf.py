@@ -1,0 +1,39 @@
+#!/usr/bin/env python
+"""Export a megablock checkpoint (converted or training, any TP x PP) as a plain HF folder.
+
+    python tools/export_hf.py --ckpt DIR --out DIR [--dtype fp32|bf16] [--force]
+
+--ckpt is a checkpoint folder (megablock.json + model/ shards) or a training save dir whose
+`latest` file names one. Errors print one line and exit 1, leaving no output folder.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--ckpt", required=True, help="checkpoint folder, or a training save dir with `latest`")
+    p.add_argument("--out", required=True, help="output HF folder (must be empty unless --force)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="output dtype (default: the checkpoint's)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from megablock.checkpoint.export import export
+
+    try:
+        export(args.ckpt, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
