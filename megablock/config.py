@@ -87,6 +87,10 @@ class TrainSection:
     eval_interval: int = 0
     """Validation NELBO every this many steps (0: never)."""
     eval_batches: int = 4
+    """Validation micro-batches per data-parallel rank."""
+    exit_after_steps: Optional[int] = None
+    """Save a checkpoint and exit 0 after this many steps of this launch (Megatron's exit
+    interval; for job schedulers with time limits and for testing resume)."""
     deepspeed_config: Optional[str] = None
     """A DeepSpeed JSON to use instead of the derived one (batch sizes must still agree)."""
 
@@ -117,6 +121,9 @@ class DiffusionSection:
     """lambda in L = L_diff + lambda * L_AR."""
     document_masking: bool = False
     """No attention across end-of-document tokens inside a packed sample."""
+    position_strength: float = 0.5
+    """Tilt of the `position` schedule in [0, 1]: how much more often later block positions are
+    masked at low mask ratios."""
 
 
 @dataclass
@@ -228,7 +235,7 @@ def _one_of(key: str, value, options) -> None:
 
 def validate(cfg: Config) -> None:
     """Checks that need nothing but the config; model-dependent checks run in `validate_model`."""
-    from megablock.diffusion.curriculum import validate_stages
+    from megablock.diffusion.curriculum import Curriculum
 
     d, t, p = cfg.diffusion, cfg.train, cfg.parallel
     _one_of("diffusion.attention", d.attention, [m for m in ATTENTION_MODES if m != "ar"])
@@ -263,7 +270,7 @@ def validate(cfg: Config) -> None:
     if cfg.data.seq_len < 2:
         raise ConfigError("data.seq_len must be >= 2")
     try:
-        validate_stages(d.stages, cfg.data.seq_len)
+        Curriculum(d.stages, cfg.data.seq_len)
     except ValueError as err:
         raise ConfigError(f"diffusion.stages: {err}") from None
 
@@ -324,6 +331,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        # torch's AdamW (megablock.training.optim) instead of DeepSpeed's compiled optimizers.
+        "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -67,14 +67,16 @@ class BlockDiffusionLM(nn.Module):
         return hidden
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.logits(self.final_layernorm(hidden))
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
         """This TP rank's slice of the vocabulary logits; padded entries are -inf so they never
         reach a softmax, a loss or a sample."""
-        hidden = self.final_layernorm(hidden)
         if self.cfg.tie_word_embeddings:
-            hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden)
-            logits = torch.nn.functional.linear(hidden, self.embedding.weight)
+            normed = tensor_parallel.copy_to_tensor_model_parallel_region(normed)
+            logits = torch.nn.functional.linear(normed, self.embedding.weight)
         else:
-            logits, _ = self.output_layer(hidden)
+            logits, _ = self.output_layer(normed)
         local = logits.shape[-1]
         first_pad = self.cfg.vocab_size - self.tp_rank * local
         if first_pad < local:

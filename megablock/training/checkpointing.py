@@ -1,0 +1,146 @@
+"""Training checkpoints: DeepSpeed engine state beside megablock's model shards.
+
+SAVE/step_0000100/
+    megablock.json, model/tp00_pp000.safetensors ...   (the sharded model format: export_hf.py
+    tokenizer/                                           and model.init_from read it directly)
+    deepspeed/                                          (optimizer, scheduler, ZeRO partitions)
+    trainer_state.json                                   (step, consumed samples/tokens, stage)
+    rng/rank00000.pt, config.yaml
+SAVE/latest                                              (names the newest complete step folder)
+
+A save is written into `step_X.tmp`, renamed when every rank has finished, and only then named
+in `latest` (itself replaced atomically): an interrupted save never becomes `latest`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from megablock.checkpoint.format import (
+    LATEST_FILE, TOKENIZER_DIR, make_metadata, resolve_checkpoint, save_shard, write_metadata,
+)
+
+logger = logging.getLogger(__name__)
+STEP_PREFIX = "step_"
+
+
+@dataclass
+class TrainerState:
+    step: int = 0
+    consumed_samples: int = 0
+    consumed_tokens: int = 0
+    stage: int = 0
+    block_size: int = 1
+
+
+def step_dir_name(step: int) -> str:
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def save_training_checkpoint(
+    *, engine, stage_model, info, save_dir: str, state: TrainerState, run_config: dict,
+    source_meta: dict, tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
+) -> Path:
+    """Collective: every rank calls it. Returns the final step folder."""
+    save_dir = Path(save_dir)
+    name = step_dir_name(state.step)
+    final, tmp = save_dir / name, save_dir / (name + ".tmp")
+    if info.rank == 0:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+    _barrier()
+
+    engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
+    weights = _gather_weights(stage_model, zero_stage)
+    if info.dp_rank == 0:
+        dtype = next(iter(weights.values())).dtype
+        if dtype not in (torch.float32, torch.bfloat16):
+            weights = {k: v.float() for k, v in weights.items()}
+        save_shard(tmp, info.tp_rank, info.pp_rank, weights)
+    rng_dir = tmp / "rng"
+    rng_dir.mkdir(exist_ok=True)
+    torch.save(_rng_state(), rng_dir / f"rank{info.rank:05d}.pt")
+    _barrier()
+
+    if info.rank == 0:
+        dtype = "bf16" if next(iter(weights.values())).dtype == torch.bfloat16 else "fp32"
+        meta = make_metadata(
+            stage_model.cfg, info.tp, info.pp, run_config["parallel"]["layers_per_stage"], dtype,
+            source=source_meta.get("source", "random init"), block_size=state.block_size, step=state.step,
+            curriculum_stage=state.stage, shift=run_config["diffusion"]["shift"],
+            attention=run_config["diffusion"]["attention"],
+            **{k: v for k, v in source_meta.items() if k in ("generation_config",)},
+        )
+        write_metadata(tmp, meta)
+        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+        (tmp / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        latest_tmp = save_dir / (LATEST_FILE + ".tmp")
+        latest_tmp.write_text(name + "\n")
+        os.replace(latest_tmp, save_dir / LATEST_FILE)
+        _prune(save_dir, keep_last, keep=name)
+        logger.info("saved checkpoint %s", final)
+    _barrier()
+    return final
+
+
+def _gather_weights(stage_model, zero_stage: int) -> dict:
+    if zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(stage_model.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in stage_model.weights().items()}
+    return {k: v.detach() for k, v in stage_model.weights().items()}
+
+
+def _prune(save_dir: Path, keep_last: int, keep: str) -> None:
+    steps = sorted(p for p in save_dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in steps[: max(0, len(steps) - keep_last)]:
+        if old.name != keep:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(save_dir: Optional[str]) -> Optional[Path]:
+    if save_dir is None or not (Path(save_dir) / LATEST_FILE).is_file():
+        return None
+    return resolve_checkpoint(save_dir)
+
+
+def load_training_state(engine, ckpt: Path, rank: int) -> TrainerState:
+    """Restore engine (weights, optimizer, scheduler) and trainer state from a step folder."""
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed found no engine state in {ckpt}/deepspeed; the checkpoint is incomplete")
+    state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
+    rng_file = ckpt / "rng" / f"rank{rank:05d}.pt"
+    if rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=False)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+    return state

@@ -1,0 +1,124 @@
+"""DeepSpeed pipeline stages over the same layers as the single-stage model.
+
+Each rank builds only its own stage (`BlockDiffusionLM(pp_rank=...)`); the LayerSpecs below wrap
+that stage's submodules, so PipelineModule builds nothing twice and the stage's weights keep
+their checkpoint names. Between stages travel the hidden states, the position ids, the layout as
+four integers and the document ids: never an S x S mask (each stage rebuilds it).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from torch import nn
+
+from megablock.diffusion.layout import AttentionLayout
+from megablock.model.config import stage_layer_ranges
+from megablock.model.rope import rope_cos_sin
+from megablock.model.transformer import BlockDiffusionLM
+
+logger = logging.getLogger(__name__)
+
+
+def pack_layout(layout: AttentionLayout, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(layout ints [4], doc ids [b, L]) — DeepSpeed sends tensors only, and no bools."""
+    has_docs = layout.doc_ids is not None
+    ints = torch.cat([layout.to_tensor(), torch.tensor([int(has_docs)])])
+    docs = layout.doc_ids.long() if has_docs else torch.zeros(batch, layout.seq_len, dtype=torch.long)
+    return ints, docs
+
+
+def unpack_layout(ints: torch.Tensor, docs: torch.Tensor) -> AttentionLayout:
+    return AttentionLayout.from_tensor(ints[:3], docs if int(ints[3]) else None)
+
+
+class _StageRef:
+    """Holds the stage without registering it as a submodule (its weights are registered by the
+    wrappers that use them, once each)."""
+
+    def __init__(self, stage: BlockDiffusionLM):
+        self.stage = stage
+
+
+class EmbeddingPipe(nn.Module):
+    def __init__(self, stage: BlockDiffusionLM):
+        super().__init__()
+        self.embedding = stage.embedding
+        self.ref = _StageRef(stage)
+
+    def forward(self, inputs):
+        input_ids, position_ids, layout_ints, docs = inputs
+        return self.embedding(input_ids), position_ids, layout_ints, docs
+
+
+class DecoderLayerPipe(nn.Module):
+    def __init__(self, stage: BlockDiffusionLM, layer_index: int):
+        super().__init__()
+        self.layer = stage.layers[str(layer_index)]
+        self.ref = _StageRef(stage)
+
+    def forward(self, inputs):
+        hidden, position_ids, layout_ints, docs = inputs
+        layout = unpack_layout(layout_ints, docs)
+        cos, sin = rope_cos_sin(self.ref.stage.cfg, position_ids, hidden.dtype)
+        return self.layer(hidden, cos, sin, layout), position_ids, layout_ints, docs
+
+
+class FinalNormPipe(nn.Module):
+    def __init__(self, stage: BlockDiffusionLM):
+        super().__init__()
+        self.final_layernorm = stage.final_layernorm
+
+    def forward(self, inputs):
+        return self.final_layernorm(inputs[0])
+
+
+class HeadPipe(nn.Module):
+    """Untied output layer."""
+
+    def __init__(self, stage: BlockDiffusionLM):
+        super().__init__()
+        self.output_layer = stage.output_layer
+        self.ref = _StageRef(stage)
+
+    def forward(self, normed):
+        return self.ref.stage.logits(normed)
+
+
+def _tied_head(embedding_pipe: EmbeddingPipe, normed):
+    return embedding_pipe.ref.stage.logits(normed)
+
+
+class BlockDiffusionPipe(PipelineModule):
+    """PipelineModule whose stage boundaries are megablock's `stage_layer_ranges`, so a pipeline
+    stage owns exactly the layers (and checkpoint shard) the sharded format says it does."""
+
+    def __init__(self, stage: BlockDiffusionLM, specs, stage_parts, **kwargs):
+        self._megablock_parts = stage_parts
+        self.stage_model = None
+        super().__init__(layers=specs, **kwargs)
+        self.stage_model = _StageRef(stage)
+
+    def _partition_layers(self, method="uniform"):
+        self.parts = list(self._megablock_parts)
+        stage_id = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+
+def build_pipeline(stage: BlockDiffusionLM, pp: int, tp: int, dp: int, layers_per_stage, loss_fn) -> BlockDiffusionPipe:
+    cfg = stage.cfg
+    ranges = stage_layer_ranges(cfg.num_layers, pp, layers_per_stage)
+    if cfg.tie_word_embeddings:
+        embed = TiedLayerSpec("embed", EmbeddingPipe, stage, tied_weight_attr=["embedding.weight"])
+        head = TiedLayerSpec("embed", EmbeddingPipe, stage, forward_fn=_tied_head, tied_weight_attr=["embedding.weight"])
+    else:
+        embed, head = LayerSpec(EmbeddingPipe, stage), LayerSpec(HeadPipe, stage)
+    specs = [embed] + [LayerSpec(DecoderLayerPipe, stage, i) for i in range(cfg.num_layers)]
+    specs += [LayerSpec(FinalNormPipe, stage), head]
+    # spec index of each stage's first layer: the embedding rides with stage 0, norm+head with the last.
+    parts = [0] + [1 + r.stop for r in ranges[:-1]] + [len(specs)]
+    topology = PipeModelDataParallelTopology(num_pp=pp, num_mp=tp, num_dp=dp)
+    logger.info("pipeline: %d stages, layers per stage %s, tied embeddings %s", pp, [len(r) for r in ranges], cfg.tie_word_embeddings)
+    return BlockDiffusionPipe(stage, specs, parts, topology=topology, loss_fn=loss_fn, dynamic_shape=True)

@@ -1,0 +1,121 @@
+"""Building what a run trains: the stage model (from a checkpoint or random init) and its data."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from megablock.checkpoint.format import (
+    TOKENIZER_DIR, load_full_state_dict, load_shard, model_config, read_metadata, resolve_checkpoint,
+    shard_state_dict,
+)
+from megablock.config import Config, ConfigError, validate_model
+from megablock.data.datasets import TokenWindows, build_gpt_datasets, check_vocabulary
+from megablock.data.loader import DiffusionBatches
+from megablock.data.sampler import DataParallelSampler
+from megablock.diffusion.batch import BatchConfig, DiffusionBatch, build_batch_from_config
+from megablock.diffusion.curriculum import Curriculum
+from megablock.model.config import ModelConfig, stage_layer_ranges
+from megablock.model.transformer import BlockDiffusionLM
+from megablock.parallel.state import ParallelInfo
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_model_config(cfg: Config) -> tuple[ModelConfig, dict, Optional[Path]]:
+    """(architecture, source metadata, source checkpoint folder or None for random init)."""
+    if cfg.model.init_from:
+        ckpt = resolve_checkpoint(cfg.model.init_from)
+        meta = read_metadata(ckpt)
+        return model_config(meta), meta, ckpt
+    if not cfg.model.architecture:
+        raise ConfigError("set model.init_from (a converted checkpoint) or model.architecture (random init)")
+    try:
+        return ModelConfig(**cfg.model.architecture), {"source": "random init"}, None
+    except TypeError as err:
+        raise ConfigError(f"model.architecture: {err}") from None
+
+
+def build_stage_model(cfg: Config, info: ParallelInfo) -> tuple[BlockDiffusionLM, dict, Optional[Path]]:
+    model_cfg, meta, ckpt = resolve_model_config(cfg)
+    validate_model(cfg, model_cfg)
+    lps = cfg.parallel.layers_per_stage
+    model = BlockDiffusionLM(model_cfg, pp_rank=info.pp_rank, layers_per_stage=lps, initialize=ckpt is None)
+    model.set_attention_impl(cfg.model.attention_impl)
+    if ckpt is not None:
+        same_layout = (
+            meta["tp"] == info.tp and meta["pp"] == info.pp
+            and meta["layers_per_stage"] == [len(r) for r in stage_layer_ranges(model_cfg.num_layers, info.pp, lps)]
+        )
+        if same_layout:
+            shard = load_shard(ckpt, info.tp_rank, info.pp_rank)
+        else:
+            # Resharding reads the whole model on each rank; convert at the training layout
+            # (tools/convert_hf.py --tp --pp) to avoid that for large models.
+            logger.info("resharding %s from TP%d x PP%d to TP%d x PP%d", ckpt, meta["tp"], meta["pp"], info.tp, info.pp)
+            shard = shard_state_dict(load_full_state_dict(ckpt), model_cfg, info.tp, info.tp_rank, info.pp, info.pp_rank, lps)
+        model.load_weights({k: v.float() for k, v in shard.items()})
+    model.to(info.device)
+    return model, meta, ckpt
+
+
+def tokenizer_dir_of(ckpt: Optional[Path]) -> Optional[Path]:
+    return ckpt / TOKENIZER_DIR if ckpt is not None and (ckpt / TOKENIZER_DIR).is_dir() else None
+
+
+def eod_token_id(model_cfg: ModelConfig) -> int:
+    return model_cfg.eos_token_id if model_cfg.eos_token_id is not None else 0
+
+
+@dataclass
+class ValidationData:
+    """Fixed validation samples, noised at whatever block size training is at."""
+
+    windows: TokenWindows
+    sampler: DataParallelSampler
+    config: BatchConfig
+    mask_token_id: Optional[int]
+    seed: int
+    eod_token_id: Optional[int]
+
+    def batches(self, block_size: int) -> list[DiffusionBatch]:
+        return [
+            build_batch_from_config(
+                self.windows.get(indices), indices, block_size, self.config,
+                mask_token_id=self.mask_token_id, seed=self.seed, eod_token_id=self.eod_token_id,
+            )
+            for indices in self.sampler.micro_batches(0)
+        ]
+
+
+def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> tuple[DiffusionBatches, Optional[ValidationData]]:
+    """Training and (if eval is on) validation batch streams for this rank."""
+    if cfg.data.prefix is None:
+        raise ConfigError("data.prefix is not set; point it at PREFIX from tools/preprocess_data.py")
+    if any(s["block_size"] > 1 for s in cfg.diffusion.stages) or cfg.diffusion.attention == "full":
+        check_vocabulary(cfg.data.prefix, model_cfg.vocab_size, model_cfg.mask_token_id)
+    t = cfg.train
+    train_samples = t.steps * t.global_batch_size
+    valid_samples = max(1, t.eval_batches * t.micro_batch_size * info.dp) if t.eval_interval else None
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        cfg.data.prefix, seq_len=cfg.data.seq_len, vocab_size=model_cfg.vocab_size,
+        eod_token_id=eod_token_id(model_cfg), train_samples=train_samples, valid_samples=valid_samples,
+        split=cfg.data.split, seed=t.seed, cache_dir=cfg.data.cache_dir,
+    )
+    curriculum = Curriculum(cfg.diffusion.stages, cfg.data.seq_len)
+    batch_cfg = BatchConfig.from_config(cfg.diffusion)
+    sampler = DataParallelSampler(t.global_batch_size, t.micro_batch_size, info.dp_rank, info.dp)
+    common = dict(mask_token_id=model_cfg.mask_token_id, seed=t.seed, eod_token_id=eod_token_id(model_cfg))
+    train = DiffusionBatches(TokenWindows(train_ds, cfg.data.seq_len), sampler, curriculum, batch_cfg, **common)
+    valid = None
+    if t.eval_interval:
+        if valid_ds is None:
+            raise ConfigError(f"train.eval_interval is set but data.split={cfg.data.split!r} leaves no validation split")
+        # Evaluation NELBO: t ~ U[eps, 1], unweighted by training tricks (DESIGN.md).
+        eval_cfg = replace(batch_cfg, schedule="linear", antithetic=False, complementary=False, loss_weighting="elbo")
+        eval_sampler = DataParallelSampler(t.eval_batches * t.micro_batch_size * info.dp, t.micro_batch_size, info.dp_rank, info.dp)
+        valid = ValidationData(TokenWindows(valid_ds, cfg.data.seq_len), eval_sampler, eval_cfg, **common)
+    return train, valid
