@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from unittest import mock
 from collections import OrderedDict
 from typing import Any, Optional, Sequence, Union
 
@@ -98,8 +99,9 @@ def build_gpt_datasets(
     cache_dir: Optional[str] = None,
 ) -> list:
     """[train, valid, test] megatron datasets (None where the split is empty) whose samples carry
-    L = `seq_len` tokens.  A `*_samples` of None means one epoch of that split (unweighted blends
-    only: megatron needs sizes for weighted blends).  Call on every rank when distributed."""
+    L = `seq_len` tokens.  A `*_samples` of None means one epoch of that split for a single
+    prefix or an unweighted list, and an empty split for a weighted blend (megatron sizes
+    weighted blends from sample counts).  Call on every rank when distributed."""
     builder_mod, gpt, _ = import_megatron_datasets()
     paths, weights = parse_blend(prefix)
     for p in paths:
@@ -118,9 +120,17 @@ def build_gpt_datasets(
         add_extra_token_to_sequence=False,
     )
     sizes = [train_samples, valid_samples, test_samples]
-    return builder_mod.BlendedMegatronDatasetBuilder(
-        gpt.GPTDataset, sizes, lambda: True, config
-    ).build()
+    if weights is not None:  # megatron needs a size for every split of a weighted blend
+        sizes = [0 if s is None else s for s in sizes]
+    builder = builder_mod.BlendedMegatronDatasetBuilder(gpt.GPTDataset, sizes, lambda: True, config)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        built = builder.build()
+    else:
+        # megatron-core 0.16.1's BlendedDataset calls torch.distributed.get_rank() without
+        # checking that a process group exists; a single-process run is rank 0.
+        with mock.patch.object(torch.distributed, "get_rank", lambda *args, **kwargs: 0):
+            built = builder.build()
+    return [d if d is not None and len(d) > 0 else None for d in built]
 
 
 class TokenWindows:
