@@ -22,18 +22,27 @@ from megablock.model.rope import apply_rope
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back, as HF Llama/Qwen/Mistral do."""
+    """RMSNorm computed in fp32 and cast back, as HF Llama/Qwen/Mistral do.
 
-    def __init__(self, dim: int, eps: float):
+    `sees_head_shard`: the norm runs on this TP rank's heads only (Qwen3's q/k norms), so its
+    replicated weight gets a partial gradient on each rank; summing it over the TP group in
+    backward keeps the replicas equal to the TP = 1 gradient.
+    """
+
+    def __init__(self, dim: int, eps: float, sees_head_shard: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.sees_head_shard = sees_head_shard
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        weight = self.weight
+        if self.sees_head_shard:
+            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
+        return weight * h.to(dtype)
 
 
 def megatron_config(tp: int, pp: int, dtype: torch.dtype, initialize: bool) -> ModelParallelConfig:
@@ -45,9 +54,24 @@ def megatron_config(tp: int, pp: int, dtype: torch.dtype, initialize: bool) -> M
         use_cpu_initialization=True,
         perform_initialization=initialize,
         params_dtype=dtype,
+        pipeline_dtype=dtype,
         gradient_accumulation_fusion=False,
         sequence_parallel=False,
     )
+
+
+def mark_tensor_parallel(module, partition_dim: int) -> None:
+    """Tag a parallel layer's weight (and bias) as TP-sharded along `partition_dim`.
+
+    megatron-core only tags weights it initialises; loaded checkpoints skip initialisation, and
+    gradient-norm code (DeepSpeed's and ours) needs the tag to count sharded weights on every
+    TP rank and replicated ones once.
+    """
+    for name in ("weight", "bias"):
+        p = getattr(module, name, None)
+        if isinstance(p, torch.nn.Parameter) and not getattr(p, "tensor_model_parallel", False):
+            dim = 0 if name == "bias" else partition_dim
+            tensor_parallel.set_tensor_model_parallel_attributes(p, True, dim, 1)
 
 
 def normal_init(std: float) -> Callable[[torch.Tensor], None]:
@@ -68,8 +92,8 @@ class ParallelAttention(nn.Module):
             bias=cfg.qkv_bias, gather_output=False,
         )
         if cfg.qk_norm:
-            self.q_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.q_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, sees_head_shard=tp > 1)
+            self.k_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, sees_head_shard=tp > 1)
         else:
             self.q_layernorm = self.k_layernorm = None
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
@@ -77,6 +101,8 @@ class ParallelAttention(nn.Module):
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, config=mcfg,
             init_method=normal_init(out_std), bias=False, input_is_parallel=True, skip_bias_add=False,
         )
+        mark_tensor_parallel(self.linear_qkv, 0)
+        mark_tensor_parallel(self.linear_proj, 1)
         self.attention_impl = "auto"
 
     def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
@@ -112,6 +138,8 @@ class ParallelMLP(nn.Module):
             init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers)),
             bias=False, input_is_parallel=True, skip_bias_add=False,
         )
+        mark_tensor_parallel(self.linear_fc1, 0)
+        mark_tensor_parallel(self.linear_fc2, 1)
 
     def forward(self, x):
         h, _ = self.linear_fc1(x)

@@ -16,7 +16,7 @@ from torch import nn
 
 from megablock.diffusion.layout import AttentionLayout
 from megablock.model.config import ModelConfig, stage_layer_ranges
-from megablock.model.layers import DecoderLayer, RMSNorm, megatron_config, normal_init
+from megablock.model.layers import DecoderLayer, RMSNorm, mark_tensor_parallel, megatron_config, normal_init
 from megablock.model.rope import rope_cos_sin
 
 
@@ -46,6 +46,7 @@ class BlockDiffusionLM(nn.Module):
             self.embedding = tensor_parallel.VocabParallelEmbedding(
                 self.padded_vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=mcfg
             )
+            mark_tensor_parallel(self.embedding, 0)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, mcfg, i) for i in self.layer_range})
         if self.post_process:
             self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -54,6 +55,7 @@ class BlockDiffusionLM(nn.Module):
                     cfg.hidden_size, self.padded_vocab_size, config=mcfg,
                     init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
                 )
+                mark_tensor_parallel(self.output_layer, 0)
         self.to(dtype)
 
     # The pieces are separate methods so pipeline stages can call them one by one.

@@ -64,6 +64,10 @@ def init_process_group(device: torch.device | None = None, timeout_minutes: int 
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    # DeepSpeed's communication layer wraps the group just made (PipelineModule needs it).
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
 
 
 def initialize_parallel(tp: int = 1, pp: int = 1, device: torch.device | None = None) -> ParallelInfo:
