@@ -72,18 +72,27 @@ class BlockDiffusionLM(nn.Module):
         return self.logits(self.final_layernorm(hidden))
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """This TP rank's slice of the vocabulary logits; padded entries are -inf so they never
-        reach a softmax, a loss or a sample."""
+        """This TP rank's slice of the vocabulary logits.
+
+        Padded entries and the mask token are -inf: padding never reaches a softmax, a loss or
+        a sample, and the model never predicts the mask token (MDLM's "zero masking"), so at
+        block size 1 its distribution over real tokens is exactly the AR model's.
+        """
         if self.cfg.tie_word_embeddings:
             normed = tensor_parallel.copy_to_tensor_model_parallel_region(normed)
             logits = torch.nn.functional.linear(normed, self.embedding.weight)
         else:
             logits, _ = self.output_layer(normed)
         local = logits.shape[-1]
-        first_pad = self.cfg.vocab_size - self.tp_rank * local
-        if first_pad < local:
+        start = self.tp_rank * local
+        first_pad = self.cfg.vocab_size - start
+        mask_id = self.cfg.mask_token_id
+        mask_here = mask_id is not None and start <= mask_id < start + local
+        if first_pad < local or mask_here:
             logits = logits.clone()
             logits[..., max(first_pad, 0):] = float("-inf")
+            if mask_here:
+                logits[..., mask_id - start] = float("-inf")
         return logits
 
     def forward(self, input_ids, position_ids, layout: AttentionLayout, kv_cache=None):

@@ -8,17 +8,15 @@ from typing import Optional
 
 import torch
 
-from megablock.checkpoint.format import (
-    TOKENIZER_DIR, load_full_state_dict, load_shard, model_config, read_metadata, resolve_checkpoint,
-    shard_state_dict,
-)
+from megablock.checkpoint.format import TOKENIZER_DIR, model_config, read_metadata, resolve_checkpoint
 from megablock.config import Config, ConfigError, validate_model
 from megablock.data.datasets import TokenWindows, build_gpt_datasets, check_vocabulary
 from megablock.data.loader import DiffusionBatches
 from megablock.data.sampler import DataParallelSampler
 from megablock.diffusion.batch import BatchConfig, DiffusionBatch, build_batch_from_config
 from megablock.diffusion.curriculum import Curriculum
-from megablock.model.config import ModelConfig, stage_layer_ranges
+from megablock.model.config import ModelConfig
+from megablock.model.loading import stage_shard
 from megablock.model.transformer import BlockDiffusionLM
 from megablock.parallel.state import ParallelInfo
 
@@ -46,18 +44,7 @@ def build_stage_model(cfg: Config, info: ParallelInfo) -> tuple[BlockDiffusionLM
     model = BlockDiffusionLM(model_cfg, pp_rank=info.pp_rank, layers_per_stage=lps, initialize=ckpt is None)
     model.set_attention_impl(cfg.model.attention_impl)
     if ckpt is not None:
-        same_layout = (
-            meta["tp"] == info.tp and meta["pp"] == info.pp
-            and meta["layers_per_stage"] == [len(r) for r in stage_layer_ranges(model_cfg.num_layers, info.pp, lps)]
-        )
-        if same_layout:
-            shard = load_shard(ckpt, info.tp_rank, info.pp_rank)
-        else:
-            # Resharding reads the whole model on each rank; convert at the training layout
-            # (tools/convert_hf.py --tp --pp) to avoid that for large models.
-            logger.info("resharding %s from TP%d x PP%d to TP%d x PP%d", ckpt, meta["tp"], meta["pp"], info.tp, info.pp)
-            shard = shard_state_dict(load_full_state_dict(ckpt), model_cfg, info.tp, info.tp_rank, info.pp, info.pp_rank, lps)
-        model.load_weights({k: v.float() for k, v in shard.items()})
+        model.load_weights({k: v.float() for k, v in stage_shard(ckpt, meta, lps).items()})
     model.to(info.device)
     return model, meta, ckpt
 
