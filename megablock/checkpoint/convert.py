@@ -161,9 +161,10 @@ class GGUFSource(Source):
         if not path.is_file():
             raise ConversionError(f"--gguf {path} does not exist; pass a .gguf file")
         try:
+            import accelerate  # noqa: F401  (transformers 5 requires it for GGUF)
             import gguf  # noqa: F401
         except ImportError:
-            raise ConversionError("reading GGUF needs the gguf package: pip install gguf") from None
+            raise ConversionError("reading GGUF needs the gguf and accelerate packages: pip install gguf accelerate") from None
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
@@ -222,10 +223,24 @@ def apply_mask_token(tokenizer, cfg: ModelConfig, mask_token: Optional[str], exp
     return [tid]
 
 
+def previous_diffusion_settings(raw: dict, cfg: ModelConfig, mask_token: Optional[str]) -> dict:
+    """Metadata fields for a fresh conversion; a source exported by megablock (config.json with
+    block-diffusion settings) keeps its block size, shift, attention and, with --no-mask-token,
+    its mask token id."""
+    if mask_token is None and raw.get("mask_token_id") is not None:
+        cfg.mask_token_id = raw["mask_token_id"]
+    out = {"block_size": raw.get("block_size") or 1}
+    if "diffusion_shift" in raw:
+        out["shift"] = bool(raw["diffusion_shift"])
+    if "diffusion_attention" in raw:
+        out["attention"] = raw["diffusion_attention"]
+    return out
+
+
 # --- conversion ----------------------------------------------------------------------------------
 def prepare_out(out, force: bool) -> tuple[Path, Path]:
     """Check OUT can be written; return (out, temporary folder next to it)."""
-    out = Path(out)
+    out = Path(out).resolve()
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--out {out} exists and is not a folder; choose another path")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -298,6 +313,7 @@ def convert(out, hf_dir=None, gguf=None, tp: int = 1, pp: int = 1, mask_token: O
     tokenizer = src.load_tokenizer() if src.load_tokenizer else None
     warn = lambda msg: print(msg, file=sys.stderr)  # noqa: E731
     mean_rows = apply_mask_token(tokenizer, cfg, mask_token, explicit_mask, warn)
+    diffusion = previous_diffusion_settings(src.raw_config, cfg, mask_token)
     check_source(src, family, cfg, mean_rows)
 
     torch_dtype = fmt.DTYPES[dtype]
@@ -330,8 +346,8 @@ def convert(out, hf_dir=None, gguf=None, tp: int = 1, pp: int = 1, mask_token: O
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / fmt.TOKENIZER_DIR))
         meta = fmt.make_metadata(
-            cfg, tp, pp, lps, dtype, src.description, block_size=1, step=0, curriculum_stage=0,
-            generation_config=src.generation_config,
+            cfg, tp, pp, lps, dtype, src.description, step=0, curriculum_stage=0,
+            generation_config=src.generation_config, **diffusion,
         )
         fmt.write_metadata(tmp, meta)
         finish_out(tmp, out)

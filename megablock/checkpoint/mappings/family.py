@@ -24,6 +24,9 @@ COMMON_KEYS = {
     "tie_word_embeddings", "bos_token_id", "eos_token_id",
 }
 
+# Block-diffusion settings an export adds to config.json; re-read into megablock.json, not kept as extras.
+DIFFUSION_KEYS = {"block_size", "mask_token_id", "diffusion_shift", "diffusion_attention"}
+
 
 class UnsupportedModel(ValueError):
     """The source uses a feature the megablock decoder does not implement."""
@@ -123,7 +126,7 @@ class Family:
         )
         if self.from_hf:
             fields.update(self.from_hf(hf))
-        keys = COMMON_KEYS | self.family_keys
+        keys = COMMON_KEYS | DIFFUSION_KEYS | self.family_keys
         extra = {k: v for k, v in raw.items() if k not in keys}
         return ModelConfig(**fields, extra_hf_config=extra)
 

@@ -93,38 +93,32 @@ class VocabParallel(ColumnParallel):
 
     The megablock tensor has `cfg.padded_vocab_size(tp)` rows: the real vocabulary (`cfg.vocab_size`,
     which includes an added mask token) then zero padding so that every rank gets the same count.
-    Import appends rows for tokens added to the tokenizer and sets `mean_rows` (the new mask token)
-    to the mean of the source rows, then pads; export strips the padding and keeps the mask row. The "full"
-    tensor is padded for whichever TP it came from: `split` re-pads to the target TP.
+    Import adds rows for tokens added to the tokenizer, sets `mean_rows` (the new mask token) to the
+    mean of the source rows and pads; export strips the padding and keeps the mask row. A "full"
+    tensor is padded for whichever TP it came from; `split` pads for the target TP.
     """
 
     def to_megablock(self, get, cfg, mean_rows=()):
         w = get(self.hf)
-        rows = w.shape[0]
-        if cfg.vocab_size > rows or mean_rows:
-            mean = w.float().mean(dim=0, keepdim=True).to(w.dtype)
-            if cfg.vocab_size > rows:  # rows for tokens added to the tokenizer (the mask token)
-                w = torch.cat([w, w.new_zeros(cfg.vocab_size - rows, *w.shape[1:])])
-            else:
-                w = w.clone()
+        full = w.new_zeros(cfg.padded_vocab_size(1), *w.shape[1:])  # one allocation: rows, new rows, padding
+        full[: w.shape[0]] = w
+        if mean_rows:
+            mean = w.float().mean(dim=0).to(w.dtype)
             for r in mean_rows:
-                w[r] = mean[0]
-        return self.pad(w, cfg.padded_vocab_size(1))
+                full[r] = mean
+        return full
 
     def to_hf(self, full, cfg):
         return {self.hf: full[: cfg.vocab_size]}
 
-    @staticmethod
-    def pad(w: torch.Tensor, rows: int) -> torch.Tensor:
-        if w.shape[0] == rows:
-            return w
-        if w.shape[0] > rows:
-            return w[:rows]
-        return torch.cat([w, w.new_zeros(rows - w.shape[0], *w.shape[1:])])
-
     def split(self, full, tp, rank, cfg):
-        real = full[: cfg.vocab_size]
-        return super().split(self.pad(real, cfg.padded_vocab_size(tp)), tp, rank, cfg)
+        """Rank's rows of the vocabulary padded for `tp`, cut without re-padding the whole tensor."""
+        n = cfg.padded_vocab_size(tp) // tp
+        lo = min(rank * n, cfg.vocab_size)
+        piece = full[lo: min((rank + 1) * n, cfg.vocab_size)]
+        if piece.shape[0] == n:
+            return piece.contiguous()
+        return torch.cat([piece, piece.new_zeros(n - piece.shape[0], *piece.shape[1:])])
 
 
 class QKVFused(ColumnParallel):
