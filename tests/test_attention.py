@@ -1,6 +1,5 @@
 """Block-diffusion attention: the dense mask against the rules written out by hand, and every
 implementation against the dense reference (outputs and gradients)."""
-import itertools
 
 import pytest
 import torch
@@ -134,17 +133,24 @@ def test_sdpa_bf16_as_accurate_as_dense_bf16(mode):
         assert (b.float() - e).abs().max() <= 2 * (a.float() - e).abs().max() + 3e-2
 
 
-def test_sdpa_plan_follows_new_doc_ids():
-    """Plans are cached across layers; a new batch's documents must never reuse old masks."""
+def test_cached_masks_follow_new_doc_ids():
+    """Masks are cached across layers; a new batch's documents must never reuse old ones,
+    even when the batch arrives in the same buffer, written behind torch's back (numpy)."""
+    from torch.nn.attention.flex_attention import create_mask
+
     L, B = 16, 4
-    gen = torch.Generator().manual_seed(4)
-    docs = _docs("packed", 2, L, gen)
-    for _ in range(3):
+    docs = _docs("packed", 2, L, torch.Generator().manual_seed(4))
+    for step in range(4):
         layout = AttentionLayout("context_causal", L, B, docs)
-        q, k, v, g = _inputs(layout, 2, 2, 2, 8)
+        q, k, v, g = _inputs(layout, 2, 2, 2, 8, seed=step)
         torch.testing.assert_close(attend(q, k, v, layout, "sdpa"), attend(q, k, v, layout, "dense"),
                                    atol=2e-5, rtol=1e-5)
-        docs[:, L // 2:] += 1  # in place: same tensor, new version
+        cached = flex_block_mask(layout, "cpu").mask_mod
+        assert torch.equal(create_mask(cached, 2, None, 2 * L, 2 * L, "cpu")[:, 0], dense_mask(layout))
+        if step % 2:
+            docs[:, L // 2:] += 1  # in place through torch
+        else:
+            docs.numpy()[:, : L // 2] += 1  # in place, version unchanged
 
 
 def test_auto_is_sdpa_on_cpu_and_bad_impl_fails():

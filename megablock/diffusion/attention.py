@@ -11,8 +11,6 @@
 from __future__ import annotations
 
 import warnings
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import List, Optional
 
@@ -20,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .layout import AttentionLayout
-from .masks import _rules, dense_mask, flex_block_mask
+from .masks import LayoutCache, _rules, dense_mask, flex_block_mask
 
 IMPLS = ("auto", "dense", "sdpa", "flex")
 
@@ -97,28 +95,41 @@ def flex_attend(
 
 
 # ----------------------------------------------------------------------------------------
-# sdpa: exact pieces on the CPU flash kernel, merged by log-sum-exp
+# sdpa: exact pieces, merged by log-sum-exp
 #
 # Context-causal, S = 2L, rows [0, L) are xt and [L, 2L) are x0; a query at offset r of
 # block b (position i = bB + r):
-#   x0 rows: plain causal attention over x0 keys: one kernel call with is_causal=True.
+#   x0 rows: plain causal attention over x0 keys: one flash-kernel call with is_causal=True.
 #   xt rows: allowed x0 keys are the whole blocks before b, i.e. positions < bB. Split them:
 #     "shifted" : x0 positions <= i - B. For rows i >= B that is a causal call whose queries
 #                 are xt[B:] and whose keys are x0[:L-B]: is_causal skips the masked tiles.
-#     "local"   : what is left of block b-1 (positions bB-B+r+1 .. bB-1: offsets > r) plus
-#                 all of xt block b. Each block's queries see 2B keys: one batched call with
-#                 the blocks folded into the batch and a constant [B, 2B] mask.
-#   Block-causal x0 rows use the same split with their own block in place of the xt block.
-# The kernel returns each piece's log-sum-exp; the pieces are merged exactly with it. The
-# backward hands each piece the *merged* output and log-sum-exp, for which the kernel's
-# backward gives that piece's exact share of the full gradient (softmax over the union).
-# Work: the causal and shifted calls cost a causal pass each, the local call ~ 2L*B*... i.e.
-# about 2x an AR pass, and no mask grows with L^2 (documents aside).
+#     "local"   : what is left of block b-1 (offsets > r) plus all of xt block b: 2B keys
+#                 per query block, a constant [B, 2B] mask. Tiny batched matmuls in fp32
+#                 (the flash kernel's bf16 backward is slow on thousands of tiny problems).
+#   Block-causal x0 rows use the same split with their own x0 block in place of the xt block.
+# Each piece yields its log-sum-exp, and the pieces are merged exactly with it. The backward
+# gives every piece the *merged* output and log-sum-exp; with those, the flash backward (and
+# the local one, written the same way) returns exactly that piece's share of the gradient of
+# the softmax over all allowed keys.
+# Work: the causal and shifted calls cost a causal pass each, the local piece O(L*B): about
+# 2x an AR pass, and no mask grows with L^2 (documents aside: one [b, L, L] mask per batch).
+
+
+def _emit(out, lse, o, l, first: bool) -> None:
+    """Write a piece's (o, l) into views of the running output, or fold it in: the piece's
+    weight is exp(l - logaddexp(lse, l)) = sigmoid(l - lse), 0 where it had no key."""
+    if first:
+        out.copy_(o)
+        lse.copy_(l)
+    else:
+        out.lerp_(o.to(out.dtype), torch.sigmoid(l - lse).unsqueeze(-1))
+        torch.logaddexp(lse, l, out=lse)
 
 
 @dataclass
 class _Span:
-    """Queries [q0, q0+n) against keys [k0, k0+n); is_causal (top-left) if causal."""
+    """Queries [q0, q0+n) against keys [k0, k0+n) on the CPU flash kernel; is_causal is
+    top-left aligned (query j sees keys <= j)."""
 
     q0: int
     k0: int
@@ -131,16 +142,20 @@ class _Span:
     def rows(self) -> slice:
         return slice(self.q0, self.q0 + self.n)
 
-    def forward(self, q, k, v, scale):
-        ks = slice(self.k0, self.k0 + self.n)
-        o, lse = _flash_fwd(q[:, :, self.rows], k[:, :, ks], v[:, :, ks], 0.0, self.causal,
-                            attn_mask=self.mask, scale=scale)
+    @property
+    def keys(self) -> slice:
+        return slice(self.k0, self.k0 + self.n)
+
+    def forward(self, q, k, v, scale, out, lse, first):
+        r, ks = self.rows, self.keys
+        o, l = _flash_fwd(q[:, :, r], k[:, :, ks], v[:, :, ks], 0.0, self.causal,
+                          attn_mask=self.mask, scale=scale)
         if self.valid is not None:  # the kernel reports lse 0 for a row with no key
-            lse = lse.masked_fill(~self.valid, float("-inf"))
-        return o, lse
+            l = l.masked_fill(~self.valid, float("-inf"))
+        _emit(out[:, :, r], lse[:, :, r], o, l, first)
 
     def backward(self, g, q, k, v, out, lse, scale, dq, dk, dv):
-        r, ks = self.rows, slice(self.k0, self.k0 + self.n)
+        r, ks = self.rows, self.keys
         gq, gk, gv = _flash_bwd(g[:, :, r], q[:, :, r], k[:, :, ks], v[:, :, ks], out[:, :, r],
                                 lse[:, :, r].contiguous(), 0.0, self.causal,
                                 attn_mask=self.mask, scale=scale)
@@ -149,65 +164,80 @@ class _Span:
         dv[:, :, ks] += gv
 
 
-def _to_blocks(x: torch.Tensor, B: int) -> torch.Tensor:
-    """[b, h, n*B, ...] -> [b*n, h, B, ...]: blocks folded into the batch."""
-    b, h, L = x.shape[:3]
-    return x.reshape(b, h, L // B, B, *x.shape[3:]).transpose(1, 2).reshape(b * (L // B), h, B, *x.shape[3:])
-
-
-def _from_blocks(x: torch.Tensor, b: int) -> torch.Tensor:
-    n, h, B = x.shape[:3]
-    return x.reshape(b, n // b, h, B, *x.shape[3:]).transpose(1, 2).reshape(b, h, (n // b) * B, *x.shape[3:])
-
-
 @dataclass
 class _Local:
-    """Each query block of rows [q0, q0+L) against 2B keys: the x0 block before it (rows
-    [prev0, prev0+L) shifted by one block; zeros for block 0) and its own block of rows
-    [own0, own0+L). ``mask`` is additive [b*nb, 1, B, 2B]."""
+    """Each query block of rows [q0, q0+L) against 2B keys: the x0 block before it (from rows
+    [prev0, prev0+L-B); zeros, masked, for block 0) and its own block (rows [own0, own0+L)).
+    Query heads sharing a key/value head are stacked as rows, so GQA needs no copies of k/v."""
 
     q0: int
     prev0: int
     own0: int
     L: int
     B: int
-    mask: torch.Tensor
+    mask: torch.Tensor  # additive fp32 [b or 1, nb, 1, 1, B, 2B]
 
     @property
     def rows(self) -> slice:
         return slice(self.q0, self.q0 + self.L)
 
-    def _keys(self, x):
+    def _row_blocks(self, x: torch.Tensor, hkv: int) -> torch.Tensor:
+        """View of rows of x [b, hq, S, ...] as [b, nb, hkv, g, B, ...]."""
+        b, hq = x.shape[:2]
+        nb = self.L // self.B
+        view = x[:, :, self.rows].view(b, hkv, hq // hkv, nb, self.B, *x.shape[3:])
+        return view.permute(0, 3, 1, 2, 4, *range(5, view.dim()))
+
+    def _queries(self, x: torch.Tensor, hkv: int) -> torch.Tensor:
+        """fp32 copy of rows of x [b, hq, S, d] as [b, nb, hkv, g*B, d]."""
+        src = self._row_blocks(x, hkv)
+        b, nb, _, g, B, d = src.shape
+        return torch.empty(src.shape, dtype=torch.float32, device=x.device).copy_(src).view(b, nb, hkv, g * B, d)
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 [b, nb, hkv, 2B, d]: previous x0 block, then own block."""
         L, B = self.L, self.B
         b, h, _, d = x.shape
-        keys = x.new_empty(b, L // B, h, 2 * B, d)
-        keys[:, 0, :, :B] = 0  # block 0 has no previous block; masked, but must be finite
-        keys[:, 1:, :, :B] = x[:, :, self.prev0:self.prev0 + L - B].reshape(b, h, L // B - 1, B, d).transpose(1, 2)
-        keys[:, :, :, B:] = x[:, :, self.own0:self.own0 + L].reshape(b, h, L // B, B, d).transpose(1, 2)
-        return keys.reshape(b * (L // B), h, 2 * B, d)
+        keys = torch.empty(b, L // B, h, 2 * B, d, dtype=torch.float32, device=x.device)
+        keys[:, 0, :, :B] = 0
+        keys[:, 1:, :, :B] = x[:, :, self.prev0:self.prev0 + L - B].view(b, h, L // B - 1, B, d).transpose(1, 2)
+        keys[:, :, :, B:] = x[:, :, self.own0:self.own0 + L].view(b, h, L // B, B, d).transpose(1, 2)
+        return keys
 
-    def _scatter_keys(self, g, dx):
+    def _scatter_keys(self, gk: torch.Tensor, dx: torch.Tensor) -> None:
         L, B = self.L, self.B
         b, h, _, d = dx.shape
-        g = g.reshape(b, L // B, h, 2 * B, d)
-        dx[:, :, self.prev0:self.prev0 + L - B] += g[:, 1:, :, :B].transpose(1, 2).reshape(b, h, L - B, d)
-        dx[:, :, self.own0:self.own0 + L] += g[:, :, :, B:].transpose(1, 2).reshape(b, h, L, d)
+        dx[:, :, self.prev0:self.prev0 + L - B].view(b, h, L // B - 1, B, d).add_(gk[:, 1:, :, :B].transpose(1, 2))
+        dx[:, :, self.own0:self.own0 + L].view(b, h, L // B, B, d).add_(gk[:, :, :, B:].transpose(1, 2))
 
-    def forward(self, q, k, v, scale):
-        o, lse = _flash_fwd(_to_blocks(q[:, :, self.rows], self.B), self._keys(k), self._keys(v),
-                            0.0, False, attn_mask=self.mask, scale=scale)
-        return _from_blocks(o, q.shape[0]), _from_blocks(lse, q.shape[0])
+    def _probs(self, qb, kb, scale, lse=None):
+        """Masked scores [b, nb, hkv, g*B, 2B] and their softmax (against lse if given)."""
+        b, nb, hkv, gB, _ = qb.shape
+        s = torch.matmul(qb * scale, kb.transpose(-1, -2)).view(b, nb, hkv, gB // self.B, self.B, -1)
+        s = s + self.mask
+        if lse is None:
+            lse = torch.logsumexp(s, dim=-1)
+        return torch.exp(s - lse.unsqueeze(-1)).view(b, nb, hkv, gB, -1), lse
+
+    def forward(self, q, k, v, scale, out, lse, first):
+        hkv = k.shape[1]
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        p, l = self._probs(self._queries(q, hkv), self._keys(k), scale)
+        o = torch.matmul(p, self._keys(v))
+        _emit(self._row_blocks(out, hkv), self._row_blocks(lse, hkv), o.view(self._row_blocks(out, hkv).shape), l, first)
 
     def backward(self, g, q, k, v, out, lse, scale, dq, dk, dv):
-        r, B = self.rows, self.B
-        gq, gk, gv = _flash_bwd(
-            _to_blocks(g[:, :, r], B), _to_blocks(q[:, :, r], B), self._keys(k), self._keys(v),
-            _to_blocks(out[:, :, r], B), _to_blocks(lse[:, :, r], B), 0.0, False,
-            attn_mask=self.mask, scale=scale,
-        )
-        dq[:, :, r] += _from_blocks(gq, q.shape[0])
-        self._scatter_keys(gk, dk)
-        self._scatter_keys(gv, dv)
+        hkv = k.shape[1]
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        qb, kb, vb, gb = self._queries(q, hkv), self._keys(k), self._keys(v), self._queries(g, hkv)
+        p, _ = self._probs(qb, kb, scale, self._row_blocks(lse, hkv))
+        dp = torch.matmul(gb, vb.transpose(-1, -2))
+        delta = (gb * self._queries(out, hkv)).sum(-1, keepdim=True)  # rowsum(dO * O), full row
+        ds = p * (dp - delta)
+        dq_rows = self._row_blocks(dq, hkv)
+        dq_rows += torch.matmul(ds, kb).mul_(scale).view(dq_rows.shape)
+        self._scatter_keys(torch.matmul(ds.transpose(-1, -2), qb).mul_(scale), dk)
+        self._scatter_keys(torch.matmul(p.transpose(-1, -2), gb), dv)
 
 
 @dataclass
@@ -218,30 +248,15 @@ class _Plan:
     groups: List[List[object]]
 
 
-def _merge_into(o_acc, l_acc, o, l):
-    """Fold a piece (o, l) into the running (o_acc, l_acc) in place. The new weight of the
-    piece is exp(l - logaddexp(l_acc, l)) = sigmoid(l - l_acc); -inf (no key) gives 0."""
-    w = torch.sigmoid(l - l_acc)
-    o_acc.lerp_(o.to(o_acc.dtype), w.unsqueeze(-1))
-    torch.logaddexp(l_acc, l, out=l_acc)
-
-
 class _PiecewiseAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, scale):
         b, h, S, d = q.shape
-        # merged in fp32; fp32 inputs are merged straight into the output
-        out = torch.empty(b, h, S, d, dtype=torch.float32, device=q.device)
+        out = torch.empty(b, h, S, d, dtype=torch.float32, device=q.device)  # merged in fp32
         lse = torch.empty(b, h, S, dtype=torch.float32, device=q.device)
         for pieces in plan.groups:
             for i, p in enumerate(pieces):
-                o, l = p.forward(q, k, v, scale)
-                rows = p.rows
-                if i == 0:
-                    out[:, :, rows] = o
-                    lse[:, :, rows] = l
-                else:
-                    _merge_into(out[:, :, rows], lse[:, :, rows], o, l)
+                p.forward(q, k, v, scale, out, lse, first=i == 0)
         out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.plan, ctx.scale = plan, scale
@@ -259,95 +274,80 @@ class _PiecewiseAttention(torch.autograd.Function):
                 p.backward(g, q, k, v, out, lse, ctx.scale, dq, dk, dv)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
+
 def _additive(allowed: torch.Tensor, dtype) -> torch.Tensor:
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
-def _local_mask(layout: AttentionLayout, q0: int, own0: int, device, dtype, batch: int) -> torch.Tensor:
-    """Additive [batch*nb, 1, B, 2B] mask of a `_Local` piece, straight from the rules."""
+def _local_mask(layout: AttentionLayout, q0: int, own0: int, device) -> torch.Tensor:
+    """Additive fp32 [b or 1, nb, 1, 1, B, 2B] mask of a `_Local` piece, from the rules."""
     L, B = layout.seq_len, layout.block_size
     nb = L // B
     blk = torch.arange(nb, device=device)[:, None, None]
     r = torch.arange(B, device=device)
     qi = q0 + blk * B + r[:, None]  # [nb, B, 1]
-    prev = L + (blk - 1) * B + r[None, None, :]  # [nb, 1, B]
-    own = own0 + blk * B + r[None, None, :]
-    ki = torch.cat([prev.expand(nb, 1, B), own], dim=-1)  # [nb, 1, 2B]
+    prev = L + (blk - 1) * B + r  # [nb, 1, B]
+    own = own0 + blk * B + r
+    ki = torch.cat([prev, own], dim=-1)  # [nb, 1, 2B]
     # Of the previous block only the offsets after the query's own are left to this piece
     # (the shifted span has the rest), and block 0 has no previous block.
-    is_own = torch.arange(2 * B, device=device) >= B
-    rest_of_prev = (r[None, None, :] > r[:, None]).logical_and(blk >= 1)  # [nb, B, B]
-    allowed = _rules(layout, qi, ki) & (is_own | torch.cat([rest_of_prev, torch.zeros_like(rest_of_prev)], -1))
+    rest_of_prev = (r > r[:, None]) & (blk >= 1)  # [nb, B, B]
+    allowed = _rules(layout, qi, ki) & torch.cat([rest_of_prev, torch.ones_like(rest_of_prev)], -1)
     if layout.doc_ids is not None:
         doc = layout.doc_ids.to(device)
         pos = torch.arange(layout.total_len, device=device) % L
-        dq = doc[:, pos[qi.clamp(min=0)]]  # [b, nb, B, 1]
-        dk = doc[:, pos[ki.clamp(min=0)]]  # [b, nb, 1, 2B]
-        allowed = allowed & (dq == dk)
+        allowed = allowed & (doc[:, pos[qi]] == doc[:, pos[ki]])  # [b, nb, B, 2B]
     else:
-        allowed = allowed.expand(batch, *allowed.shape)
-    return _additive(allowed.reshape(batch * nb, 1, B, 2 * B), dtype)
+        allowed = allowed[None]
+    return _additive(allowed[:, :, None, None], torch.float32)
 
 
-def _span_masks(layout: AttentionLayout, q0: int, k0: int, n: int, causal: bool, device, dtype):
-    """Document mask [b, 1, n, n] and row validity of a `_Span` (None without documents)."""
+def _doc_masks(layout: AttentionLayout, device, dtype):
+    """Additive same-document mask over clean positions [b, 1, L, L] (None without documents).
+    Every span is a window of it (spans pair positions, whatever the half), so one per batch."""
     if layout.doc_ids is None:
-        return None, None
+        return None
     doc = layout.doc_ids.to(device)
-    pos = torch.arange(layout.total_len, device=device) % layout.seq_len
-    dq = doc[:, pos[q0:q0 + n]]
-    dk = doc[:, pos[k0:k0 + n]]
-    allowed = (dq[:, :, None] == dk[:, None, :])[:, None]
-    visible = allowed
+    return _additive((doc[:, :, None] == doc[:, None, :])[:, None], dtype)
+
+
+def _span(layout: AttentionLayout, doc_mask, q0: int, k0: int, n: int, causal: bool) -> _Span:
+    if doc_mask is None:
+        return _Span(q0, k0, n, causal)
+    qp, kp = q0 % layout.seq_len, k0 % layout.seq_len
+    mask = doc_mask[:, :, qp:qp + n, kp:kp + n]
+    visible = mask == 0
     if causal:
-        visible = allowed & torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    return _additive(allowed, dtype), visible.any(-1)
+        visible = visible & torch.ones(n, n, dtype=torch.bool, device=mask.device).tril()
+    return _Span(q0, k0, n, causal, mask, visible.any(-1))
 
 
-def _build_plan(layout: AttentionLayout, batch: int, device, dtype) -> _Plan:
+def _build_plan(layout: AttentionLayout, device, dtype) -> _Plan:
     L, B, mode = layout.seq_len, layout.block_size, layout.mode
+    doc_mask = _doc_masks(layout, device, dtype)
     if not layout.two_halves:  # only reached with documents
-        mask, valid = _span_masks(layout, 0, 0, L, mode == "ar", device, dtype)
-        return _Plan([[_Span(0, 0, L, mode == "ar", mask, None)]])
+        return _Plan([[_span(layout, doc_mask, 0, 0, L, mode == "ar")]])
 
     def staircase_group(q0: int, own0: int):
         """Rows [q0, q0+L) that see whole earlier x0 blocks plus a local window."""
-        pieces = [_Local(q0, L, own0, L, B, _local_mask(layout, q0, own0, device, dtype, batch))]
+        pieces = [_Local(q0, L, own0, L, B, _local_mask(layout, q0, own0, device))]
         if L > B:
-            mask, valid = _span_masks(layout, q0 + B, L, L - B, True, device, dtype)
-            pieces.append(_Span(q0 + B, L, L - B, True, mask, valid))
+            pieces.append(_span(layout, doc_mask, q0 + B, L, L - B, True))
         return pieces
 
     groups = [staircase_group(0, 0)]
     if mode == "context_causal":
-        mask, _ = _span_masks(layout, L, L, L, True, device, dtype)
-        groups.append([_Span(L, L, L, True, mask, None)])
+        groups.append([_span(layout, doc_mask, L, L, L, True)])
     else:
         groups.append(staircase_group(L, L))
     return _Plan(groups)
 
 
-_PLAN_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
-_PLAN_CACHE_SIZE = 8
+_PLANS = LayoutCache()
 
 
-def _plan_for(layout: AttentionLayout, batch: int, device, dtype) -> _Plan:
-    """Plans are reused across the layers of a forward (and across steps without documents).
-
-    With documents the key includes the doc_ids tensor's identity and version, checked
-    through a weak reference so a recycled id can never match a dead tensor."""
-    doc = layout.doc_ids
-    key = (layout.mode, layout.seq_len, layout.block_size, batch, str(device), dtype,
-           None if doc is None else (id(doc), doc._version))
-    hit = _PLAN_CACHE.get(key)
-    if hit is not None and (doc is None or hit[0]() is doc):
-        _PLAN_CACHE.move_to_end(key)
-        return hit[1]
-    plan = _build_plan(layout, batch, device, dtype)
-    _PLAN_CACHE[key] = (None if doc is None else weakref.ref(doc), plan)
-    while len(_PLAN_CACHE) > _PLAN_CACHE_SIZE:
-        _PLAN_CACHE.popitem(last=False)
-    return plan
+def _plan_for(layout: AttentionLayout, device, dtype) -> _Plan:
+    return _PLANS.get(layout, (str(device), dtype), lambda: _build_plan(layout, device, dtype))
 
 
 _warned_sdpa_device = False
@@ -365,5 +365,5 @@ def sdpa_attend(q, k, v, layout: AttentionLayout, scale: Optional[float] = None)
         return F.scaled_dot_product_attention(
             q, k, v, is_causal=layout.mode == "ar", scale=scale, enable_gqa=q.shape[1] != k.shape[1]
         )
-    plan = _plan_for(layout, q.shape[0], q.device, q.dtype)
+    plan = _plan_for(layout, q.device, q.dtype)
     return _PiecewiseAttention.apply(q, k, v, plan, scale)

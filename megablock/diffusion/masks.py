@@ -14,8 +14,9 @@ Every query keeps at least itself (xt in its own block, x0 causally), so no row 
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 
@@ -75,35 +76,68 @@ def flex_mask_mod(layout: AttentionLayout) -> Callable:
     return mask_mod
 
 
-_BLOCK_MASK_CACHE: "OrderedDict[tuple, object]" = OrderedDict()
-_BLOCK_MASK_CACHE_SIZE = 8
+class LayoutCache:
+    """A small LRU of things built from a layout (block masks, attention plans).
+
+    The model calls attention once per layer with the same layout, so whatever the mask
+    needs is built once and shared by all layers. Without documents an entry depends on
+    (mode, L, B, key) only and lives across steps. With documents it also depends on the
+    batch: an entry matches only the same documents. On CPU that is checked by comparing
+    contents (O(b*L), nothing next to attention), so a reused buffer refilled in place (say
+    through numpy, which leaves the tensor's version alone) can never hit a stale mask; on
+    other devices, where a comparison would synchronize, by tensor identity and version.
+    """
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+
+    @staticmethod
+    def _same_docs(stored, doc: torch.Tensor) -> bool:
+        if doc.device.type == "cpu":
+            return torch.equal(stored, doc)
+        return stored[0]() is doc and stored[1] == doc._version
+
+    @staticmethod
+    def _remember(doc: torch.Tensor):
+        if doc.device.type == "cpu":
+            return doc.clone()
+        return (weakref.ref(doc), doc._version)
+
+    def get(self, layout: AttentionLayout, key: tuple, build: Callable[[], object]):
+        doc = layout.doc_ids
+        full_key = (layout.mode, layout.seq_len, layout.block_size, key,
+                    None if doc is None else (tuple(doc.shape), str(doc.device)))
+        hit = self._entries.get(full_key)
+        if hit is not None and (doc is None or self._same_docs(hit[0], doc)):
+            self._entries.move_to_end(full_key)
+            return hit[1]
+        value = build()
+        self._entries[full_key] = (None if doc is None else self._remember(doc), value)
+        self._entries.move_to_end(full_key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+
+_BLOCK_MASKS = LayoutCache()
 
 
 def flex_block_mask(layout: AttentionLayout, device):
-    """A FlexAttention `BlockMask` for the layout.
-
-    Without documents the mask depends on (mode, L, B) only, and every layer of every step
-    asks for it, so it is kept in a small LRU. With documents it depends on the batch and is
-    rebuilt on every call (build it once per forward and pass it to every layer if it shows
-    up in profiles).
-    """
+    """A FlexAttention `BlockMask` for the layout, from a `LayoutCache`: without documents
+    built once per (mode, L, B, device); with documents once per batch."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     device = torch.device(device)
     S = layout.total_len
-    if layout.doc_ids is not None:
-        doc_layout = AttentionLayout(
-            layout.mode, layout.seq_len, layout.block_size, layout.doc_ids.to(device)
-        )
-        return create_block_mask(
-            flex_mask_mod(doc_layout), layout.doc_ids.shape[0], None, S, S, device=device
-        )
-    key = (layout.mode, layout.seq_len, layout.block_size, str(device))
-    if key in _BLOCK_MASK_CACHE:
-        _BLOCK_MASK_CACHE.move_to_end(key)
-        return _BLOCK_MASK_CACHE[key]
-    block_mask = create_block_mask(flex_mask_mod(layout), None, None, S, S, device=device)
-    _BLOCK_MASK_CACHE[key] = block_mask
-    while len(_BLOCK_MASK_CACHE) > _BLOCK_MASK_CACHE_SIZE:
-        _BLOCK_MASK_CACHE.popitem(last=False)
-    return block_mask
+
+    def build():
+        if layout.doc_ids is None:
+            return create_block_mask(flex_mask_mod(layout), None, None, S, S, device=device)
+        # a copy: the mask_mod must not see later in-place writes to the batch's buffer
+        on_device = AttentionLayout(layout.mode, layout.seq_len, layout.block_size,
+                                    layout.doc_ids.to(device, copy=True))
+        return create_block_mask(flex_mask_mod(on_device), layout.doc_ids.shape[0], None, S, S,
+                                 device=device)
+
+    return _BLOCK_MASKS.get(layout, (str(device),), build)
