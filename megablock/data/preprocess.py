@@ -323,10 +323,13 @@ def preprocess(
     dtype = token_dtype(tok.vocab_size)
 
     prefix = str(output_prefix)
-    out_dir = os.path.dirname(os.path.abspath(prefix))
-    os.makedirs(out_dir, exist_ok=True)
     tmp = f"{prefix}.tmp-{os.getpid()}"
     tmp_bin, tmp_idx = tmp + ".bin", tmp + ".idx"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        open(tmp_bin, "wb").close()
+    except OSError as e:
+        raise PreprocessError(f"cannot write {prefix}.bin ({e.strerror}); choose a writable --output-prefix") from None
 
     from tqdm import tqdm
 
