@@ -236,12 +236,6 @@ class Trainer:
             if self.optimizer.last_step_skipped or not torch.isfinite(losses).all():
                 nonfinite_in_a_row += 1
                 logger.warning("step %d: non-finite loss or gradients; the update was skipped (%d in a row)", self.state.step, nonfinite_in_a_row)
-                if nonfinite_in_a_row >= t.max_nonfinite_steps:
-                    raise TrainingStopped(
-                        f"{nonfinite_in_a_row} consecutive steps had a non-finite loss (last: step {self.state.step}); "
-                        f"stopping. The last good checkpoint in {cfg.checkpoint.save_dir} remains 'latest'; "
-                        f"lower train.lr or check the data, then resume with checkpoint.resume=true"
-                    )
             else:
                 nonfinite_in_a_row = 0
 
@@ -262,11 +256,20 @@ class Trainer:
                 self.metrics.write(record)
             bar.set_postfix(loss=f"{record['loss']:.4f}", B=self.state.block_size, tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
+            if nonfinite_in_a_row >= t.max_nonfinite_steps:
+                bar.close()
+                raise TrainingStopped(
+                    f"{nonfinite_in_a_row} consecutive steps had a non-finite loss (last: step {self.state.step}); "
+                    f"stopping. The last good checkpoint in {cfg.checkpoint.save_dir} remains 'latest'; "
+                    f"lower train.lr or check the data, then resume with checkpoint.resume=true"
+                )
 
             last = self.state.step >= t.steps
             exiting = self._stop_requested() or (t.exit_after_steps and steps_this_launch >= t.exit_after_steps)
             interval = cfg.checkpoint.interval and self.state.step % cfg.checkpoint.interval == 0
-            if last or exiting or interval:
+            if interval and nonfinite_in_a_row and not (last or exiting):
+                logger.warning("step %d: not saving in the middle of non-finite steps", self.state.step)
+            elif last or exiting or interval:
                 self.save()
             if exiting and not last:
                 logger.info("exiting at step %d after saving (resume with checkpoint.resume=true)", self.state.step)
