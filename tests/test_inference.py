@@ -222,6 +222,34 @@ def test_tp2_equals_tp1():
     assert ranks[0][:2] == tp1  # greedy: the same tokens as one process
 
 
+# --- loading: megablock checkpoint and exported HF folder -----------------------------------------
+def test_checkpoint_and_exported_folder(tmp_path):
+    from megablock.checkpoint import format as fmt
+    from megablock.checkpoint.convert import convert
+    from megablock.checkpoint.export import export
+    from megablock.inference.loading import load
+
+    hf = save_tiny_hf_model(tmp_path / "hf", "qwen2", seed=4)
+    convert(tmp_path / "ckpt", hf_dir=tmp_path / "hf", tp=2, progress=False, log=lambda *a: None)
+    meta = fmt.read_metadata(tmp_path / "ckpt")
+    fmt.write_metadata(tmp_path / "ckpt", {**meta, "block_size": 4})  # as if trained to B = 4
+    export(tmp_path / "ckpt", tmp_path / "out", progress=False, log=lambda *a: None)
+
+    prompt = [7, 8, 9, 10, 11]
+    ref = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, 5, dtype=torch.long),
+                      do_sample=False, max_new_tokens=10)[0, 5:].tolist()
+    cfg4 = GenerateConfig(block_size=4, max_new_tokens=10, threshold=0.5)
+    results = []
+    for kind in ("ckpt", "hf_dir"):
+        im = load(**{kind: tmp_path / ("ckpt" if kind == "ckpt" else "out")})  # saved at TP 2, run at TP 1
+        assert im.mask_token_id == meta["mask_token_id"] and im.trained_block_size == 4 and im.shift
+        assert im.tokenizer is not None
+        sampler = im.sampler()
+        assert sampler.generate([prompt], GenerateConfig(block_size=1, max_new_tokens=10)).tokens[0] == ref
+        results.append(sampler.generate([prompt], cfg4).tokens)
+    assert results[0] == results[1]
+
+
 # --- CLI ----------------------------------------------------------------------------------------
 def test_cli_json(tmp_path):
     save_tiny_hf_model(tmp_path / "hf", "llama")
