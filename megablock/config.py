@@ -170,6 +170,11 @@ def _check_type(key: str, value: Any, annotation) -> Any:
         base = typing.get_origin(t) or t
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if base is float and isinstance(value, str):
+            try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+                return float(value)
+            except ValueError:
+                pass
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if base in (str, bool, list, dict) and isinstance(value, base):
