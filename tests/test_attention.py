@@ -87,12 +87,14 @@ def test_flex_block_mask_is_cached_without_docs():
 
 
 def _inputs(layout, batch, hq, hkv, d, dtype=torch.float32, seed=0):
+    """q, k, v laid out the way the model makes them: strided views of one packed qkv
+    projection [b, S, hkv, g + 2, d], transposed to [b, h, S, d]."""
     gen = torch.Generator().manual_seed(seed)
-    S = layout.total_len
-    # q as the model makes it: a transposed view of [b, S, h, d], not contiguous
-    q = torch.randn(batch, S, hq, d, generator=gen).transpose(1, 2).to(dtype).requires_grad_()
-    k = torch.randn(batch, hkv, S, d, generator=gen).to(dtype).requires_grad_()
-    v = torch.randn(batch, hkv, S, d, generator=gen).to(dtype).requires_grad_()
+    S, groups = layout.total_len, hq // hkv
+    packed = torch.randn(batch, S, hkv, groups + 2, d, generator=gen).to(dtype).requires_grad_()
+    q = packed[:, :, :, :groups].reshape(batch, S, hq, d).transpose(1, 2)
+    k = packed[:, :, :, groups].transpose(1, 2)
+    v = packed[:, :, :, groups + 1].transpose(1, 2)
     g = torch.randn(batch, hq, S, d, generator=gen).to(dtype)
     return q, k, v, g
 

@@ -2,9 +2,11 @@
 
 - ``dense``: SDPA with the full bool mask from `masks.dense_mask`. The reference; costs a
   2L x 2L product (8x a causal pass of length L) and an S x S mask per call.
-- ``sdpa``: the CPU training path. The attention is cut into pieces that each map onto the
-  CPU flash kernel without any per-layer O(L^2) mask, and the pieces are merged exactly
-  with their log-sum-exp (see `_sdpa_plan`). About 2x a causal pass of length L.
+- ``sdpa``: the CPU training path, exact. The attention is cut into pieces that map onto the
+  CPU flash kernel (causal calls that skip masked tiles) and a small local piece, without any
+  per-layer O(L^2) mask, and merged exactly with their log-sum-exp (see the comment above
+  `_Span`). About 2x a causal pass of length L, where ``dense`` costs ~8x. On other devices
+  it falls back to ``dense``.
 - ``flex``: compiled FlexAttention with a cached `BlockMask`; the GPU path (FlexAttention has
   no backward on CPU in torch 2.13).
 """
