@@ -196,3 +196,16 @@ def test_nonfinite_steps_are_skipped_then_stop(assets, tmp_path):
     assert (save / "latest").read_text().strip() == "step_0000002"
     records = _metrics(save)
     assert records[-1]["step"] == 5 and records[-1]["loss"] != records[-1]["loss"]  # NaN logged
+
+
+def test_random_init_from_architecture(assets, tmp_path):
+    # From-scratch baselines: no init_from, the architecture in the config (vocab covers the
+    # dataset's tokenizer plus a mask token).
+    arch = ("{arch: llama, vocab_size: 321, hidden_size: 32, intermediate_size: 64, num_layers: 2, "
+            "num_attention_heads: 4, num_kv_heads: 2, mask_token_id: 320, eos_token_id: 0}")
+    _train(assets, tmp_path / "run", "model.init_from=null", f"model.architecture={arch}", "train.steps=4",
+           "train.eval_interval=0")
+    records = _metrics(tmp_path / "run")
+    assert len(records) == 4 and all(r["loss"] == r["loss"] for r in records)
+    # A random init starts near the uniform-distribution loss ln(320) per token.
+    assert abs(records[0]["ar_loss"] - torch.log(torch.tensor(320.0)).item()) < 0.5
