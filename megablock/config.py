@@ -139,6 +139,28 @@ class CheckpointSection:
 
 
 @dataclass
+class LoraSection:
+    """Parameter-efficient adaptation: LoRA adapters on the tensor-parallel linears
+    (megablock/model/lora.py). The pretrained weights stay frozen; checkpoints keep them in
+    model/ and the adapters in lora/; tools/export_hf.py merges them (or --lora-separate)."""
+
+    enabled: bool = False
+    """Train LoRA adapters instead of the full model."""
+    rank: int = 64
+    """r: rank of each adapter (A: [r, in], B: [out, r])."""
+    alpha: float = 128.0
+    """Scaling numerator: the update is alpha / rank * B A (PEFT's convention)."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (drawn from the global RNG, the same on every TP rank)."""
+    target_modules: list = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    """Which linears get adapters: linear_qkv, linear_proj (attention), linear_fc1, linear_fc2 (MLP)."""
+    train_mask_token_row: bool = True
+    """Also train the mask token's input embedding (a separate [hidden] delta added to that row)."""
+    train_norms: bool = False
+    """Also train the RMSNorm weights."""
+
+
+@dataclass
 class Config:
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
@@ -146,6 +168,7 @@ class Config:
     train: TrainSection = field(default_factory=TrainSection)
     diffusion: DiffusionSection = field(default_factory=DiffusionSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    lora: LoraSection = field(default_factory=LoraSection)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -278,6 +301,26 @@ def validate(cfg: Config) -> None:
         Curriculum(d.stages, cfg.data.seq_len)
     except ValueError as err:
         raise ConfigError(f"diffusion.stages: {err}") from None
+    _validate_lora(cfg.lora)
+
+
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
+
+
+def _validate_lora(lora: LoraSection) -> None:
+    if lora.rank < 1:
+        raise ConfigError(f"lora.rank={lora.rank} must be >= 1")
+    if lora.alpha <= 0:
+        raise ConfigError(f"lora.alpha={lora.alpha} must be > 0")
+    if not 0 <= lora.dropout < 1:
+        raise ConfigError(f"lora.dropout={lora.dropout} must be in [0, 1)")
+    unknown = [m for m in lora.target_modules if m not in LORA_TARGETS]
+    if unknown:
+        raise ConfigError(f"lora.target_modules: {unknown} are not LoRA targets; choose from {list(LORA_TARGETS)}")
+    if len(set(lora.target_modules)) != len(lora.target_modules):
+        raise ConfigError(f"lora.target_modules={lora.target_modules} lists a module twice")
+    if lora.enabled and not (lora.target_modules or lora.train_mask_token_row or lora.train_norms):
+        raise ConfigError("lora.enabled with nothing to train: set lora.target_modules (e.g. [linear_qkv, linear_fc1])")
 
 
 def validate_parallel_layout(cfg: Config, world_size: int) -> int:
