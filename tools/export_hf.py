@@ -1,10 +1,12 @@
 #!/usr/bin/env python
 """Export a megablock checkpoint (converted or training, any TP x PP) as a plain HF folder.
 
-    python tools/export_hf.py --ckpt DIR --out DIR [--dtype fp32|bf16] [--force]
+    python tools/export_hf.py --ckpt DIR --out DIR [--dtype fp32|bf16] [--force] [--lora-separate]
 
 --ckpt is a checkpoint folder (megablock.json + model/ shards) or a training save dir whose
 `latest` file names one. Errors print one line and exit 1, leaving no output folder.
+A LoRA checkpoint is exported with its adapters merged into the weights, or with
+--lora-separate as the base model plus a PEFT adapter folder in OUT/adapter.
 """
 import argparse
 import os
@@ -20,6 +22,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="output dtype (default: the checkpoint's)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--lora-separate", action="store_true",
+                   help="LoRA checkpoint: write the base model plus a PEFT adapter folder (OUT/adapter) instead of merging")
     return p.parse_args(argv)
 
 
@@ -28,7 +32,8 @@ def main(argv=None) -> int:
     from megablock.checkpoint.export import export
 
     try:
-        export(args.ckpt, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet)
+        export(args.ckpt, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet,
+               lora_separate=args.lora_separate)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -9,6 +9,12 @@ layout `save_pretrained` writes, so AutoModelForCausalLM loads either.
 config.json is the source config (unmodeled entries verbatim) plus the block-diffusion settings
 `block_size`, `mask_token_id`, `diffusion_shift`, `diffusion_attention`. Same atomic-write rule as
 conversion: OUT.tmp-<pid>, renamed when complete.
+
+A LoRA checkpoint (megablock.json "lora", adapters in CKPT/lora/) is merged in full-tensor space
+as the tensors stream: W + alpha/r * B A, and the mask-token row delta (megablock.model.lora).
+`lora_separate=True` instead writes the base (everything but the LoRA factors: frozen weights,
+trained norms and mask row) to OUT and a PEFT LoRA folder to OUT/adapter, which
+`PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT), OUT/adapter)` loads.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from .mappings import get_family
 MAX_SHARD_BYTES = 5 * 10**9
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_DIR = "adapter"
 
 
 def diffusion_settings(meta: dict) -> dict:
@@ -80,7 +87,7 @@ def check_shards(ckpt: Path, meta: dict) -> None:
 
 
 def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress: bool = True,
-           max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable = print) -> dict:
+           max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable = print, lora_separate: bool = False) -> dict:
     """Write checkpoint `ckpt` (a checkpoint folder, or a training save dir with `latest`) as an
     HF folder at `out` in `dtype` (default: the checkpoint's). Returns a summary dict."""
     start = time.time()
@@ -96,6 +103,12 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
     if cfg.padded_vocab_size(meta["tp"]) != meta["padded_vocab_size"]:
         raise fmt.CheckpointError(f"{ckpt}/megablock.json: padded_vocab_size disagrees with the model config; re-convert")
     check_shards(ckpt, meta)
+    tensors, lora = fmt.iter_full_tensors(ckpt, meta), None
+    if meta.get("lora") or lora_separate:  # imported only here: it brings megatron-core
+        from ..model import lora
+
+        lora.check_adapter_shards(ckpt, meta, required=lora_separate)
+        tensors = lora.iter_merged_full_tensors(ckpt, meta, merge_lora=not lora_separate)
 
     # Plan the HF tensors (names, shapes) on meta tensors, then the files they go to.
     shapes = fmt.full_shapes(cfg, meta["tp"])
@@ -117,7 +130,7 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
         bar = tqdm(total=len(specs), desc="export", unit="tensor", disable=not progress)
         writer, k = None, -1
         try:
-            for name, full in fmt.iter_full_tensors(ckpt, meta):
+            for name, full in tensors:
                 for hf_name, t in family.find(name, cfg).to_hf(full, cfg).items():
                     if writer is None or file_of[hf_name] != names[k]:
                         if writer is not None:
@@ -139,6 +152,8 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(meta, dtype), indent=2) + "\n")
         if meta.get("generation_config"):
             (tmp / "generation_config.json").write_text(json.dumps(meta["generation_config"], indent=2) + "\n")
+        if lora_separate:
+            lora.write_peft_adapter(ckpt, meta, tmp / ADAPTER_DIR, torch_dtype, base_model_path=str(out))
         tok = ckpt / fmt.TOKENIZER_DIR
         if tok.is_dir():
             for f in tok.iterdir():
@@ -154,6 +169,7 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
         "out": str(out), "ckpt": str(ckpt), "arch": cfg.arch, "parameters": count_parameters(cfg),
         "files": len(files), "dtype": dtype, "from_tp": meta["tp"], "from_pp": meta["pp"],
         "seconds": round(time.time() - start, 2),
+        "lora": None if not meta.get("lora") else ("separate" if lora_separate else "merged"),
     }
     log(f"exported {cfg.arch} ({summary['parameters']:,} parameters, {meta['tp']}x{meta['pp']} shards) to "
         f"{out} as {family.hf_class} in {len(files)} file(s), {dtype}, in {summary['seconds']} s")

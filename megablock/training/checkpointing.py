@@ -3,6 +3,7 @@
 SAVE/step_0000100/
     megablock.json, model/tp00_pp000.safetensors ...   (the sharded model format: export_hf.py
     tokenizer/                                           and model.init_from read it directly)
+    lora/tp00_pp000.safetensors ...                      (LoRA runs: adapters, see below)
     deepspeed/                                          (optimizer, scheduler, ZeRO partitions)
     trainer_state.json                                   (step, consumed samples/tokens, stage)
     rng/rank00000.pt, config.yaml
@@ -10,6 +11,16 @@ SAVE/latest                                              (names the newest compl
 
 A save is written into `step_X.tmp`, renamed when every rank has finished, and only then named
 in `latest` (itself replaced atomically): an interrupted save never becomes `latest`.
+
+LoRA runs (lora.enabled): model/ keeps the complete frozen base (equal to model.init_from's
+weights, plus trained norms with lora.train_norms), so every reader of model/ finds a whole
+model; the adapters (lora_A/lora_B per target linear, the mask-token row delta) go to
+lora/tp{TT}_pp{PPP}.safetensors, one per rank like the model shards, and megablock.json gets a
+"lora" entry (rank, alpha, targets, trainable parameter count). DeepSpeed's state excludes the
+frozen parameters (exclude_frozen_parameters): it holds the trainable ones and their optimizer
+state only, and resume rebuilds the frozen base from model.init_from. model/ + lora/ are what
+loading (megablock.model.loading: merged), tools/export_hf.py (merged, or --lora-separate) and
+megablock.model.lora.load_adapters (unmerged) read.
 """
 from __future__ import annotations
 
@@ -28,8 +39,9 @@ import torch.distributed as dist
 import yaml
 
 from megablock.checkpoint.format import (
-    LATEST_FILE, TOKENIZER_DIR, make_metadata, resolve_checkpoint, save_shard, write_metadata,
+    LATEST_FILE, TOKENIZER_DIR, make_metadata, read_metadata, resolve_checkpoint, save_shard, write_metadata,
 )
+from megablock.model import lora
 
 logger = logging.getLogger(__name__)
 STEP_PREFIX = "step_"
@@ -71,13 +83,17 @@ def save_training_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
 
-    engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
-    weights = _gather_weights(stage_model, zero_stage)
+    lora_settings = lora.settings_of(stage_model)
+    engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=lora_settings is not None)
+    weights, adapters = lora.split_weights(_gather_weights(stage_model, zero_stage))
     if info.dp_rank == 0:
         dtype = next(iter(weights.values())).dtype
         if dtype not in (torch.float32, torch.bfloat16):
             weights = {k: v.float() for k, v in weights.items()}
+            adapters = {k: v.float() for k, v in adapters.items()}
         save_shard(tmp, info.tp_rank, info.pp_rank, weights)
+        if lora_settings is not None:
+            lora.save_adapter_shard(tmp, info.tp_rank, info.pp_rank, adapters)
     rng_dir = tmp / "rng"
     rng_dir.mkdir(exist_ok=True)
     torch.save(_rng_state(), rng_dir / f"rank{info.rank:05d}.pt")
@@ -91,6 +107,8 @@ def save_training_checkpoint(
             curriculum_stage=state.stage, shift=run_config["diffusion"]["shift"],
             attention=run_config["diffusion"]["attention"],
             **{k: v for k, v in source_meta.items() if k in ("generation_config",)},
+            **({"lora": lora.checkpoint_meta(lora_settings, getattr(stage_model, "trainable_parameters", None))}
+               if lora_settings is not None else {}),
         )
         write_metadata(tmp, meta)
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
@@ -133,7 +151,18 @@ def latest_checkpoint(save_dir: Optional[str]) -> Optional[Path]:
 
 def load_training_state(engine, ckpt: Path, rank: int) -> TrainerState:
     """Restore engine (weights, optimizer, scheduler) and trainer state from a step folder."""
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True, load_lr_scheduler_states=True)
+    lora_settings = lora.settings_of(engine.module)
+    saved = (read_metadata(ckpt).get("lora") or None)
+    if (lora_settings is None) != (saved is None) or (
+        saved is not None and lora.LoraSettings.from_dict(saved) != lora_settings
+    ):
+        raise RuntimeError(
+            f"{ckpt} was saved with lora={saved} but this run has lora="
+            f"{lora_settings.to_dict() if lora_settings else None}; resume with the same lora settings"
+        )
+    # LoRA checkpoints hold only the trainable parameters (the frozen base comes from init_from).
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True,
+                                          load_lr_scheduler_states=True, load_module_strict=lora_settings is None)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no engine state in {ckpt}/deepspeed; the checkpoint is incomplete")
     state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))

@@ -45,8 +45,26 @@ def build_stage_model(cfg: Config, info: ParallelInfo) -> tuple[BlockDiffusionLM
     model.set_attention_impl(cfg.model.attention_impl)
     if ckpt is not None:
         model.load_weights({k: v.float() for k, v in stage_shard(ckpt, meta, lps).items()})
+    if cfg.lora.enabled:  # after loading: the base weights keep their names and stay frozen
+        from megablock.model.lora import LoraSettings, apply_lora
+
+        apply_lora(model, LoraSettings.from_section(cfg.lora), seed=cfg.train.seed)
+    log_parameter_counts(model, cfg)
     model.to(info.device)
     return model, meta, ckpt
+
+
+def log_parameter_counts(model: BlockDiffusionLM, cfg: Config) -> None:
+    """Log trainable / total parameters of the whole model (collective over TP x PP)."""
+    from megablock.model.lora import parameter_counts
+
+    trainable, total = parameter_counts(model)
+    model.trainable_parameters = trainable
+    what = (f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.target_modules) or 'no linears'}"
+            f"{' + mask-token row' if cfg.lora.train_mask_token_row else ''}"
+            f"{' + norms' if cfg.lora.train_norms else ''}") if cfg.lora.enabled else "full model"
+    logger.info("trainable parameters: %s of %s (%.3f%%; %s)", f"{trainable:,}", f"{total:,}",
+                100.0 * trainable / max(total, 1), what)
 
 
 def tokenizer_dir_of(ckpt: Optional[Path]) -> Optional[Path]:
