@@ -172,6 +172,8 @@ def test_batch_of_different_lengths_equals_single_prompts():
     assert batched.tokens == single
     assert batched.tokens[0][-1] == eos[0] and len(batched.tokens[0]) < 14
     assert any(len(t) == 14 for t in batched.tokens)
+    padded = batched.padded()  # finished rows padded with the pad token
+    assert padded.shape == (5, 14) and padded[0, len(batched.tokens[0]):].eq(sampler.pad_token_id).all()
 
 
 def test_generation_past_training_length():

@@ -86,6 +86,12 @@ class GenerationOutput:
     forwards: int
     """Model calls made for the whole batch."""
     seconds: float
+    pad_token_id: int = 0
+
+    def padded(self) -> torch.Tensor:
+        """[n, longest] tensor of the new tokens; rows that finished early are padded."""
+        width = max(len(t) for t in self.tokens)
+        return torch.tensor([t + [self.pad_token_id] * (width - len(t)) for t in self.tokens], dtype=torch.long)
 
     @property
     def new_tokens(self) -> int:
@@ -157,21 +163,13 @@ class BlockDiffusionSampler:
         prompt_end = offset + lens  # first slot after the prompt
         windows = -(-(B - 1 + cfg.max_new_tokens) // B)
         cache = KVCache(n, K * B + windows * B)
-        eos = self.eos.to(dev)
 
         rows = list(range(n))  # original prompt index of each active row
         out: list[list[int]] = [[] for _ in range(n)]
         forwards, last = 0, None
         if K > 0:  # prefill the whole blocks of every prompt
-            ids = torch.full((n, K * B), self.pad_token_id, dtype=torch.long)
-            valid = torch.zeros(n, K * B, dtype=torch.bool)
-            for r, p in enumerate(prompts):
-                head = list(p[: int(first_block[r]) * B])
-                ids[r, int(offset[r]):] = torch.tensor(head, dtype=torch.long)
-                valid[r, int(offset[r]):] = True
-            pos = (torch.arange(K * B)[None] - offset[:, None]).clamp(min=0)
-            hidden = self._hidden(cache, ids.to(dev), pos.to(dev), append=True, valid=valid.to(dev))
-            last = self._logits(hidden[:, -1])
+            heads = [list(p[: int(f) * B]) for p, f in zip(prompts, first_block)]
+            last = self._prefill(cache, heads, offset, K * B)
             forwards += 1
 
         s0, first = K * B, True
@@ -196,38 +194,9 @@ class BlockDiffusionSampler:
                     tokens, _ = choose_tokens(last[take], cfg.sampling, generator)
                     x[take, 0] = self._agree(tokens)
                     committed[take, 0] = True
+            forwards += self._refine(cache, x, pos, committed, needed, cfg, generator)
 
-            while True:
-                todo = needed & ~committed & self._before_eos(x, committed & needed, eos)
-                if not bool(todo.any()):
-                    break
-                hidden = self._hidden(cache, x, pos, append=False)
-                forwards += 1
-                bi, ji = todo.nonzero(as_tuple=True)
-                src = ji - 1 if cfg.shift else ji  # with shift, output j-1 predicts slot j
-                tokens, conf = choose_tokens(self._logits(hidden[bi, src]), cfg.sampling, generator)
-                tok_full = torch.zeros(b, B, dtype=torch.long, device=dev)
-                conf_full = torch.zeros(b, B, device=dev)
-                tok_full[bi, ji], conf_full[bi, ji] = tokens, conf
-                commit = select_commits(conf_full, todo, cfg.threshold, cfg.tokens_per_step)
-                decided = self._agree(torch.stack([tok_full, commit.long()]))
-                tok_full, commit = decided[0], decided[1].bool()
-                x = torch.where(commit, tok_full, x)
-                committed |= commit
-
-            keep, eos_ids = [], set(self.eos.tolist())
-            for i, r in enumerate(rows):
-                done = False
-                for j in range(B):
-                    if not bool(needed[i, j]) or not bool(committed[i, j]):
-                        continue
-                    t = int(x[i, j])
-                    out[r].append(t)
-                    if t in eos_ids:
-                        done = True
-                        break
-                if not done and len(out[r]) < cfg.max_new_tokens:
-                    keep.append(i)
+            keep = self._collect(x, committed & needed, rows, out, cfg.max_new_tokens)
             if not keep:
                 break
             if len(keep) < b:  # finished rows leave the batch
@@ -241,7 +210,59 @@ class BlockDiffusionSampler:
             forwards += 1
             s0, first = s0 + B, False
 
-        return GenerationOutput(tokens=out, forwards=forwards, seconds=time.perf_counter() - start)
+        return GenerationOutput(out, forwards, time.perf_counter() - start, self.pad_token_id)
+
+    def _prefill(self, cache: KVCache, heads: list, offset: torch.Tensor, width: int) -> torch.Tensor:
+        """Run each row's whole prompt blocks causally into the cache, right-aligned to `width`
+        slots; returns the last clean logit of every row."""
+        n = len(heads)
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        valid = torch.zeros(n, width, dtype=torch.bool)
+        for r, head in enumerate(heads):
+            ids[r, int(offset[r]):] = torch.tensor(head, dtype=torch.long)
+            valid[r, int(offset[r]):] = True
+        pos = (torch.arange(width)[None] - offset[:, None]).clamp(min=0)
+        dev = self.device
+        hidden = self._hidden(cache, ids.to(dev), pos.to(dev), append=True, valid=valid.to(dev))
+        return self._logits(hidden[:, -1])
+
+    def _refine(self, cache, x, pos, committed, needed, cfg: GenerateConfig, generator) -> int:
+        """Denoise one block in place (x, committed) until every needed slot is committed;
+        returns the number of forwards."""
+        b, B = x.shape
+        eos, forwards = self.eos.to(x.device), 0
+        while True:
+            todo = needed & ~committed & self._before_eos(x, committed & needed, eos)
+            if not bool(todo.any()):
+                return forwards
+            hidden = self._hidden(cache, x, pos, append=False)
+            forwards += 1
+            bi, ji = todo.nonzero(as_tuple=True)
+            src = ji - 1 if cfg.shift else ji  # with shift, output j-1 predicts slot j
+            tokens, conf = choose_tokens(self._logits(hidden[bi, src]), cfg.sampling, generator)
+            tok_full = torch.zeros(b, B, dtype=torch.long, device=x.device)
+            conf_full = torch.zeros(b, B, device=x.device)
+            tok_full[bi, ji], conf_full[bi, ji] = tokens, conf
+            commit = select_commits(conf_full, todo, cfg.threshold, cfg.tokens_per_step)
+            decided = self._agree(torch.stack([tok_full, commit.long()]))
+            commit = decided[1].bool()
+            x[commit] = decided[0][commit]
+            committed |= commit
+
+    def _collect(self, x, decided, rows: list, out: list, max_new: int) -> list:
+        """Append each row's decided new tokens (up to and including an EOS) to its output;
+        returns the batch indices of the rows that go on."""
+        eos_ids, keep = set(self.eos.tolist()), []
+        for i, r in enumerate(rows):
+            done = False
+            for j in decided[i].nonzero().flatten().tolist():
+                out[r].append(int(x[i, j]))
+                if out[r][-1] in eos_ids:
+                    done = True
+                    break
+            if not done and len(out[r]) < max_new:
+                keep.append(i)
+        return keep
 
     @staticmethod
     def _before_eos(x: torch.Tensor, decided: torch.Tensor, eos: torch.Tensor) -> torch.Tensor:
