@@ -118,9 +118,9 @@ def _tp_worker(rank, world, ckpt, out):
     torch.distributed.all_gather_object(gathered, grads)
     full = {n: lora._merge_factor(model.cfg, n, [g[n] for g in gathered]) for n in grads}
     # Replicated factors (column A, row B, mask row, norms) must get the same gradient on every rank.
-    replicated_equal = all(
-        torch.equal(g[n], gathered[0][n]) for g in gathered for n in grads if not getattr(dict(model.named_parameters())[n], "tensor_model_parallel", False)
-    )
+    params = dict(model.named_parameters())
+    replicated = [n for n in grads if not getattr(params[n], "tensor_model_parallel", False)]
+    replicated_equal = all(torch.equal(g[n], gathered[0][n]) for g in gathered for n in replicated)
     # Write this layout's LoRA checkpoint: the base shard in model/, the adapters in lora/.
     base, adapters = lora.split_weights(model.weights())
     fmt.save_shard(out, rank, 0, {k: v.detach() for k, v in base.items()})
@@ -271,3 +271,14 @@ def test_resume_is_exact_and_optimizer_holds_only_adapters(assets, data, tmp_pat
     assert {k for k in states["module"] if not k.endswith("_extra_state")} == {f"stage.{n}" for n in trainable}
     meta = json.loads((step / "megablock.json").read_text())
     assert meta["lora"]["rank"] == 4 and meta["lora"]["trainable_parameters"] == n_trainable
+
+
+def test_lora_config_validation():
+    from megablock.config import ConfigError, load_config
+
+    cfg = load_config(None, ["lora.enabled=true", "lora.target_modules=[linear_qkv, linear_fc2]"])
+    assert cfg.lora.rank == 64 and cfg.lora.alpha == 128.0 and cfg.lora.target_modules == ["linear_qkv", "linear_fc2"]
+    for bad, words in (("lora.rank=0", "lora.rank"), ("lora.target_modules=[q_proj]", "not LoRA targets"),
+                       ("lora.dropout=1.5", "lora.dropout"), ("lora.alpha=-1", "lora.alpha")):
+        with pytest.raises(ConfigError, match=words):
+            load_config(None, ["lora.enabled=true", bad])

@@ -87,7 +87,8 @@ def check_shards(ckpt: Path, meta: dict) -> None:
 
 
 def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress: bool = True,
-           max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable = print, lora_separate: bool = False) -> dict:
+           max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable = print,
+           lora_separate: bool = False) -> dict:
     """Write checkpoint `ckpt` (a checkpoint folder, or a training save dir with `latest`) as an
     HF folder at `out` in `dtype` (default: the checkpoint's). Returns a summary dict."""
     start = time.time()

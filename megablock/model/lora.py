@@ -147,12 +147,8 @@ def _attach(linear, name: str, settings: LoraSettings, seed: int, tp: int, tp_ra
     # drawn for the full A and sliced, so TP layouts agree.
     g = torch.Generator().manual_seed(_name_seed(seed, name))
     full_a = (torch.rand(r, in_full, generator=g, dtype=torch.float64) * 2 - 1) / math.sqrt(in_full)
-    if row:
-        a = full_a.chunk(tp, dim=1)[tp_rank]
-        b = torch.zeros(w.shape[0], r, dtype=torch.float64)
-    else:
-        a = full_a
-        b = torch.zeros(w.shape[0], r, dtype=torch.float64)  # w.shape[0] = out / tp
+    a = full_a.chunk(tp, dim=1)[tp_rank] if row else full_a  # row-parallel A: W's column split
+    b = torch.zeros(w.shape[0], r, dtype=torch.float64)  # [out / tp, r] (column) or [out, r] (row)
     linear.__class__ = LoraRowParallelLinear if row else LoraColumnParallelLinear
     linear.lora_A = nn.Parameter(a.to(dtype=w.dtype, device=w.device).contiguous())
     linear.lora_B = nn.Parameter(b.to(dtype=w.dtype, device=w.device))
