@@ -9,8 +9,11 @@ One step = forward + backward + torch AdamW step over the trainable parameters
 Each mode runs in its own child process, so its peak memory is its own. On CPU: the peak RSS
 during the training steps (Linux VmHWM, reset after the model and optimizer are built, so it
 is model + optimizer + activations + gradients at their highest) and the child's lifetime peak
-(os.wait4's ru_maxrss); on GPU torch.cuda.max_memory_allocated. Also reported: the model-state
-bytes (weights + gradients + Adam moments), trainable parameter counts, seconds per step
+(os.wait4's ru_maxrss), with glibc told to return large blocks to the system at once
+(MALLOC_MMAP_THRESHOLD_) so that RSS follows live tensors; on GPU torch.cuda.max_memory_allocated.
+Also reported, exactly: the model-state bytes (weights + gradients + Adam moments) and the
+activations saved for backward (autograd saved-tensor hooks, parameters excluded), trainable
+parameter counts, seconds per step
 (median), tokens/s (clean tokens, as metrics.jsonl counts them) and CPU seconds per step. CPU
 runs use --threads 1 by default: on a shared 2-core machine OpenMP threads that spin while
 waiting for a busy core inflate both wall and CPU time.
@@ -77,12 +80,24 @@ def child(args) -> dict:
     else:
         rss_before = _proc_status("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (peak RSS) to the current RSS
-    walls, cpus, losses = [], [], []
+    walls, cpus, losses, activations = [], [], [], []
+    param_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in param_storages:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
     for step in range(args.warmup + args.steps):
         sync()
         w0, c0 = time.perf_counter(), time.process_time()
-        logits = model(batch.input_ids, batch.position_ids, batch.layout)
-        parts = block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, 0.5)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            logits = model(batch.input_ids, batch.position_ids, batch.layout)
+            parts = block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, 0.5)
+        activations.append(sum(saved.values()))
         parts.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -95,6 +110,7 @@ def child(args) -> dict:
     state_bytes += sum(p.numel() * p.element_size() for p in params) * 3  # gradient + Adam exp_avg, exp_avg_sq
     out = {
         "mode": args.mode, "trainable": trainable, "total": total, "state_mib": state_bytes / 2**20,
+        "activations_mib": max(activations) / 2**20,
         "step_s": statistics.median(walls), "cpu_s_per_step": statistics.median(cpus),
         "tokens_per_s": args.micro_batch * args.seq_len / statistics.median(walls), "losses": losses,
         "optimizer_tensors": sum(len(s) > 0 for s in optimizer.state.values()),
@@ -116,7 +132,7 @@ def _proc_status(key: str) -> float:
 
 
 def run_child(argv: list[str]) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MALLOC_MMAP_THRESHOLD_": "1048576"}
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, __file__, *argv], env=env, stdout=out, stderr=err)
         _, status, usage = os.wait4(proc.pid, 0)
@@ -155,10 +171,11 @@ def main() -> int:
     threads = f", {args.threads} thread(s)" if args.threads else ""
     print(f"SmolLM2-135M shape, L={args.seq_len} (2L in the model), block size {args.block_size}, "
           f"micro-batch {args.micro_batch}, {args.device}{threads}, torch AdamW; LoRA rank {args.rank}, alpha {2 * args.rank}")
-    print(f"{'mode':6} {'trainable':>12} {'of total':>12} {'state MiB':>10} {'peak MiB':>9} {'(process)':>9} "
-          f"{'s/step':>7} {'CPU s/step':>10} {'tokens/s':>9}")
+    print(f"{'mode':6} {'trainable':>12} {'of total':>12} {'state MiB':>10} {'activ. MiB':>10} {'peak MiB':>9} "
+          f"{'(process)':>9} {'s/step':>7} {'CPU s/step':>10} {'tokens/s':>9}")
     for mode, r in rows.items():
-        print(f"{mode:6} {r['trainable']:>12,} {r['total']:>12,} {r['state_mib']:>10.0f} {r[mem_key]:>9.0f} "
+        print(f"{mode:6} {r['trainable']:>12,} {r['total']:>12,} {r['state_mib']:>10.0f} {r['activations_mib']:>10.0f} "
+              f"{r[mem_key]:>9.0f} "
               f"{r['peak_rss_mib'] if args.device == 'cpu' else float('nan'):>9.0f} "
               f"{r['step_s']:>7.2f} {r['cpu_s_per_step']:>10.2f} {r['tokens_per_s']:>9.1f}")
     full, lora = rows["full"], rows["lora"]
@@ -170,7 +187,7 @@ def main() -> int:
         "micro_batch": args.micro_batch, "device": args.device, "threads": args.threads, "rank": args.rank,
         "memory": mem_key,
         **{f"{mode}_{k}": r[k] for mode, r in rows.items()
-           for k in ("trainable", "total", "state_mib", mem_key, "peak_rss_mib", "rss_before_steps_mib", "step_s",
+           for k in ("trainable", "total", "state_mib", "activations_mib", mem_key, "peak_rss_mib", "rss_before_steps_mib", "step_s",
                      "cpu_s_per_step", "tokens_per_s") if k in r},
         "peak_memory_ratio": lora[mem_key] / full[mem_key], "tokens_per_s_ratio": lora["tokens_per_s"] / full["tokens_per_s"],
     }
