@@ -1,0 +1,352 @@
+#!/usr/bin/env python
+"""Cost of one training forward+backward: AR vs block diffusion (fast path) vs a dense mask.
+
+    python benchmarks/train_step.py                          # 12 layers, L = 512 and 2048
+    python benchmarks/train_step.py --lengths 256 --layers 2 --hidden 128 --repeats 2   # quick
+    python benchmarks/train_step.py --profile                # + torch.profiler op table at max L
+
+Model: BlockDiffusionLM, random init, 12 layers, hidden 512, intermediate 1408, 8 heads / 2 KV
+heads (GQA), vocab 32000 (untied head), fp32, batch 1, torch.set_num_threads(2). Per L:
+  (a) ar     : an AR step on L tokens (AttentionLayout "ar"; build_batch with B = 1),
+  (b) sdpa   : a block-diffusion step, B = 16, context_causal, [xt ; x0] = 2L tokens, attention
+               impl "sdpa" (the exact CPU fast path),
+  (c) dense  : the same batch with impl "dense" (SDPA with the 2L x 2L bool mask).
+A step is forward -> block_diffusion_loss (on a real DiffusionBatch from build_batch) -> backward.
+Batches (noise, masks of the batch) are built outside the timed region; gradients are reset to
+None before every step (untimed), so each step allocates its gradients like a training step.
+
+Time: one warm-up round, then --repeats rounds; a round runs (a), (b), (c) back to back on the
+same model (interleaved: load from other processes hits all three alike). Wall seconds (min and
+median; the ratios and the target use the min) and the process's CPU seconds (min; steadier
+when other jobs share the cores, see benchmarks/common.py).
+
+Memory: each (config, L) in a fresh subprocess (benchmarks/common.py explains both numbers):
+  - "tensor peak": peak bytes allocated through torch's CPU allocator during one step above
+    the level before it (activations, saved tensors, logits and loss temporaries, attention
+    workspaces, the gradients), from torch.profiler's memory events. The ratios use this.
+  - "RSS delta": peak RSS during a step (VmHWM, reset just before) minus the RSS before it.
+Both after one warm-up step, with the gradients reset to None before the measured step.
+
+Breakdown (same interleaving): the attention call alone (fwd+bwd on random q, k, v of the
+step's shapes, times the number of layers) and the head + loss alone (final norm, vocabulary
+projection, cross-entropy, fwd+bwd); "rest" = step - attention - head/loss (linears, norms,
+RoPE, embedding, ...).
+
+Prints a table, then one JSON object on the last line: per-L results and the ratios b/a and c/a
+in time (min) and tensor peak memory. Issue target at L = 2048: b/a <= 2.2 in time (floor 2.0:
+twice the tokens), <= 2.3 in peak memory.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+warnings.filterwarnings("ignore")
+
+from common import (  # noqa: E402
+    MiB, init_single_process, interleaved, machine_note, peak_tensor_bytes, rss_peak_delta,
+    run_worker, setup_cpu, stats, table,
+)
+
+CONFIGS = ("ar", "sdpa", "dense")
+LABEL = {"ar": "(a) AR, L tokens", "sdpa": "(b) BD sdpa, 2L", "dense": "(c) BD dense, 2L"}
+VOCAB = 32000
+MASK_ID = VOCAB - 1
+TARGET_TIME, TARGET_MEM = 2.2, 2.3
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--layers", type=int, default=12)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1408)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=2)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true", help="skip the per-config memory subprocesses")
+    p.add_argument("--no-breakdown", action="store_true", help="skip the attention / head+loss timings")
+    p.add_argument("--profile", action="store_true", help="torch.profiler op table for (a) and (b) at the largest L")
+    p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    p.add_argument("--worker-length", type=int, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def build_model(args):
+    import torch
+    from megablock.model.config import ModelConfig
+    from megablock.model.transformer import BlockDiffusionLM
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(
+        vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_layers=args.layers, num_attention_heads=args.heads, num_kv_heads=args.kv_heads,
+        mask_token_id=MASK_ID, max_position_embeddings=max(args.lengths + [args.worker_length or 0]),
+    )
+    return BlockDiffusionLM(cfg)
+
+
+def make_batch(config: str, L: int, block_size: int):
+    import torch
+    from megablock.diffusion.batch import build_batch
+
+    g = torch.Generator().manual_seed(L)
+    x0 = torch.randint(0, MASK_ID, (1, L), generator=g)
+    return build_batch(x0, [0], 1 if config == "ar" else block_size, mask_token_id=MASK_ID,
+                       attention="context_causal", seed=1)
+
+
+def step_fn(model, config: str, batch):
+    from megablock.diffusion.loss import block_diffusion_loss
+
+    impl = "dense" if config == "dense" else "sdpa"
+
+    def step():
+        model.set_attention_impl(impl)
+        logits = model(batch.input_ids, batch.position_ids, batch.layout)
+        parts = block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights,
+                                     batch.diff_normalizer, 1.0)
+        parts.loss.backward()
+        return parts.loss.item()
+
+    return step
+
+
+def zero_grad(model):
+    def before(_name=None):
+        model.zero_grad(set_to_none=True)
+        gc.collect()
+
+    return before
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces of a step, for the breakdown
+
+
+def attention_fn(cfg, config: str, batch):
+    """fwd+bwd of one attention call with the step's shapes (random q, k, v)."""
+    import torch
+    from megablock.diffusion.attention import attend
+
+    S = batch.layout.total_len
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, cfg.num_attention_heads, S, cfg.head_dim, generator=g, requires_grad=True)
+    k = torch.randn(1, cfg.num_kv_heads, S, cfg.head_dim, generator=g, requires_grad=True)
+    v = torch.randn(1, cfg.num_kv_heads, S, cfg.head_dim, generator=g, requires_grad=True)
+    grad = torch.randn(1, cfg.num_attention_heads, S, cfg.head_dim, generator=g)
+    impl = "dense" if config == "dense" else "sdpa"
+
+    def run():
+        q.grad = k.grad = v.grad = None
+        attend(q, k, v, batch.layout, impl=impl).backward(grad)
+
+    return run
+
+
+def head_loss_fn(model, batch):
+    """fwd+bwd of final norm + vocabulary projection + block_diffusion_loss."""
+    import torch
+    from megablock.diffusion.loss import block_diffusion_loss
+
+    S = batch.layout.total_len
+    hidden = torch.randn(1, S, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0),
+                         requires_grad=True)
+
+    def run():
+        hidden.grad = None
+        logits = model.head(hidden)
+        block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights,
+                             batch.diff_normalizer, 1.0).loss.backward()
+
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# memory worker (fresh process per config)
+
+
+def worker(args) -> dict:
+    setup_cpu(args.threads)
+    init_single_process()
+    model = build_model(args)
+    L = args.worker_length
+    batch = make_batch(args.worker, L, args.block_size)
+    step = step_fn(model, args.worker, batch)
+    step()  # warm-up: code, thread pools and the layout's cached plan are resident afterwards
+    zero_grad(model)()
+    rss = rss_peak_delta(step)
+    zero_grad(model)()
+    tensor_peak = peak_tensor_bytes(step)
+    return {"config": args.worker, "L": L, "tensor_peak_mib": tensor_peak / MiB, **rss}
+
+
+def measure_memory(args, config: str, L: int) -> dict:
+    argv = [os.path.abspath(__file__), "--worker", config, "--worker-length", L,
+            "--layers", args.layers, "--hidden", args.hidden, "--intermediate", args.intermediate,
+            "--heads", args.heads, "--kv-heads", args.kv_heads, "--block-size", args.block_size,
+            "--threads", args.threads, "--lengths", *args.lengths]
+    return run_worker(argv)
+
+
+# ---------------------------------------------------------------------------------------------
+# profile
+
+
+def profile_ops(model, steps: dict, top: int = 14) -> str:
+    """Self CPU seconds per op for each step (one profiled run each), side by side."""
+    from torch.profiler import ProfilerActivity, profile
+
+    per = {}
+    for name, (step, before) in steps.items():
+        before()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        per[name] = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    names = list(steps)
+    keys = sorted(set().union(*per.values()), key=lambda k: -max(p.get(k, 0) for p in per.values()))[:top]
+    rows = []
+    for k in keys:
+        row = {"op": k[:58]}
+        for n in names:
+            row[n] = per[n].get(k, 0.0)
+        if len(names) == 2 and per[names[0]].get(k):
+            row["ratio"] = per[names[1]].get(k, 0.0) / per[names[0]][k]
+        rows.append(row)
+    total = {"op": "total (self CPU)", **{n: sum(per[n].values()) for n in names}}
+    if len(names) == 2:
+        total["ratio"] = total[names[1]] / total[names[0]]
+    rows.append(total)
+    cols = [("op", "op", "{}")] + [(f"{n} s", n, "{:.3f}") for n in names]
+    if len(names) == 2:
+        cols.append(("ratio", "ratio", "{:.2f}"))
+    return table(rows, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return 0
+
+    setup_cpu(args.threads)
+    init_single_process()
+    model = build_model(args)
+    cfg = model.cfg
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
+          f"{cfg.num_attention_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size}, "
+          f"{n_params / 1e6:.1f}M params, fp32, batch 1, B = {args.block_size}")
+    print(f"machine: {machine_note()}; warm-up 1 + {args.repeats} interleaved repeats")
+
+    results, ratios, rows, brows = {}, {}, [], []
+    for L in args.lengths:
+        batches = {c: make_batch(c, L, args.block_size) for c in CONFIGS}
+        steps = {c: step_fn(model, c, batches[c]) for c in CONFIGS}
+        cpu = {}
+        times = interleaved(steps, args.repeats, warmup=1, before=zero_grad(model), cpu=cpu)
+        res = {c: {"tokens": batches[c].layout.total_len, **stats(times[c], cpu[c])} for c in CONFIGS}
+
+        if not args.no_breakdown:
+            parts = {}
+            for c in CONFIGS:
+                parts[f"attn_{c}"] = attention_fn(cfg, c, batches[c])
+                parts[f"head_{c}"] = head_loss_fn(model, batches[c])
+            pt = interleaved(parts, args.repeats, warmup=1, before=zero_grad(model))
+            for c in CONFIGS:
+                attn = min(pt[f"attn_{c}"]) * cfg.num_layers
+                head = min(pt[f"head_{c}"])
+                res[c].update(attention_s=attn, head_loss_s=head, rest_s=res[c]["min_s"] - attn - head)
+                brows.append({"L": L, "config": LABEL[c], "step": res[c]["min_s"], "attn": attn,
+                              "head": head, "rest": res[c]["rest_s"],
+                              "attn_x": attn / res["ar"]["attention_s"] if "attention_s" in res["ar"] else None,
+                              "head_x": head / res["ar"]["head_loss_s"] if "head_loss_s" in res["ar"] else None,
+                              "rest_x": res[c]["rest_s"] / res["ar"]["rest_s"] if "rest_s" in res["ar"] else None})
+
+        if not args.no_memory:
+            for c in CONFIGS:
+                mem = measure_memory(args, c, L)
+                res[c].update(tensor_peak_mib=mem["tensor_peak_mib"], rss_delta_mib=mem["rss_delta_mib"],
+                              rss_peak_mib=mem["rss_peak_mib"])
+
+        a = res["ar"]
+        ratios[L] = {}
+        for c, tag in (("sdpa", "b/a"), ("dense", "c/a")):
+            ratios[L][f"{tag}_time"] = res[c]["min_s"] / a["min_s"]
+            ratios[L][f"{tag}_time_median"] = res[c]["median_s"] / a["median_s"]
+            ratios[L][f"{tag}_cpu_time"] = res[c]["cpu_min_s"] / a["cpu_min_s"]
+            if "tensor_peak_mib" in a:
+                ratios[L][f"{tag}_memory"] = res[c]["tensor_peak_mib"] / a["tensor_peak_mib"]
+                ratios[L][f"{tag}_rss"] = res[c]["rss_delta_mib"] / a["rss_delta_mib"]
+        for c in CONFIGS:
+            r = res[c]
+            rows.append({"L": L, "config": LABEL[c], "tokens": r["tokens"], "min": r["min_s"],
+                         "median": r["median_s"], "cpu": r["cpu_min_s"], "c_x": r["cpu_min_s"] / a["cpu_min_s"],
+                         "tmem": r.get("tensor_peak_mib"),
+                         "rss": r.get("rss_delta_mib"),
+                         "t_x": r["min_s"] / a["min_s"],
+                         "m_x": r["tensor_peak_mib"] / a["tensor_peak_mib"] if "tensor_peak_mib" in r else None})
+        results[L] = res
+        print(f"L = {L} done", flush=True)
+
+    print()
+    print(table(rows, [("L", "L", "{}"), ("config", "config", "{}"), ("tokens", "tokens", "{}"),
+                       ("min s", "min", "{:.2f}"), ("median s", "median", "{:.2f}"),
+                       ("x AR time", "t_x", "{:.2f}"), ("min CPU s", "cpu", "{:.2f}"),
+                       ("x AR CPU", "c_x", "{:.2f}"), ("tensor peak MiB", "tmem", "{:.0f}"),
+                       ("x AR mem", "m_x", "{:.2f}"), ("RSS delta MiB", "rss", "{:.0f}")]))
+    if brows:
+        print("\nbreakdown (seconds, min over repeats; x = relative to the AR step's same part):")
+        print(table(brows, [("L", "L", "{}"), ("config", "config", "{}"), ("step", "step", "{:.2f}"),
+                            ("attention", "attn", "{:.2f}"), ("x", "attn_x", "{:.2f}"),
+                            ("head+loss", "head", "{:.2f}"), ("x", "head_x", "{:.2f}"),
+                            ("rest", "rest", "{:.2f}"), ("x", "rest_x", "{:.2f}")]))
+
+    L_max = max(args.lengths)
+    if args.profile:
+        batches = {c: make_batch(c, L_max, args.block_size) for c in ("ar", "sdpa")}
+        prof_steps = {c: (step_fn(model, c, batches[c]), zero_grad(model)) for c in ("ar", "sdpa")}
+        for s, b in prof_steps.values():  # warm
+            b()
+            s()
+        print(f"\ntorch.profiler, one step each at L = {L_max} (self CPU seconds per op):")
+        print(profile_ops(model, prof_steps))
+
+    target = None
+    if 2048 in ratios:
+        r = ratios[2048]
+        target = {"b/a_time_at_2048": r["b/a_time"], "time_target": TARGET_TIME,
+                  "time_met": r["b/a_time"] <= TARGET_TIME}
+        if "b/a_memory" in r:
+            target.update({"b/a_memory_at_2048": r["b/a_memory"], "memory_target": TARGET_MEM,
+                           "memory_met": r["b/a_memory"] <= TARGET_MEM})
+        target["b/a_cpu_time_at_2048"] = r["b/a_cpu_time"]
+        print(f"\ntarget at L = 2048: b/a time {r['b/a_time']:.2f} (CPU time {r['b/a_cpu_time']:.2f}; "
+              f"<= {TARGET_TIME}: {'met' if target['time_met'] else 'MISSED'})"
+              + (f", b/a memory {r['b/a_memory']:.2f} (<= {TARGET_MEM}: "
+                 f"{'met' if target['memory_met'] else 'MISSED'})" if "b/a_memory" in r else ""))
+    print(json.dumps({
+        "benchmark": "train_step",
+        "model": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
+                  "heads": cfg.num_attention_heads, "kv_heads": cfg.num_kv_heads, "vocab": cfg.vocab_size,
+                  "params": n_params},
+        "block_size": args.block_size, "repeats": args.repeats, "threads": args.threads,
+        "results": {str(L): v for L, v in results.items()},
+        "ratios": {str(L): v for L, v in ratios.items()},
+        "target": target,
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
