@@ -2,10 +2,11 @@
 
 Timing: `interleaved` runs several step functions round-robin (a burst of load from other
 processes on a shared machine then hits all of them alike) and keeps every repetition, in wall
-seconds and in CPU seconds of the process; `stats` gives min and median. The minimum is the
-least disturbed number; the median says how noisy the machine was. On a loaded machine the
-CPU seconds (divided by the thread count, about the wall time of an idle machine) are the
-steadier of the two.
+seconds and in CPU seconds of the process; `stats` gives min and median wall seconds. The
+minimum is the least disturbed number; the median says how noisy the machine was; `cores`
+(CPU seconds / wall seconds of the fastest run, ~ the thread count on an idle machine) says
+whether even the fastest run shared the cores. (CPU seconds themselves are no cure for a
+shared machine: OpenMP spin-waits and shared caches inflate them too.)
 
 Memory, two views of one step (both *above* what existed before the step: weights, the
 optimizer state and the batch are not counted):
@@ -65,9 +66,8 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1,
     """{name: [wall seconds per repetition]}: `warmup` untimed rounds, then `repeats` timed
     rounds, each round calling every function once in order. `before(name)` runs untimed before
     each call (zero the gradients, collect garbage). `cpu`, if given, is filled with
-    {name: [CPU seconds of this process (all threads, user + system) per repetition]}: unlike
-    wall time, it does not grow while other processes hold the cores (it does include
-    OpenMP's short spin-waits)."""
+    {name: [CPU seconds of this process (all threads, user + system) per repetition]}, which
+    `stats` turns into a sign of how much of the machine a run had."""
     times = {k: [] for k in fns}
     if cpu is not None:
         cpu.update({k: [] for k in fns})
@@ -86,9 +86,13 @@ def interleaved(fns: dict, repeats: int, warmup: int = 1,
 
 
 def stats(times: list, cpu: Optional[list] = None) -> dict:
+    """min and median wall seconds; with CPU seconds, also `cores` = CPU / wall of the fastest
+    run: about the thread count when the run had the cores to itself, less when other jobs
+    took them (the run's time is then inflated)."""
     out = {"min_s": min(times), "median_s": statistics.median(times), "runs_s": [round(t, 4) for t in times]}
     if cpu:
-        out.update(cpu_min_s=min(cpu), cpu_runs_s=[round(t, 4) for t in cpu])
+        best = times.index(min(times))
+        out.update(cores=cpu[best] / times[best], cpu_runs_s=[round(t, 4) for t in cpu])
     return out
 
 
