@@ -301,6 +301,14 @@ def validate(cfg: Config) -> None:
         Curriculum(d.stages, cfg.data.seq_len)
     except ValueError as err:
         raise ConfigError(f"diffusion.stages: {err}") from None
+    if d.attention == "block_causal" and d.ar_loss_weight and any(s.get("block_size", 1) > 1 for s in d.stages):
+        # With block-causal attention a clean-half position sees the rest of its block, next token
+        # included, so the AR loss would be solved by copying instead of predicting.
+        raise ConfigError(
+            f"diffusion.ar_loss_weight={d.ar_loss_weight} with diffusion.attention=block_causal: the clean "
+            "half is not causal inside a block, so the AR loss would see its own targets; set "
+            "diffusion.ar_loss_weight=0 (as BD3-LM trains) or use attention=context_causal"
+        )
     _validate_lora(cfg.lora)
 
 

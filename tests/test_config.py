@@ -29,6 +29,7 @@ def test_yaml_and_overrides(tmp_path):
     (["diffusion.attention=sideways"], ["diffusion.attention", "context_causal"]),
     (["train.lr=fast"], ["train.lr='fast'", "float"]),
     (["diffusion.clip_min=0.9"], ["clip_min", "clip_max"]),
+    (["diffusion.attention=block_causal"], ["ar_loss_weight=0.5", "block_causal", "ar_loss_weight=0"]),
 ])
 def test_bad_input_names_key_and_fix(override, words):
     with pytest.raises(ConfigError) as err:

@@ -108,6 +108,19 @@ def test_stop_and_resume_is_exact(assets, reference, tmp_path):
     ref, got = load_file(ref_ckpt), load_file(save / "step_0000006" / "model" / "tp00_pp000.safetensors")
     assert all(torch.equal(ref[k], got[k]) for k in ref)
 
+    # Extending a finished run (train.steps 6 -> 8): the LR follows the new schedule from the
+    # first resumed step on, not the end of the old one (min_lr) and then a jump.
+    from megablock.config import load_config
+    from megablock.training.optim import lr_lambda
+
+    _train(assets, save, "checkpoint.resume=true", "train.steps=8")
+    longer = load_config(str(CONFIG), ["train.steps=8"]).train
+    extended = _metrics(save)
+    assert [m["step"] for m in extended] == [1, 2, 3, 4, 5, 6, 7, 8]
+    for m in extended[6:]:
+        assert m["lr"] == pytest.approx(longer.lr * lr_lambda(longer)(m["step"] - 1), rel=1e-12), m["step"]
+    assert extended[6]["lr"] > extended[5]["lr"]  # the stretched cosine is higher at step 7 than the old end
+
 
 def test_sigterm_saves_and_exits_zero(assets, tmp_path):
     save = tmp_path / "run"

@@ -109,3 +109,21 @@ def lr_lambda(t: TrainSection):
 
 def build_scheduler(optimizer, t: TrainSection):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(t))
+
+
+def follow_configured_schedule(scheduler, configured_base_lrs: list) -> list:
+    """After a checkpoint load: set the coming step's LR from *this* run's schedule.
+
+    Loading restores the optimizer's last LR and the scheduler's base LRs from the checkpoint,
+    but the LR lambda is this run's (functions are not saved). Without this, a run resumed with
+    a larger train.steps or a new train.lr would take its first step at the LR the old schedule
+    ended on (min_lr, possibly 0) and only then jump onto the new curve. With an unchanged config
+    this recomputes exactly the LR that was saved (same expression as LambdaLR.get_lr), so
+    resume stays bit-exact. Returns the LRs now set."""
+    scheduler.base_lrs = list(configured_base_lrs)
+    groups = scheduler.optimizer.param_groups
+    for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+    scheduler._last_lr = [g["lr"] for g in groups]
+    return list(scheduler._last_lr)

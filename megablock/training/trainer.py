@@ -23,7 +23,7 @@ from megablock.training.checkpointing import (
     TrainerState, latest_checkpoint, load_training_state, save_training_checkpoint,
 )
 from megablock.training.metrics import MetricsWriter, device_peak_flops, step_flops
-from megablock.training.optim import build_optimizer, build_scheduler
+from megablock.training.optim import build_optimizer, build_scheduler, follow_configured_schedule
 from megablock.training.pipeline import build_pipeline, pack_layout
 from megablock.training.setup import build_data, build_stage_model, tokenizer_dir_of
 
@@ -130,9 +130,13 @@ class Trainer:
         if ckpt is None:
             logger.info("checkpoint.resume: no checkpoint in %s yet; starting from step 0", self.cfg.checkpoint.save_dir)
             return
+        configured_lrs = list(self.engine.lr_scheduler.base_lrs)
         self.state = load_training_state(self.engine, ckpt, self.info.rank)
+        lrs = follow_configured_schedule(self.engine.lr_scheduler, configured_lrs)
         self.metrics.truncate_after(self.state.step)
-        logger.info("resumed from %s at step %d (%d tokens consumed)", ckpt, self.state.step, self.state.consumed_tokens)
+        logger.info("resumed from %s at step %d (%d tokens consumed); step %d lr %.3g (train.lr %g, train.steps %d)",
+                    ckpt, self.state.step, self.state.consumed_tokens, self.state.step + 1, lrs[0],
+                    self.cfg.train.lr, self.cfg.train.steps)
 
     # ------------------------------------------------------------------ steps
     def _batch_dtype(self, batch: DiffusionBatch) -> DiffusionBatch:
