@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -118,21 +117,9 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-    import torch.distributed as dist
+    from megablock.inference.loading import run_inference_tool
 
-    owns_world = not dist.is_initialized()
-    try:
-        return run(args)
-    except (ValueError, FileNotFoundError, OSError) as e:  # EvaluationError, CheckpointError, ConversionError, ...
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if owns_world:
-            from megablock.parallel.state import destroy_parallel
-
-            destroy_parallel()
+    return run_inference_tool(run, parse_args(argv))
 
 
 if __name__ == "__main__":

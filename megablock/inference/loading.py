@@ -12,6 +12,7 @@ token and can only be sampled at block size 1 (the sampler says so).
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -49,6 +50,29 @@ def init_inference_parallel() -> None:
     """One process (TP = 1), or every launched process a TP rank (torchrun / deepspeed)."""
     tp = int(os.environ.get("WORLD_SIZE", "1"))
     initialize_parallel(tp=tp, pp=1)
+
+
+def run_inference_tool(run: Callable, args) -> int:
+    """Runs a command-line tool's `run(args)` (tools/generate.py, tools/evaluate.py): a user error
+    (EvaluationError, CheckpointError, a missing file, ...) becomes `error: ...` and exit code 2
+    instead of a traceback. A process group the tool created is torn down; one that already
+    existed (the tool called in-process, as the tests do) is kept."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from megablock.parallel.state import destroy_parallel
+
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+    owns_world = not dist.is_initialized()
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if owns_world:
+            destroy_parallel()
 
 
 def _ids(*values) -> list:
