@@ -28,9 +28,14 @@ lines (whole plays at the end of the file) is held out, never trained on. Evalua
     draws per window (for (e), its own whole-sequence bound: it has no blocks);
   - AR-mode perplexity: one causal pass (how much next-token ability survives);
   - generation: --gen-prompts held-out prompts of 32 tokens, 32 new tokens at the target block
-    size, temperature 1, commit threshold 0.9: tokens per forward and the generative perplexity
-    of the samples under the untrained base model (exported to HF). (e) is skipped: its sampler
-    would refine the whole sequence, which the block sampler with a KV cache does not do.
+    size with the KV-cached block sampler, temperature 1, at each commit threshold of
+    --thresholds and each fixed number of tokens committed per refinement forward of
+    --tokens-per-step (at B = 4 with shift, 3 per step = one refinement and one append forward
+    per block: 2 tokens per forward at best): tokens per forward and the
+    generative perplexity of the samples under the untrained base model (exported to HF; it is
+    also the base row's own model, so that row's number is its sampling entropy, not a quality
+    edge). (e) is skipped: its sampler would refine the whole sequence, which the block sampler
+    does not do.
 
 Outputs under --out (default study/): runs/<variant>/ (training, metrics.jsonl), eval/*.json,
 results.json, results.md (the table), adaptation_study.png. Re-running skips finished work.
@@ -73,6 +78,10 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--samples", type=int, default=2, help="noise draws per held-out window")
     p.add_argument("--gen-prompts", type=int, default=8)
+    p.add_argument("--thresholds", type=float, nargs="*", default=[0.9],
+                   help="generation sweep: commit thresholds (adaptive parallel decoding)")
+    p.add_argument("--tokens-per-step", type=int, nargs="*", default=[2, 3],
+                   help="generation sweep: fixed tokens committed per refinement forward")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
@@ -133,19 +142,54 @@ def finished(save: Path, steps: int) -> bool:
     return latest.is_file() and latest.read_text().strip() == f"step_{steps:07d}"
 
 
-def evaluate(name: str, src: list, heldout: Path, block_size: int, args, out: Path, env: dict, ref: Path,
-             generate: bool) -> dict:
+def evaluate(name: str, ckpt: Path, heldout: Path, block_size: int, args, out: Path, env: dict) -> dict:
+    """tools/evaluate.py: NELBO at `block_size` and the AR-mode NLL on the held-out windows."""
     path = out / "eval" / f"{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    cmd = [PY, "tools/evaluate.py", *src, "--data", heldout, "--seq-len", 128, "--block-size", block_size,
+    cmd = [PY, "tools/evaluate.py", "--ckpt", ckpt, "--data", heldout, "--seq-len", 128, "--block-size", block_size,
            "--samples", args.samples, "--max-tokens", args.eval_tokens, "--json", "--quiet"]
-    if generate:
-        cmd += ["--generate", "--gen-prompts", args.gen_prompts, "--gen-prompt-len", 32, "--gen-tokens", 32,
-                "--gen-temperature", 1.0, "--gen-threshold", 0.9, "--ref-hf-dir", ref]
     result = json.loads(run(cmd, out / "eval" / f"{name}.log", env).strip().splitlines()[-1])
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def decodings(args) -> list:
+    """Labels of the generation settings: "thr 0.9" (threshold), "k=3" (tokens per step)."""
+    return [f"thr {t}" for t in args.thresholds] + [f"k={k}" for k in args.tokens_per_step]
+
+
+def generation_sweep(name: str, ckpt: Path, heldout: Path, block_size: int, args, out: Path, ref: Path) -> list:
+    """[{decoding, tokens_per_forward, gen_ppl, sample}] per decoding setting (megablock.evaluation,
+    in this process: one model load serves them all)."""
+    import math
+
+    import torch
+
+    from megablock.data.datasets import eval_windows
+    from megablock.evaluation import generate_samples, generation_prompts, load_eval_model, reference_nll
+    from megablock.inference.loading import init_inference_parallel
+
+    path = out / "eval" / f"{name}_gen.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    torch.set_num_threads(args.threads)
+    init_inference_parallel()
+    em = load_eval_model(ckpt=str(ckpt))
+    prompts = generation_prompts(eval_windows(str(heldout), 128, args.eval_tokens), args.gen_prompts, 32)
+    decode = lambda ids: em.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    points = []
+    for decoding in (decodings(args) if block_size > 1 else ["AR"]):
+        per_step = int(decoding[2:]) if decoding.startswith("k=") else None
+        threshold = float(decoding[4:]) if decoding.startswith("thr") else 1.0
+        samples, forwards, _ = generate_samples(em, prompts, block_size, 32, threshold=threshold, temperature=1.0,
+                                                tokens_per_step=per_step)
+        nll, count = reference_nll(ref, [decode(p) for p in prompts], [decode(t) for t in samples])
+        points.append({"decoding": decoding, "new_tokens": sum(map(len, samples)), "forwards": forwards,
+                       "tokens_per_forward": sum(map(len, samples)) / forwards, "ref_tokens": count,
+                       "gen_ppl": math.exp(nll / count), "sample": decode(prompts[0]) + decode(samples[0])})
+    path.write_text(json.dumps(points, indent=1))
+    return points
 
 
 def trainable(save: Path) -> int | None:
@@ -179,8 +223,9 @@ def main(argv=None) -> int:
             run([PY, "examples/pretrain_nbdiff.py", "--config", f"examples/configs/{config}", "--set", *sets],
                 out / "runs" / f"{key}.log", env)
         print(f"[{time.perf_counter() - t0:5.0f} s] evaluating {label}", flush=True)
-        r = evaluate(key, ["--ckpt", save], heldout, args.block_size, args, out, env, ref,
-                     generate=change.get("diffusion.attention") != "full")
+        r = evaluate(key, save, heldout, args.block_size, args, out, env)
+        if change.get("diffusion.attention") != "full":
+            r["generation"] = generation_sweep(key, save, heldout, args.block_size, args, out, ref)
         metrics = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
         rows.append({"key": key, "variant": label, "trained_tokens": metrics[-1]["consumed_tokens"],
                      "train_seconds": round(sum(m["consumed_tokens"] / m["step"] / m["tokens_per_s"] for m in metrics), 1),
@@ -188,10 +233,10 @@ def main(argv=None) -> int:
     print(f"[{time.perf_counter() - t0:5.0f} s] evaluating the base model", flush=True)
     base_rows = [
         {"key": "base", "variant": "base AR (untrained)", "trained_tokens": 0,
-         **evaluate("base_b1", ["--ckpt", base], heldout, 1, args, out, env, ref, True)},
+         **evaluate("base_b1", base, heldout, 1, args, out, env),
+         "generation": generation_sweep("base_b1", base, heldout, 1, args, out, ref)},
         {"key": "base_b", "variant": f"base, untrained, at B={args.block_size}", "trained_tokens": 0,
-         **evaluate(f"base_b{args.block_size}", ["--ckpt", base], heldout, args.block_size, args, out, env, ref,
-                    False)},
+         **evaluate(f"base_b{args.block_size}", base, heldout, args.block_size, args, out, env)},
     ]
     rows = base_rows + rows
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
@@ -208,21 +253,31 @@ def _fmt(value, spec="{:.3f}") -> str:
 
 
 def report(rows: list, args) -> str:
+    """The markdown table: one row per model, one generation column per threshold."""
     B = args.block_size
-    head = (f"| variant | clean tokens | NELBO at B={B} | ppl bound | AR-mode ppl | tokens / forward | "
-            f"generative ppl |\n|---|---|---|---|---|---|---|")
-    lines = [head]
+    settings = decodings(args)
+    gen_head = " | ".join(f"{d}: tok/fwd, gen ppl" for d in settings)
+    lines = [f"| variant | trainable params | NELBO at B={B} | ppl bound | AR-mode ppl | {gen_head} |",
+             "|---" * (5 + len(settings)) + "|"]
     for r in rows:
-        nelbo = r["nelbo"] if r["key"] != "base" else None  # B = 1 row: its NELBO is the AR NLL
+        nelbo = None if r["key"] == "base" else r["nelbo"]  # the B = 1 row's NELBO is its AR NLL
+        by_setting = {g["decoding"]: g for g in r.get("generation", [])}
+        if r["key"] == "base":  # AR decoding: one token per forward, in every column
+            by_setting = {d: r["generation"][0] for d in settings}
+        gen = " | ".join(
+            f"{g['tokens_per_forward']:.2f}, {g['gen_ppl']:.1f}" if g else "–"
+            for g in (by_setting.get(d) for d in settings)
+        )
+        params = r.get("trainable_params")
         lines.append(
-            f"| {r['variant']} | {r['trained_tokens']} | {_fmt(nelbo)} | {_fmt(r['ppl_bound'] if nelbo else None, '{:.2f}')}"
-            f" | {r['ar_ppl']:.2f} | {_fmt(r.get('gen_tokens_per_forward'), '{:.2f}')}"
-            f" | {_fmt(r.get('gen_ppl'), '{:.2f}')} |"
+            f"| {r['variant']} | {'all' if params is None else f'{params / 1e6:.1f}M'} | {_fmt(nelbo)} | "
+            f"{_fmt(r['ppl_bound'] if nelbo is not None else None, '{:.1f}')} | {r['ar_ppl']:.1f} | {gen} |"
         )
     return "\n".join(lines)
 
 
 def plot(rows: list, path: Path, B: int) -> None:
+    """Three panels: perplexity bound at B, AR-mode perplexity, generation quality vs speed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -230,31 +285,36 @@ def plot(rows: list, path: Path, B: int) -> None:
 
     trained = [r for r in rows if r["trained_tokens"]]
     names = [r["variant"] for r in trained]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    base_ar = next(r for r in rows if r["key"] == "base")["ar_ppl"]
+    base_ar = next(r for r in rows if r["key"] == "base")
     base_b = next((r for r in rows if r["key"] == "base_b"), None)
-    axes[0].barh(names, [r["ppl_bound"] for r in trained], color="tab:blue")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    ax = axes[0]
+    ax.barh(names, [r["ppl_bound"] for r in trained], color="tab:blue")
     if base_b:
-        axes[0].axvline(base_b["ppl_bound"], color="gray", ls="--", label="base, untrained")
-    axes[0].axvline(base_ar, color="black", ls=":", label="base AR perplexity")
-    axes[0].set_xscale("log")
-    axes[0].set_title(f"held-out perplexity bound at B={B} (lower is better)")
-    axes[0].legend(fontsize=8)
-    axes[0].invert_yaxis()
-    axes[1].barh(names, [r["ar_ppl"] for r in trained], color="tab:orange")
-    axes[1].axvline(base_ar, color="black", ls=":", label="base AR")
-    axes[1].set_xscale("log")
-    axes[1].set_title("AR-mode perplexity (AR ability kept)")
-    axes[1].legend(fontsize=8)
-    axes[1].invert_yaxis()
+        ax.axvline(base_b["ppl_bound"], color="gray", ls="--", label=f"base, untrained, B={B}")
+    ax.axvline(base_ar["ar_ppl"], color="black", ls=":", label="base AR perplexity")
+    ax.set_xscale("log")
+    ax.set_title(f"held-out perplexity bound at B={B} (lower is better)")
+    ax.legend(fontsize=8)
+    ax.invert_yaxis()
+    ax = axes[1]
+    ax.barh(names, [r["ar_ppl"] for r in trained], color="tab:orange")
+    ax.axvline(base_ar["ar_ppl"], color="black", ls=":", label="base AR")
+    ax.set_xscale("log")
+    ax.set_title("AR-mode perplexity (AR ability kept; lower is better)")
+    ax.legend(fontsize=8)
+    ax.invert_yaxis()
+    ax = axes[2]
     for r in rows:
-        if r.get("gen_ppl") is not None:
-            axes[2].scatter(r["gen_tokens_per_forward"], r["gen_ppl"], s=40)
-            axes[2].annotate(r["variant"], (r["gen_tokens_per_forward"], r["gen_ppl"]), fontsize=8,
-                             xytext=(4, 2), textcoords="offset points")
-    axes[2].set_xlabel("tokens per forward")
-    axes[2].set_ylabel("generative perplexity (base model)")
-    axes[2].set_title("generation")
+        points = r.get("generation")
+        if points:
+            ax.plot([g["tokens_per_forward"] for g in points], [g["gen_ppl"] for g in points],
+                    marker="o", label=r["variant"])
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("generative perplexity under the base model")
+    ax.set_yscale("log")
+    ax.set_title(f"generation at B={B}: threshold, then fixed tokens per step")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

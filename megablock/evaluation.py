@@ -173,7 +173,7 @@ def generation_prompts(windows: torch.Tensor, count: int, length: int) -> list[l
 
 def generate_samples(em: EvalModel, prompts: list[list[int]], block_size: int, max_new_tokens: int, *,
                      threshold: float = 0.9, temperature: float = 1.0, top_p: Optional[float] = None,
-                     seed: int = 0):
+                     seed: int = 0, tokens_per_step: Optional[int] = None):
     """Decode each prompt on its own with the KV-cached block sampler; returns (new tokens per
     prompt, forwards, seconds). One at a time because the sampler counts the forwards of a whole
     batch: batched, B = 1 would report (batch size) tokens per forward, not 1."""
@@ -184,7 +184,7 @@ def generate_samples(em: EvalModel, prompts: list[list[int]], block_size: int, m
     tokens, forwards, seconds = [], 0, 0.0
     for i, prompt in enumerate(prompts):
         cfg = GenerateConfig(block_size=block_size, max_new_tokens=max_new_tokens, threshold=threshold,
-                             shift=em.shift, sampling=SamplingParams(temperature, None, top_p), seed=seed + i)
+                             tokens_per_step=tokens_per_step, shift=em.shift, sampling=SamplingParams(temperature, None, top_p), seed=seed + i)
         out = sampler.generate([prompt], cfg)
         tokens.append(out.tokens[0])
         forwards += out.forwards
