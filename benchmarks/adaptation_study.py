@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import math
 import os
 import subprocess
 import sys
@@ -77,6 +78,7 @@ def parse_args(argv=None):
     p.add_argument("--heldout-frac", type=float, default=0.1)
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--samples", type=int, default=2, help="noise draws per held-out window")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1000], help="noise seeds of the NELBO evaluation")
     p.add_argument("--gen-prompts", type=int, default=8)
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.9],
                    help="generation sweep: commit thresholds (adaptive parallel decoding)")
@@ -143,15 +145,23 @@ def finished(save: Path, steps: int) -> bool:
 
 
 def evaluate(name: str, ckpt: Path, heldout: Path, block_size: int, args, out: Path, env: dict) -> dict:
-    """tools/evaluate.py: NELBO at `block_size` and the AR-mode NLL on the held-out windows."""
-    path = out / "eval" / f"{name}.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    cmd = [PY, "tools/evaluate.py", "--ckpt", ckpt, "--data", heldout, "--seq-len", 128, "--block-size", block_size,
-           "--samples", args.samples, "--max-tokens", args.eval_tokens, "--json", "--quiet"]
-    result = json.loads(run(cmd, out / "eval" / f"{name}.log", env).strip().splitlines()[-1])
-    path.write_text(json.dumps(result, indent=1))
-    return result
+    """tools/evaluate.py: NELBO at `block_size` and the AR-mode NLL on the held-out windows, once
+    per noise seed of --seeds; `nelbo` is their mean and `nelbo_spread` (max - min) / 2 shows
+    how much the noise draw alone moves it (every model sees the same draws per seed)."""
+    runs = []
+    for seed in args.seeds:
+        path = out / "eval" / (f"{name}.json" if seed == 0 else f"{name}_seed{seed}.json")
+        if not path.is_file():
+            cmd = [PY, "tools/evaluate.py", "--ckpt", ckpt, "--data", heldout, "--seq-len", 128, "--block-size",
+                   block_size, "--samples", args.samples, "--max-tokens", args.eval_tokens, "--seed", seed,
+                   "--json", "--quiet"]
+            result = json.loads(run(cmd, out / "eval" / f"{path.stem}.log", env).strip().splitlines()[-1])
+            path.write_text(json.dumps(result, indent=1))
+        runs.append(json.loads(path.read_text()))
+    nelbos = [r["nelbo"] for r in runs]
+    mean = sum(nelbos) / len(nelbos)
+    return {**runs[0], "nelbo": mean, "ppl_bound": math.exp(mean), "nelbo_spread": (max(nelbos) - min(nelbos)) / 2,
+            "nelbo_by_seed": nelbos}
 
 
 def decodings(args) -> list:
@@ -162,8 +172,6 @@ def decodings(args) -> list:
 def generation_sweep(name: str, ckpt: Path, heldout: Path, block_size: int, args, out: Path, ref: Path) -> list:
     """[{decoding, tokens_per_forward, gen_ppl, sample}] per decoding setting (megablock.evaluation,
     in this process: one model load serves them all)."""
-    import math
-
     import torch
 
     from megablock.data.datasets import eval_windows
@@ -269,8 +277,10 @@ def report(rows: list, args) -> str:
             for g in (by_setting.get(d) for d in settings)
         )
         params = r.get("trainable_params")
+        spread = "" if nelbo is None else f" ± {r['nelbo_spread']:.3f}"
         lines.append(
-            f"| {r['variant']} | {'all' if params is None else f'{params / 1e6:.1f}M'} | {_fmt(nelbo)} | "
+            f"| {r['variant']} | {'all' if params is None else f'{params / 1e6:.1f}M'} | "
+            f"{_fmt(nelbo)}{spread} | "
             f"{_fmt(r['ppl_bound'] if nelbo is not None else None, '{:.1f}')} | {r['ar_ppl']:.1f} | {gen} |"
         )
     return "\n".join(lines)
@@ -289,7 +299,9 @@ def plot(rows: list, path: Path, B: int) -> None:
     base_b = next((r for r in rows if r["key"] == "base_b"), None)
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     ax = axes[0]
-    ax.barh(names, [r["ppl_bound"] for r in trained], color="tab:blue")
+    low = [r["ppl_bound"] - math.exp(r["nelbo"] - r["nelbo_spread"]) for r in trained]
+    high = [math.exp(r["nelbo"] + r["nelbo_spread"]) - r["ppl_bound"] for r in trained]
+    ax.barh(names, [r["ppl_bound"] for r in trained], xerr=[low, high], color="tab:blue")
     if base_b:
         ax.axvline(base_b["ppl_bound"], color="gray", ls="--", label=f"base, untrained, B={B}")
     ax.axvline(base_ar["ar_ppl"], color="black", ls=":", label="base AR perplexity")

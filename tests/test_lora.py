@@ -201,6 +201,13 @@ def test_exports_merged_and_peft_separate_give_the_lora_model(assets, layouts, s
         with torch.no_grad():
             logits = _ar_logits(model, tokens)
         assert _compare(unmerged, logits[..., : merged.shape[-1]], mask_id, atol=1e-5)
+    # tools/generate.py and tools/evaluate.py load through megablock.inference: merged there too.
+    from megablock.inference.loading import load_checkpoint
+
+    for tp in (1, 2):
+        with torch.no_grad():
+            logits = _ar_logits(load_checkpoint(assets / f"lora_tp{tp}").model, tokens)
+        assert _compare(unmerged, logits[..., : merged.shape[-1]], mask_id, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- training

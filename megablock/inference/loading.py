@@ -131,18 +131,17 @@ def load_hf_folder(path, dtype=torch.float32) -> InferenceModel:
 
 
 def load_checkpoint(path, dtype=torch.float32) -> InferenceModel:
-    """A megablock checkpoint (converted or from training) saved at any TP x PP; resharded in
-    memory when the saved layout differs from this run's TP (pp = 1)."""
+    """A megablock checkpoint (converted or from training, LoRA adapters merged) saved at any
+    TP x PP; resharded in memory when the saved layout differs from this run's TP (pp = 1)."""
+    from megablock.model.loading import stage_shard
+
     ckpt = fmt.resolve_checkpoint(path)
     meta = fmt.read_metadata(ckpt)
     cfg = fmt.model_config(meta)
-    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
-    if meta["tp"] == tp and meta["pp"] == 1:
-        shard = fmt.load_shard(ckpt, rank, 0)
-    else:
-        shard = fmt.shard_state_dict(fmt.load_full_state_dict(ckpt), cfg, tp, rank, 1, 0)
     model = BlockDiffusionLM(cfg, dtype=dtype, initialize=False)
-    model.load_weights({k: v.to(dtype) for k, v in shard.items()})
+    # The same reader as training's init_from: resharded when the layout differs, and a LoRA
+    # checkpoint's adapters merged into the weights.
+    model.load_weights({k: v.to(dtype) for k, v in stage_shard(ckpt, meta).items()})
     tokenizer = None
     if (ckpt / fmt.TOKENIZER_DIR).is_dir():
         from transformers import AutoTokenizer
