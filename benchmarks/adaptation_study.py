@@ -11,8 +11,9 @@ with examples/configs/quickstart_cpu.yaml (L = 128, 4 sequences = 512 clean toke
 --steps steps, so all see the same clean tokens, in the same order, then is evaluated at the
 target block size (--block-size, default 4):
 
-  (a) full recipe     context-causal clean half, AR loss (lambda 0.5), growth 1 -> 2 -> target
-                      (a quarter of the budget at B = 1, a quarter at B = 2 for target 4)
+  (a) full recipe     context-causal clean half, AR loss (lambda 0.5), growth 1 -> 2 -> ... ->
+                      target, doubling; the stages below the target share half the budget
+                      (target 4: a quarter at B = 1, a quarter at B = 2, then B = 4)
   (b) no AR loss      (a) with lambda = 0
   (c) no growth       (a) trained at the target block size from the first step
   (d) block-causal    BD3-LM's clean half (block-causal); lambda = 0 (the AR loss would see its
@@ -79,7 +80,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int, default=8192)
     p.add_argument("--samples", type=int, default=2, help="noise draws per held-out window")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1000], help="noise seeds of the NELBO evaluation")
-    p.add_argument("--gen-prompts", type=int, default=8)
+    p.add_argument("--gen-prompts", type=int, default=24)
     p.add_argument("--thresholds", type=float, nargs="*", default=[0.9],
                    help="generation sweep: commit thresholds (adaptive parallel decoding)")
     p.add_argument("--tokens-per-step", type=int, nargs="*", default=[2, 3],
@@ -123,8 +124,10 @@ def overrides(key: str, args, base: Path, train: Path, save: Path, cache: Path) 
     _, change = VARIANTS[key]
     config = "quickstart_lora_cpu.yaml" if change.get("lora") else "quickstart_cpu.yaml"
     tokens = args.steps * 512
-    if change.get("growth", True):
-        stages = [{"block_size": b, "tokens": tokens // 4} for b in (1, 2)] + [{"block_size": args.block_size}]
+    if change.get("growth", True):  # doubling from 1; the stages below the target share half the budget
+        below = [2 ** i for i in range(args.block_size.bit_length() - 1)]
+        stages = [{"block_size": b, "tokens": tokens // (2 * len(below))} for b in below]
+        stages.append({"block_size": args.block_size})
     else:
         stages = [{"block_size": args.block_size}]
     lr = args.lr * (10 if change.get("lora") else 1)
@@ -208,6 +211,9 @@ def trainable(save: Path) -> int | None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     out, base = Path(args.out).resolve(), Path(args.base).resolve()
+    if args.block_size < 2 or args.block_size & (args.block_size - 1) or 128 % args.block_size:
+        sys.exit(f"--block-size {args.block_size}: the study grows the block size by doubling from 1 over windows "
+                 "of 128 tokens; use 2, 4, 8, ... up to 128")
     if not (base / "megablock.json").is_file():
         sys.exit(f"--base {base} is not a converted checkpoint: run scripts/quickstart.sh (it converts "
                  "SmolLM2-135M to quickstart/smollm2-135m) or tools/convert_hf.py, then pass --base")
