@@ -331,7 +331,7 @@ def plot(rows: list, path: Path, B: int) -> None:
     ax.set_xlabel("tokens per forward")
     ax.set_ylabel("generative perplexity under the base model")
     ax.set_yscale("log")
-    ax.set_title(f"generation at B={B}: threshold, then fixed tokens per step")
+    ax.set_title(f"generation at B={B}: thresholds, then k tokens per step", fontsize=10)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

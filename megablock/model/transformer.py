@@ -89,7 +89,8 @@ class BlockDiffusionLM(nn.Module):
         mask_id = self.cfg.mask_token_id
         mask_here = mask_id is not None and start <= mask_id < start + local
         if first_pad < local or mask_here:
-            logits = logits.clone()
+            # In place: the linear that made the logits keeps its inputs for backward, not its
+            # output, and a [tokens, vocab] copy costs as much as a small layer.
             logits[..., max(first_pad, 0):] = float("-inf")
             if mask_here:
                 logits[..., mask_id - start] = float("-inf")
