@@ -57,17 +57,24 @@ def init_process_group(device: torch.device | None = None, timeout_minutes: int 
     if dist.is_initialized():
         return
     device = device or default_device()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    timeout = timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        # A world of one gets an explicit rendezvous, not exported RANK/MASTER_PORT variables:
+        # every subprocess (a tool, a training run) would inherit those and try to rendezvous
+        # on this process's port. Only LOCAL_RANK is exported: DeepSpeed's engine asserts it,
+        # and a child that inherits it still starts a world of its own.
+        os.environ.setdefault("LOCAL_RANK", "0")
+        dist.init_process_group(backend=backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                world_size=1, timeout=timeout)
     # DeepSpeed's communication layer wraps the group just made (PipelineModule needs it).
     import deepspeed
 
-    deepspeed.init_distributed(dist_backend=backend, timeout=timedelta(minutes=timeout_minutes))
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
 
 
 def initialize_parallel(tp: int = 1, pp: int = 1, device: torch.device | None = None) -> ParallelInfo:
