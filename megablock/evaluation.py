@@ -184,7 +184,8 @@ def generate_samples(em: EvalModel, prompts: list[list[int]], block_size: int, m
     tokens, forwards, seconds = [], 0, 0.0
     for i, prompt in enumerate(prompts):
         cfg = GenerateConfig(block_size=block_size, max_new_tokens=max_new_tokens, threshold=threshold,
-                             tokens_per_step=tokens_per_step, shift=em.shift, sampling=SamplingParams(temperature, None, top_p), seed=seed + i)
+                             tokens_per_step=tokens_per_step, shift=em.shift,
+                             sampling=SamplingParams(temperature, None, top_p), seed=seed + i)
         out = sampler.generate([prompt], cfg)
         tokens.append(out.tokens[0])
         forwards += out.forwards
