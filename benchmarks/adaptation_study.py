@@ -152,7 +152,7 @@ def evaluate(name: str, ckpt: Path, heldout: Path, block_size: int, args, out: P
     per noise seed of --seeds; `nelbo` is their mean and `nelbo_spread` (max - min) / 2 shows
     how much the noise draw alone moves it (every model sees the same draws per seed)."""
     runs = []
-    for seed in args.seeds:
+    for seed in args.seeds if block_size > 1 else args.seeds[:1]:  # B = 1 draws no noise
         path = out / "eval" / (f"{name}.json" if seed == 0 else f"{name}_seed{seed}.json")
         if not path.is_file():
             cmd = [PY, "tools/evaluate.py", "--ckpt", ckpt, "--data", heldout, "--seq-len", 128, "--block-size",
@@ -168,8 +168,10 @@ def evaluate(name: str, ckpt: Path, heldout: Path, block_size: int, args, out: P
 
 
 def decodings(args) -> list:
-    """Labels of the generation settings: "thr 0.9" (threshold), "k=3" (tokens per step)."""
-    return [f"thr {t}" for t in args.thresholds] + [f"k={k}" for k in args.tokens_per_step]
+    """Generation settings as (label, threshold, tokens per step): "thr 0.9" commits by
+    confidence, "k=3" a fixed number of slots per refinement forward."""
+    return ([(f"thr {t}", t, None) for t in args.thresholds]
+            + [(f"k={k}", 1.0, k) for k in args.tokens_per_step])
 
 
 def generation_sweep(name: str, ckpt: Path, heldout: Path, block_size: int, args, out: Path, ref: Path) -> list:
@@ -190,9 +192,7 @@ def generation_sweep(name: str, ckpt: Path, heldout: Path, block_size: int, args
     prompts = generation_prompts(eval_windows(str(heldout), 128, args.eval_tokens), args.gen_prompts, 32)
     decode = lambda ids: em.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     points = []
-    for decoding in (decodings(args) if block_size > 1 else ["AR"]):
-        per_step = int(decoding[2:]) if decoding.startswith("k=") else None
-        threshold = float(decoding[4:]) if decoding.startswith("thr") else 1.0
+    for decoding, threshold, per_step in (decodings(args) if block_size > 1 else [("AR", 1.0, None)]):
         samples, forwards, _ = generate_samples(em, prompts, block_size, 32, threshold=threshold, temperature=1.0,
                                                 tokens_per_step=per_step)
         nll, count = reference_nll(ref, [decode(p) for p in prompts], [decode(t) for t in samples])
@@ -269,7 +269,7 @@ def _fmt(value, spec="{:.3f}") -> str:
 def report(rows: list, args) -> str:
     """The markdown table: one row per model, one generation column per threshold."""
     B = args.block_size
-    settings = decodings(args)
+    settings = [label for label, _, _ in decodings(args)]
     gen_head = " | ".join(f"{d}: tok/fwd, gen ppl" for d in settings)
     lines = [f"| variant | trainable params | NELBO at B={B} | ppl bound | AR-mode ppl | {gen_head} |",
              "|---" * (5 + len(settings)) + "|"]
