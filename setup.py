@@ -16,4 +16,8 @@ setup(
     packages=find_packages(include=["megablock", "megablock.*"]),
     python_requires=">=3.10,<3.12.99",
     install_requires=requirements,
+    entry_points={"console_scripts": [
+        f"megablock-{name.replace('_', '-')}=megablock.commands.{name}:main"
+        for name in ("convert_hf", "export_hf", "generate", "evaluate", "pretrain")
+    ] + ["megablock-preprocess-data=megablock.data.preprocess:main"]},
 )

@@ -175,20 +175,20 @@ def decodings(args) -> list:
 
 
 def generation_sweep(name: str, ckpt: Path, heldout: Path, block_size: int, args, out: Path, ref: Path) -> list:
-    """[{decoding, tokens_per_forward, gen_ppl, sample}] per decoding setting (megablock.evaluation,
+    """[{decoding, tokens_per_forward, gen_ppl, sample}] per decoding setting (megablock.inference.evaluation,
     in this process: one model load serves them all)."""
     import torch
 
     from megablock.data.datasets import eval_windows
-    from megablock.evaluation import generate_samples, generation_prompts, load_eval_model, reference_nll
-    from megablock.inference.loading import init_inference_parallel
+    from megablock.cli import launched_parallel
+    from megablock.inference.evaluation import generate_samples, generation_prompts, reference_nll
+    from megablock.inference.loading import load
 
     path = out / "eval" / f"{name}_gen.json"
     if path.is_file():
         return json.loads(path.read_text())
     torch.set_num_threads(args.threads)
-    init_inference_parallel()
-    em = load_eval_model(ckpt=str(ckpt))
+    em = load(ckpt=str(ckpt), parallel=launched_parallel())
     prompts = generation_prompts(eval_windows(str(heldout), 128, args.eval_tokens), args.gen_prompts, 32)
     decode = lambda ids: em.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     points = []

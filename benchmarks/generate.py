@@ -117,14 +117,14 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from megablock.inference.loading import init_inference_parallel, load
+    from megablock.cli import launched_parallel
+    from megablock.inference.loading import load
     from megablock.inference.sampler import GenerateConfig
 
     hf_folder = None
     if args.ckpt is None:
         hf_folder = Path(args.hf_dir) if args.hf_dir else smollm2_folder(Path(args.cache_dir))
-    init_inference_parallel()
-    im = load(ckpt=args.ckpt, hf_dir=None if args.ckpt else hf_folder, dtype=args.dtype)
+    im = load(ckpt=args.ckpt, hf_dir=None if args.ckpt else hf_folder, dtype=args.dtype, parallel=launched_parallel())
     stand_in_mask = im.mask_token_id is None
     if stand_in_mask:  # an AR model: any token id serves to time the mechanics
         im.mask_token_id = im.model.cfg.vocab_size - 1

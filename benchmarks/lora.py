@@ -46,11 +46,12 @@ def child(args) -> dict:
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device == "cuda" else "cpu")
     import torch
 
-    from megablock.config import TrainSection
+    from megablock.config import LoraSection, TrainSection
     from megablock.diffusion.batch import build_batch
     from megablock.diffusion.loss import block_diffusion_loss
     from megablock.model.config import ModelConfig
-    from megablock.model.lora import LoraSettings, apply_lora, parameter_counts
+    from megablock.model.lora import apply_lora
+    from megablock.model.params import parameter_count
     from megablock.model.transformer import BlockDiffusionLM
     from megablock.parallel.state import initialize_parallel
     from megablock.training.optim import build_optimizer
@@ -58,16 +59,17 @@ def child(args) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    initialize_parallel(1, 1, device)
+    info = initialize_parallel(1, 1, device)
     torch.manual_seed(0)
     cfg = ModelConfig(**SMOLLM2_135M)
-    model = BlockDiffusionLM(cfg, initialize=True)
-    if args.mode == "lora":
-        apply_lora(model, LoraSettings(rank=args.rank, alpha=2.0 * args.rank), seed=0)
+    model = BlockDiffusionLM(cfg, info, initialize=True)
+    lora = LoraSection(enabled=args.mode == "lora", rank=args.rank, alpha=2.0 * args.rank)
+    if lora.enabled:
+        apply_lora(model, lora, seed=0)
     model.to(device)
-    trainable, total = parameter_counts(model)
+    trainable, total = parameter_count(cfg, lora)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_optimizer(model.named_parameters(), TrainSection(lr=1e-4, steps=100), own_clipping=True)
+    optimizer = build_optimizer(model.named_parameters(), TrainSection(lr=1e-4, steps=100), info, own_clipping=True)
     tokens = torch.randint(0, cfg.vocab_size - 1, (args.micro_batch, args.seq_len), generator=torch.Generator().manual_seed(1))
     batch = build_batch(tokens, torch.arange(args.micro_batch), args.block_size, mask_token_id=cfg.mask_token_id, seed=3).to(device)
 

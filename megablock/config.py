@@ -1,42 +1,118 @@
-"""The run configuration: YAML mapped 1:1 onto dataclasses, `--set key=value` overrides,
-validated at load time with messages that name the key and the fix.
+"""The run configuration: YAML mapped 1:1 onto typed dataclasses, `--set key=value` overrides,
+every value checked when the config is built, with messages that name the key and the fix.
 
-Every field's docstring is the documentation of its YAML key. The DeepSpeed config is derived
-from this one (`deepspeed_config`); a user's own DeepSpeed JSON may still be given.
+These sections are the single source of every setting: the batch builder, the noise, the
+curriculum, LoRA and the trainer read them directly, so a field exists exactly once. Each
+enumeration is a `Literal` below and every option list in the package derives from it
+(`options(Attention)`). Validation sits next to the fields (each section's `check`), and
+`Config.check` holds what spans sections; a config that exists is a valid one.
+
+The DeepSpeed config is derived from this one (`deepspeed_config`); a user's own DeepSpeed JSON
+may still be given.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
 import yaml
 
-from megablock.diffusion.layout import ATTENTION_MODES
+Attention = Literal["context_causal", "block_causal", "full"]
+"""context_causal (NBDiff) | block_causal (BD3-LM) | full (bidirectional, xt only)."""
+Schedule = Literal["linear", "clipped", "position"]
+LossWeighting = Literal["elbo", "uniform"]
+Decay = Literal["cosine", "linear", "constant"]
+Precision = Literal["fp32", "bf16", "fp16"]
+AttentionImpl = Literal["auto", "sdpa", "flex", "dense"]
+ZeroStage = Literal[0, 1, 2, 3]
+LoraTarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+WeightDtype = Literal["fp32", "bf16"]
+"""dtypes of checkpoint shards, exports and inference weights."""
+
+
+def options(kind) -> tuple:
+    """The values of a Literal type, e.g. options(Schedule) == ("linear", "clipped", "position")."""
+    return typing.get_args(kind)
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key and how to fix it."""
 
 
+@functools.lru_cache(maxsize=None)
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+class Section:
+    """Base of the config dataclasses: checks Literal fields on construction, then `check()`."""
+
+    key: ClassVar[str] = ""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _check_literal(f"{self.key}{f.name}", getattr(self, f.name), _hints(type(self))[f.name])
+        self.check()
+
+    def check(self) -> None:
+        """Range and consistency checks of this section's fields (ConfigError naming the key)."""
+
+    def _require(self, ok: bool, name: str, why: str) -> None:
+        if not ok:
+            raise ConfigError(f"{self.key}{name}={getattr(self, name)!r}: {why}")
+
+
+def _check_literal(key: str, value: Any, hint) -> None:
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Union:  # Optional[Literal[...]]
+        if value is None:
+            return
+        hint = next((a for a in args if typing.get_origin(a) is Literal), None)
+    elif typing.get_origin(hint) is list and args and typing.get_origin(args[0]) is Literal:
+        for item in value:
+            _check_literal(key, item, args[0])
+        return
+    if typing.get_origin(hint) is Literal and value not in typing.get_args(hint):
+        raise ConfigError(f"{key}={value!r} is not one of {list(typing.get_args(hint))}")
+
+
+# ----------------------------------------------------------------------------- sections
+
+
 @dataclass
-class ModelSection:
+class ModelSection(Section):
+    key: ClassVar[str] = "model."
     init_from: Optional[str] = None
     """A converted (tools/convert_hf.py) or training checkpoint to start from; its
     megablock.json gives the architecture. None trains from random init with `architecture`."""
     architecture: Optional[dict] = None
     """ModelConfig fields for training from scratch (arch, hidden_size, num_layers, ...);
     ignored when init_from is set."""
-    attention_impl: str = "auto"
+    attention_impl: AttentionImpl = "auto"
     """auto (FlexAttention on GPU, the exact SDPA path on CPU) | sdpa | flex | dense (reference)."""
 
 
+def split_fractions(split: str) -> tuple[float, float, float]:
+    """Megatron's "train,valid,test" weights as fractions summing to 1."""
+    try:
+        parts = [float(x) for x in split.replace("/", ",").split(",")]
+    except ValueError:
+        parts = []
+    if len(parts) != 3 or min(parts) < 0 or sum(parts) <= 0:
+        raise ConfigError(f"data.split={split!r} must be three non-negative weights 'train,valid,test', e.g. '98,2,0'")
+    total = sum(parts)
+    return tuple(p / total for p in parts)  # type: ignore[return-value]
+
+
 @dataclass
-class DataSection:
+class DataSection(Section):
+    key: ClassVar[str] = "data."
     prefix: Union[str, list, None] = None
     """Indexed dataset prefix (PREFIX.bin/.idx from tools/preprocess_data.py), or a weighted
     blend [w1, prefix1, w2, prefix2, ...]."""
@@ -47,21 +123,42 @@ class DataSection:
     cache_dir: Optional[str] = None
     """Where megatron-core caches its sample indices (default: beside the data)."""
 
+    def check(self) -> None:
+        self._require(self.seq_len >= 2, "seq_len", "must be >= 2")
+        split_fractions(self.split)
+
 
 @dataclass
-class ParallelSection:
+class ParallelSection(Section):
+    key: ClassVar[str] = "parallel."
     tensor: int = 1
     """Tensor-parallel size (megatron-core); divides heads, KV heads and the MLP width."""
     pipeline: int = 1
     """Pipeline stages (DeepSpeed PipelineModule); at most the number of layers."""
-    zero_stage: int = 0
+    zero_stage: ZeroStage = 0
     """DeepSpeed ZeRO stage 0-3 (at most 1 with pipeline parallelism)."""
     layers_per_stage: Optional[list] = None
     """Explicit layer counts per pipeline stage; None splits evenly."""
 
+    def check(self) -> None:
+        self._require(self.tensor >= 1, "tensor", "must be >= 1")
+        self._require(self.pipeline >= 1, "pipeline", "must be >= 1")
+        if self.pipeline > 1 and self.zero_stage > 1:
+            raise ConfigError(
+                f"parallel.zero_stage={self.zero_stage} with parallel.pipeline={self.pipeline}: DeepSpeed "
+                f"pipelines support ZeRO stage 0 or 1; set parallel.zero_stage=1"
+            )
+        if self.layers_per_stage is not None:
+            counts = self.layers_per_stage
+            self._require(
+                len(counts) == self.pipeline and all(isinstance(n, int) and n >= 1 for n in counts),
+                "layers_per_stage", f"must list {self.pipeline} positive layer counts (one per pipeline stage)",
+            )
+
 
 @dataclass
-class TrainSection:
+class TrainSection(Section):
+    key: ClassVar[str] = "train."
     micro_batch_size: int = 1
     """Samples per forward on one data-parallel rank."""
     global_batch_size: int = 8
@@ -71,14 +168,14 @@ class TrainSection:
     lr: float = 1e-5
     min_lr: float = 0.0
     warmup_steps: int = 0
-    decay: str = "cosine"
+    decay: Decay = "cosine"
     """Learning-rate decay after warmup: cosine | linear | constant."""
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     """Gradient-norm clipping (0 disables)."""
-    precision: str = "fp32"
+    precision: Precision = "fp32"
     """fp32 | bf16 | fp16 (bf16/fp16 through DeepSpeed's mixed precision)."""
     seed: int = 1234
     max_nonfinite_steps: int = 3
@@ -94,18 +191,104 @@ class TrainSection:
     deepspeed_config: Optional[str] = None
     """A DeepSpeed JSON to use instead of the derived one (batch sizes must still agree)."""
 
+    def check(self) -> None:
+        for name in ("micro_batch_size", "global_batch_size", "steps", "max_nonfinite_steps",
+                     "log_interval", "eval_batches"):
+            self._require(getattr(self, name) >= 1, name, "must be >= 1")
+        for name in ("warmup_steps", "eval_interval", "weight_decay", "grad_clip", "min_lr"):
+            self._require(getattr(self, name) >= 0, name, "must be >= 0")
+        self._require(self.lr > 0, "lr", "must be > 0 (the peak learning rate)")
+        self._require(self.min_lr <= self.lr, "min_lr", f"must be <= train.lr={self.lr}")
+        self._require(self.adam_eps > 0, "adam_eps", "must be > 0")
+        self._require(
+            len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+            "betas", "must be two numbers in [0, 1), e.g. [0.9, 0.95]",
+        )
+        self._require(self.exit_after_steps is None or self.exit_after_steps >= 1, "exit_after_steps",
+                      "must be >= 1 (or null)")
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"train.global_batch_size={self.global_batch_size} is not a multiple of "
+                f"train.micro_batch_size={self.micro_batch_size}"
+            )
+
+
+@dataclass(frozen=True)
+class Stage(Section):
+    """One block-size curriculum stage: `block_size` for `tokens` consumed (clean) tokens."""
+
+    key: ClassVar[str] = "diffusion.stages[]."
+    block_size: int = 1
+    """Tokens per diffusion block (1 = plain AR with token shift)."""
+    tokens: Optional[int] = None
+    """Consumed tokens this stage lasts; None only for the last stage (= forever)."""
+
+
+def _whole(x: Any) -> Any:
+    """YAML reads 1.0e6 as a float: accept whole-number floats as ints."""
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+def parse_stages(stages: Any) -> list[Stage]:
+    """`diffusion.stages` as typed stages, from YAML mappings (or Stage objects)."""
+    if not isinstance(stages, list):
+        raise ConfigError(f"diffusion.stages={stages!r} should be a list of {{block_size: B, tokens: N}}")
+    out = []
+    for i, s in enumerate(stages):
+        if isinstance(s, Stage):
+            s = dataclasses.asdict(s)
+        if not isinstance(s, dict):
+            raise ConfigError(f"diffusion.stages[{i}] = {s!r} is not a {{block_size, tokens}} mapping")
+        unknown = set(s) - {"block_size", "tokens"}
+        if unknown:
+            raise ConfigError(f"diffusion.stages[{i}] has unknown keys {sorted(unknown)}; each stage is {{block_size: B, tokens: N}}")
+        if "block_size" not in s:
+            raise ConfigError(f"diffusion.stages[{i}] has no block_size; write {{block_size: B, tokens: N}}")
+        out.append(Stage(_whole(s["block_size"]), _whole(s.get("tokens"))))
+    return out
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_stages(stages: list[Stage], seq_len: Optional[int] = None) -> None:
+    """Reject a curriculum that cannot run, naming the stage and the fix."""
+    if not stages:
+        raise ConfigError("diffusion.stages is empty; give at least one stage, e.g. [{block_size: 1, tokens: "
+                          "1000000}, {block_size: 4}]")
+    for i, s in enumerate(stages):
+        if not _is_int(s.block_size) or s.block_size < 1:
+            raise ConfigError(f"diffusion.stages[{i}]: block_size {s.block_size!r} must be a positive integer")
+        if seq_len is not None and seq_len % s.block_size:
+            divisors = [d for d in range(1, min(seq_len, 64) + 1) if seq_len % d == 0]
+            raise ConfigError(
+                f"diffusion.stages[{i}]: block_size {s.block_size} does not divide data.seq_len {seq_len}; "
+                f"use a divisor of {seq_len} (e.g. {divisors}) or change data.seq_len"
+            )
+        if s.tokens is None and i != len(stages) - 1:
+            raise ConfigError(f"diffusion.stages[{i}] (block_size {s.block_size}) has no tokens; only the last "
+                              "stage may omit tokens (it then runs forever)")
+        if s.tokens is not None and (not _is_int(s.tokens) or s.tokens <= 0):
+            raise ConfigError(f"diffusion.stages[{i}] (block_size {s.block_size}): tokens {s.tokens!r} must be a "
+                              "positive integer number of consumed tokens (or omitted on the last stage)")
+
 
 @dataclass
-class DiffusionSection:
-    attention: str = "context_causal"
+class DiffusionSection(Section):
+    """Noising and objective settings; the batch builder and the noise read them as they are."""
+
+    key: ClassVar[str] = "diffusion."
+    attention: Attention = "context_causal"
     """context_causal (NBDiff) | block_causal (BD3-LM) | full (bidirectional, one half)."""
-    stages: list = field(default_factory=lambda: [{"block_size": 1, "tokens": None}])
+    stages: list[Stage] = field(default_factory=lambda: [Stage(1)])
     """Block-size curriculum [{block_size, tokens}, ...]; a stage lasts `tokens` consumed
     tokens, the last may omit it."""
-    schedule: str = "linear"
+    schedule: Schedule = "linear"
     """Mask-ratio schedule: linear | clipped | position."""
     eps: float = 1e-3
-    """Lower bound of t for the linear schedule."""
+    """Lower bound of t for the linear and position schedules; also floors complement
+    probabilities in the loss weights."""
     clip_min: float = 0.3
     clip_max: float = 0.8
     """t range of the clipped schedule (BD3-LM's beta, omega)."""
@@ -115,7 +298,7 @@ class DiffusionSection:
     """Also train each sample with the inverted mask."""
     shift: bool = True
     """Token shift: output i predicts token i+1 (keeps the AR head's meaning)."""
-    loss_weighting: str = "elbo"
+    loss_weighting: LossWeighting = "elbo"
     """elbo (w = 1/t, a NELBO) | uniform (w = 1)."""
     ar_loss_weight: float = 0.5
     """lambda in L = L_diff + lambda * L_AR."""
@@ -123,11 +306,36 @@ class DiffusionSection:
     """No attention across end-of-document tokens inside a packed sample."""
     position_strength: float = 0.5
     """Tilt of the `position` schedule in [0, 1]: how much more often later block positions are
-    masked at low mask ratios."""
+    masked at low mask ratios (<= 1 keeps every probability <= 1)."""
+
+    def check(self) -> None:
+        self.stages = parse_stages(self.stages)
+        check_stages(self.stages)
+        self._require(0 < self.eps < 1, "eps", "must be in (0, 1) (it bounds 1/t)")
+        if not 0 < self.clip_min <= self.clip_max <= 1:
+            raise ConfigError(
+                f"diffusion.clip_min={self.clip_min}, clip_max={self.clip_max}: need 0 < clip_min <= clip_max <= 1 "
+                "(BD3-LM uses clip_min=0.3, clip_max=0.8)"
+            )
+        self._require(0 <= self.position_strength <= 1, "position_strength", "must be in [0, 1] (keeps p <= 1)")
+        self._require(self.ar_loss_weight >= 0, "ar_loss_weight", "must be >= 0")
+        if self.attention == "block_causal" and self.ar_loss_weight and any(s.block_size > 1 for s in self.stages):
+            # With block-causal attention a clean-half position sees the rest of its block, next token
+            # included, so the AR loss would be solved by copying instead of predicting.
+            raise ConfigError(
+                f"diffusion.ar_loss_weight={self.ar_loss_weight} with diffusion.attention=block_causal: the clean "
+                "half is not causal inside a block, so the AR loss would see its own targets; set "
+                "diffusion.ar_loss_weight=0 (as BD3-LM trains) or use attention=context_causal"
+            )
+
+    @property
+    def block_sizes(self) -> list[int]:
+        return [s.block_size for s in self.stages]
 
 
 @dataclass
-class CheckpointSection:
+class CheckpointSection(Section):
+    key: ClassVar[str] = "checkpoint."
     save_dir: Optional[str] = None
     """Where checkpoints, metrics.jsonl and TensorBoard events go."""
     interval: int = 0
@@ -137,13 +345,19 @@ class CheckpointSection:
     resume: bool = False
     """Continue from `latest` in save_dir."""
 
+    def check(self) -> None:
+        self._require(self.interval >= 0, "interval", "must be >= 0 (0 saves only at the end)")
+        self._require(self.keep_last >= 1, "keep_last", "must be >= 1")
+
 
 @dataclass
-class LoraSection:
+class LoraSection(Section):
     """Parameter-efficient adaptation: LoRA adapters on the tensor-parallel linears
     (megablock/model/lora.py). The pretrained weights stay frozen; checkpoints keep them in
-    model/ and the adapters in lora/; tools/export_hf.py merges them (or --lora-separate)."""
+    model/ and the adapters in lora/ (megablock/checkpoint/adapters.py); tools/export_hf.py
+    merges them (or --lora-separate)."""
 
+    key: ClassVar[str] = "lora."
     enabled: bool = False
     """Train LoRA adapters instead of the full model."""
     rank: int = 64
@@ -152,12 +366,31 @@ class LoraSection:
     """Scaling numerator: the update is alpha / rank * B A (PEFT's convention)."""
     dropout: float = 0.0
     """Dropout on the adapters' input (drawn from the global RNG, the same on every TP rank)."""
-    target_modules: list = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"])
+    target_modules: list[LoraTarget] = field(default_factory=lambda: list(options(LoraTarget)))
     """Which linears get adapters: linear_qkv, linear_proj (attention), linear_fc1, linear_fc2 (MLP)."""
     train_mask_token_row: bool = True
     """Also train the mask token's input embedding (a separate [hidden] delta added to that row)."""
     train_norms: bool = False
     """Also train the RMSNorm weights."""
+
+    def check(self) -> None:
+        self._require(self.rank >= 1, "rank", "must be >= 1")
+        self._require(self.alpha > 0, "alpha", "must be > 0")
+        self._require(0 <= self.dropout < 1, "dropout", "must be in [0, 1)")
+        self._require(len(set(self.target_modules)) == len(self.target_modules), "target_modules",
+                      "lists a module twice")
+        if self.enabled and not (self.target_modules or self.train_mask_token_row or self.train_norms):
+            raise ConfigError("lora.enabled with nothing to train: set lora.target_modules (e.g. [linear_qkv, linear_fc1])")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    @classmethod
+    def from_saved(cls, saved: dict) -> "LoraSection":
+        """The settings recorded in a checkpoint's megablock.json["lora"] (extra keys ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in names}, enabled=True)
 
 
 @dataclass
@@ -170,16 +403,24 @@ class Config:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     lora: LoraSection = field(default_factory=LoraSection)
 
+    def __post_init__(self):
+        # What spans sections; each section checked its own fields when it was built.
+        check_stages(self.diffusion.stages, self.data.seq_len)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Config":
+        return _build(cls, data, "")
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def _closest(name: str, options) -> str:
-    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.4)
-    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(options)}"
+def _closest(name: str, options_) -> str:
+    match = difflib.get_close_matches(name, list(options_), n=1, cutoff=0.4)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(options_)}"
 
 
 def _check_type(key: str, value: Any, annotation) -> Any:
@@ -191,6 +432,8 @@ def _check_type(key: str, value: Any, annotation) -> Any:
         raise ConfigError(f"{key} may not be null")
     for t in allowed:
         base = typing.get_origin(t) or t
+        if base is Literal:
+            return value  # membership is the section's check (with the list of options)
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if base is float and isinstance(value, str):
@@ -200,6 +443,8 @@ def _check_type(key: str, value: Any, annotation) -> Any:
                 pass
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
+        if base is int and isinstance(value, float) and value.is_integer():
+            return int(value)
         if base in (str, bool, list, dict) and isinstance(value, base):
             return value
     names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
@@ -208,8 +453,8 @@ def _check_type(key: str, value: Any, annotation) -> Any:
 
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix or 'the config'} should be a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
+        raise ConfigError(f"{prefix.rstrip('.') or 'the config'} should be a mapping, got {data!r}")
+    hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
@@ -235,100 +480,35 @@ def apply_override(data: dict, assignment: str) -> None:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part!r} is not a section")
-    node[parts[-1]] = yaml.safe_load(raw)
+    try:
+        node[parts[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({_yaml_problem(e)}); quote it") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    return str(getattr(e, "problem", None) or e).strip().splitlines()[0]
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list] = None) -> Config:
-    """Read YAML (optional), apply `--set` overrides, build and validate the Config."""
+    """Read YAML (optional), apply `--set` overrides, build (and so validate) the Config."""
     data: dict = {}
     if path is not None:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        data = yaml.safe_load(p.read_text()) or {}
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"config file {path}{where} is not valid YAML ({_yaml_problem(e)})") from None
     for assignment in overrides or []:
         apply_override(data, assignment)
-    config = _build(Config, data, "")
-    validate(config)
-    return config
+    return Config.from_dict(data)
 
 
-# ----------------------------------------------------------------------------- validation
-
-
-def _one_of(key: str, value, options) -> None:
-    if value not in options:
-        raise ConfigError(f"{key}={value!r} is not one of {list(options)}")
-
-
-def validate(cfg: Config) -> None:
-    """Checks that need nothing but the config; model-dependent checks run in `validate_model`."""
-    from megablock.diffusion.curriculum import Curriculum
-
-    d, t, p = cfg.diffusion, cfg.train, cfg.parallel
-    _one_of("diffusion.attention", d.attention, [m for m in ATTENTION_MODES if m != "ar"])
-    _one_of("diffusion.schedule", d.schedule, ["linear", "clipped", "position"])
-    _one_of("diffusion.loss_weighting", d.loss_weighting, ["elbo", "uniform"])
-    _one_of("train.decay", t.decay, ["cosine", "linear", "constant"])
-    _one_of("train.precision", t.precision, ["fp32", "bf16", "fp16"])
-    _one_of("model.attention_impl", cfg.model.attention_impl, ["auto", "sdpa", "flex", "dense"])
-    _one_of("parallel.zero_stage", p.zero_stage, [0, 1, 2, 3])
-    if not 0 < d.eps < 1:
-        raise ConfigError(f"diffusion.eps={d.eps} must be in (0, 1)")
-    if not 0 < d.clip_min < d.clip_max <= 1:
-        raise ConfigError(
-            f"diffusion.clip_min={d.clip_min}, clip_max={d.clip_max}: need 0 < clip_min < clip_max <= 1"
-        )
-    for key in ("tensor", "pipeline"):
-        if getattr(p, key) < 1:
-            raise ConfigError(f"parallel.{key} must be >= 1")
-    if p.pipeline > 1 and p.zero_stage > 1:
-        raise ConfigError(
-            f"parallel.zero_stage={p.zero_stage} with parallel.pipeline={p.pipeline}: DeepSpeed "
-            f"pipelines support ZeRO stage 0 or 1; set parallel.zero_stage=1"
-        )
-    for key in ("micro_batch_size", "global_batch_size", "steps"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key} must be >= 1")
-    if t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(
-            f"train.global_batch_size={t.global_batch_size} is not a multiple of "
-            f"train.micro_batch_size={t.micro_batch_size}"
-        )
-    if cfg.data.seq_len < 2:
-        raise ConfigError("data.seq_len must be >= 2")
-    try:
-        Curriculum(d.stages, cfg.data.seq_len)
-    except ValueError as err:
-        raise ConfigError(f"diffusion.stages: {err}") from None
-    if d.attention == "block_causal" and d.ar_loss_weight and any(s.get("block_size", 1) > 1 for s in d.stages):
-        # With block-causal attention a clean-half position sees the rest of its block, next token
-        # included, so the AR loss would be solved by copying instead of predicting.
-        raise ConfigError(
-            f"diffusion.ar_loss_weight={d.ar_loss_weight} with diffusion.attention=block_causal: the clean "
-            "half is not causal inside a block, so the AR loss would see its own targets; set "
-            "diffusion.ar_loss_weight=0 (as BD3-LM trains) or use attention=context_causal"
-        )
-    _validate_lora(cfg.lora)
-
-
-LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-
-
-def _validate_lora(lora: LoraSection) -> None:
-    if lora.rank < 1:
-        raise ConfigError(f"lora.rank={lora.rank} must be >= 1")
-    if lora.alpha <= 0:
-        raise ConfigError(f"lora.alpha={lora.alpha} must be > 0")
-    if not 0 <= lora.dropout < 1:
-        raise ConfigError(f"lora.dropout={lora.dropout} must be in [0, 1)")
-    unknown = [m for m in lora.target_modules if m not in LORA_TARGETS]
-    if unknown:
-        raise ConfigError(f"lora.target_modules: {unknown} are not LoRA targets; choose from {list(LORA_TARGETS)}")
-    if len(set(lora.target_modules)) != len(lora.target_modules):
-        raise ConfigError(f"lora.target_modules={lora.target_modules} lists a module twice")
-    if lora.enabled and not (lora.target_modules or lora.train_mask_token_row or lora.train_norms):
-        raise ConfigError("lora.enabled with nothing to train: set lora.target_modules (e.g. [linear_qkv, linear_fc1])")
+# ----------------------------------------------------------------------------- layout checks
 
 
 def validate_parallel_layout(cfg: Config, world_size: int) -> int:
@@ -350,7 +530,8 @@ def validate_parallel_layout(cfg: Config, world_size: int) -> int:
 
 
 def validate_model(cfg: Config, model_cfg) -> None:
-    """Checks between the run and the architecture (TP/PP divisibility, window, positions)."""
+    """Checks between the run and the architecture (a megablock.model.ModelConfig): TP/PP
+    divisibility, sliding window, mask token."""
     try:
         model_cfg.check_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
     except ValueError as err:
@@ -360,7 +541,7 @@ def validate_model(cfg: Config, model_cfg) -> None:
             f"data.seq_len={cfg.data.seq_len} exceeds the model's sliding window "
             f"{model_cfg.sliding_window}; use data.seq_len <= {model_cfg.sliding_window}"
         )
-    if model_cfg.mask_token_id is None and any(s["block_size"] > 1 for s in cfg.diffusion.stages):
+    if model_cfg.mask_token_id is None and any(b > 1 for b in cfg.diffusion.block_sizes):
         raise ConfigError(
             "the model has no mask token: convert it with tools/convert_hf.py without "
             "--no-mask-token (or with --mask-token TEXT)"
@@ -372,7 +553,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     accumulation = validate_parallel_layout(cfg, world_size)
     t = cfg.train
     if t.deepspeed_config:
-        ds = json.loads(Path(t.deepspeed_config).read_text())
+        try:
+            ds = json.loads(Path(t.deepspeed_config).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"train.deepspeed_config={t.deepspeed_config!r} cannot be read as JSON ({e})") from None
         ds.setdefault("train_batch_size", t.global_batch_size)
         ds.setdefault("train_micro_batch_size_per_gpu", t.micro_batch_size)
         if ds["train_batch_size"] != t.global_batch_size or ds["train_micro_batch_size_per_gpu"] != t.micro_batch_size:

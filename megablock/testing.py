@@ -6,7 +6,6 @@ made from small configs with random weights.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -14,6 +13,9 @@ from typing import Any, Callable
 
 import torch
 import torch.multiprocessing as mp
+
+from megablock.checkpoint.mappings import FAMILY_NAMES
+from megablock.parallel.state import free_port
 
 MASK_TOKEN = "<|mask|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -53,7 +55,7 @@ def tiny_tokenizer(path: str | os.PathLike, vocab_size: int = 320, with_mask: bo
     return fast
 
 
-FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+FAMILIES = FAMILY_NAMES
 
 
 def tiny_hf_config(family: str, vocab_size: int = 320, **overrides):
@@ -113,12 +115,6 @@ def save_tiny_hf_model(path, family: str, seed: int = 0, with_tokenizer: bool = 
     if with_tokenizer:
         tiny_tokenizer(path, vocab_size=model.config.vocab_size)
     return model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str):

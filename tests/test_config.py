@@ -1,7 +1,7 @@
 """Config loading: YAML + --set, and load-time errors that name the key and the fix."""
 import pytest
 
-from megablock.config import ConfigError, deepspeed_config, load_config, validate_model, validate_parallel_layout
+from megablock.config import ConfigError, Stage, deepspeed_config, load_config, validate_model, validate_parallel_layout
 from megablock.model.config import ModelConfig
 
 TINY = "examples/configs/tiny.yaml"
@@ -14,7 +14,7 @@ def test_yaml_and_overrides(tmp_path):
         "data.prefix=[0.3, a, 0.7, b]",
     ])
     assert cfg.train.lr == 3e-4 and cfg.parallel.tensor == 2
-    assert cfg.diffusion.stages[1] == {"block_size": 4, "tokens": 8192}
+    assert cfg.diffusion.stages[1] == Stage(block_size=4, tokens=8192)
     assert cfg.data.prefix == [0.3, "a", 0.7, "b"]
     assert cfg.data.seq_len == 32  # untouched keys keep the file's values
 
@@ -30,6 +30,21 @@ def test_yaml_and_overrides(tmp_path):
     (["train.lr=fast"], ["train.lr='fast'", "float"]),
     (["diffusion.clip_min=0.9"], ["clip_min", "clip_max"]),
     (["diffusion.attention=block_causal"], ["ar_loss_weight=0.5", "block_causal", "ar_loss_weight=0"]),
+    # Every value is checked when the config loads, before anything is built.
+    (["train.log_interval=0"], ["train.log_interval=0", ">= 1"]),
+    (["train.max_nonfinite_steps=0"], ["train.max_nonfinite_steps=0", ">= 1"]),
+    (["diffusion.position_strength=5"], ["diffusion.position_strength=5", "[0, 1]"]),
+    (["checkpoint.interval=-1"], ["checkpoint.interval=-1", ">= 0"]),
+    (["train.eval_interval=-3"], ["train.eval_interval=-3", ">= 0"]),
+    (["train.lr=0"], ["train.lr=0.0", "> 0"]),
+    (["train.betas=[0.9]"], ["train.betas=[0.9]", "two numbers"]),
+    (["train.betas=[0.9, 1.5]"], ["train.betas", "[0, 1)"]),
+    (["data.split=90,10"], ["data.split='90,10'", "three"]),
+    (["train.eval_batches=0"], ["train.eval_batches=0", ">= 1"]),
+    (["parallel.zero_stage=4"], ["parallel.zero_stage=4", "[0, 1, 2, 3]"]),
+    (["diffusion.schedule=cosine"], ["diffusion.schedule='cosine'", "linear"]),
+    (["lora.target_modules=[linear_qkv, q_proj]"], ["lora.target_modules='q_proj'", "linear_fc1"]),
+    (["diffusion.stages=[{block_size: 1, tokens: 5"], ["--set diffusion.stages", "not valid YAML"]),
 ])
 def test_bad_input_names_key_and_fix(override, words):
     with pytest.raises(ConfigError) as err:
@@ -66,4 +81,29 @@ def test_model_divisibility_is_checked_against_parallel_sizes():
 @pytest.mark.parametrize("name", ["tiny.yaml", "quickstart_cpu.yaml", "qwen2.5_7b_cluster.yaml"])
 def test_example_configs_load(name):
     cfg = load_config(f"examples/configs/{name}")
-    assert cfg.diffusion.stages[0]["block_size"] == 1  # every recipe grows from AR
+    assert cfg.diffusion.stages[0].block_size == 1  # every recipe grows from AR
+
+
+def test_malformed_yaml_file_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: 1e-3\n  steps: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml line \d+ is not valid YAML"):
+        load_config(str(bad))
+
+
+def test_training_entry_prints_one_line_and_exits_1(tmp_path):
+    """Any error of the training command is one line with the cause (a traceback with --debug)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    cmd = [sys.executable, "examples/pretrain_nbdiff.py", "--config", TINY, "--set", "train.log_interval=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == ["error: train.log_interval=0: must be >= 1"]
+    missing = subprocess.run(cmd[:-2] + ["--set", f"model.init_from={tmp_path / 'nowhere'}",
+                                         f"data.prefix={tmp_path / 'd'}", "--debug"],
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert missing.returncode == 1 and "Traceback" in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: checkpoint folder")

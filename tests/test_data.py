@@ -10,10 +10,10 @@ import torch
 from megablock.data.datasets import (
     TokenWindows, build_gpt_datasets, check_vocabulary, eval_windows, import_megatron_datasets, parse_blend,
 )
-from megablock.data.loader import DiffusionBatches
+from megablock.data.loader import StepBatcher
 from megablock.data.preprocess import preprocess
 from megablock.data.sampler import DataParallelSampler, data_parallel_coords
-from megablock.diffusion.batch import BatchConfig
+from megablock.config import DiffusionSection
 from megablock.diffusion.curriculum import Curriculum
 from megablock.testing import run_distributed, tiny_tokenizer
 
@@ -159,9 +159,9 @@ def make_loader(data, dp_rank=0, dp_size=1, G=8, m=2, cache="cache", **cfg):
         split="100,0,0", cache_dir=str(data / cache),
     )
     stages = [{"block_size": 1, "tokens": 2 * G * L}, {"block_size": 4, "tokens": G * L}, {"block_size": 8}]
-    return DiffusionBatches(
-        TokenWindows(train, L), DataParallelSampler(G, m, dp_rank, dp_size), Curriculum(stages, L),
-        BatchConfig(**cfg), mask_token_id=MASK, seed=17, eod_token_id=EOD,
+    return StepBatcher(
+        TokenWindows(train, L), DataParallelSampler(G, m, dp_rank, dp_size),
+        DiffusionSection(stages=stages, **cfg), mask_token_id=MASK, seed=17, eod_token_id=EOD,
     )
 
 
@@ -176,7 +176,7 @@ def test_resume_reproduces_batches_and_noise(data):
     loader = make_loader(data, complementary=True, antithetic=True)
     G = 8
     run = [loader.step(s * G) for s in range(5)]
-    assert [r.block_size for r in run] == [1, 1, 4, 8, 8] and [r.stage for r in run] == [0, 0, 1, 2, 2]
+    assert [r.block_size for r in run] == [1, 1, 4, 8, 8] and [r.curriculum_stage for r in run] == [0, 0, 1, 2, 2]
     resumed = make_loader(data, complementary=True, antithetic=True)  # fresh objects, as after a restart
     for s in (3, 2, 4):
         again = resumed.step(s * G)

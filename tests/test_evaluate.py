@@ -22,7 +22,8 @@ import torch
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 
 from megablock.data.datasets import eval_windows  # noqa: E402
-from megablock.evaluation import ar_nll_sums, load_eval_model, nelbo_sums  # noqa: E402
+from megablock.inference.evaluation import ar_nll_sums, nelbo_sums  # noqa: E402
+from megablock.inference.loading import load  # noqa: E402
 from megablock.parallel.state import initialize_parallel  # noqa: E402
 from megablock.testing import save_tiny_hf_model  # noqa: E402
 
@@ -90,7 +91,7 @@ def test_nelbo_is_training_diffusion_loss_and_reproducible(assets):
     from megablock.diffusion.batch import build_batch
     from megablock.diffusion.loss import block_diffusion_loss
 
-    em = load_eval_model(ckpt=assets["root"] / "ckpt")
+    em = load(ckpt=assets["root"] / "ckpt")
     x = windows(assets)
     kw = dict(mask_token_id=em.mask_token_id, samples=1, seed=7)
     total, count = nelbo_sums(em.model, x, 4, batch_size=64, **kw)

@@ -41,8 +41,8 @@ def peaked_model(family="llama", seed=0, scale=40.0, **overrides):
     return hf
 
 
-def sampler_for(hf, mask=MASK, eos=None):
-    im = from_hf_model(hf, mask_token_id=mask)
+def sampler_for(hf, mask=MASK, eos=None, parallel=None):
+    im = from_hf_model(hf, mask_token_id=mask, **({"parallel": parallel} if parallel else {}))
     if eos is not None:
         im.eos_token_ids = eos
     return im.sampler()
@@ -208,8 +208,8 @@ def test_select_commits():
 
 # --- tensor parallelism -------------------------------------------------------------------------
 def _tp_worker(rank, world, cfgs):
-    initialize_parallel(tp=world, pp=1)
-    sampler = sampler_for(peaked_model("llama"), eos=[])
+    info = initialize_parallel(tp=world, pp=1)
+    sampler = sampler_for(peaked_model("llama"), eos=[], parallel=info)
     prompts = [list(range(50, 57)), list(range(60, 64))]
     return [sampler.generate(prompts, c).tokens for c in cfgs]
 

@@ -60,13 +60,14 @@ def _ar_logits(model, tokens):
 
 
 def test_zero_b_is_exactly_the_base_model(assets, single_process):
-    from megablock.model.loading import load_model
-    from megablock.model.lora import LoraSettings, apply_lora, is_adapter_name
+    from megablock.checkpoint.loading import load_model
+    from megablock.config import LoraSection
+    from megablock.model.lora import apply_lora, is_adapter_name
 
     model, meta = load_model(assets / "ckpt")
     tokens = _tokens()
     base = _loss(model, tokens, meta["mask_token_id"])
-    apply_lora(model, LoraSettings(**SETTINGS), seed=7)
+    apply_lora(model, LoraSection(enabled=True, **SETTINGS), seed=7)
     parts = _loss(model, tokens, meta["mask_token_id"])
     # B = 0 and a zero mask-row delta add exact zeros: bit-identical losses.
     assert torch.equal(parts.loss, base.loss) and torch.equal(parts.diffusion_loss, base.diffusion_loss)
@@ -84,7 +85,8 @@ def _randomize(model, settings):
     """Non-zero B and mask-row delta, drawn as full tensors and split, so every TP layout holds
     the same adapters (A is already drawn that way by apply_lora)."""
     from megablock.checkpoint.format import full_shapes
-    from megablock.model.lora import MASK_DELTA, base_weight_name, split_factor
+    from megablock.checkpoint.adapters import split_factor
+    from megablock.model.lora import MASK_DELTA, base_weight_name
 
     shapes = full_shapes(model.cfg, model.tp)
     with torch.no_grad():
@@ -101,14 +103,16 @@ def _randomize(model, settings):
 
 
 def _tp_worker(rank, world, ckpt, out):
+    from megablock.checkpoint import adapters
     from megablock.checkpoint import format as fmt
+    from megablock.checkpoint.loading import load_model
+    from megablock.config import LoraSection
     from megablock.model import lora
-    from megablock.model.loading import load_model
     from megablock.parallel.state import initialize_parallel
 
-    initialize_parallel(world, 1)
-    model, meta = load_model(ckpt)
-    settings = lora.LoraSettings(**SETTINGS)
+    info = initialize_parallel(world, 1)
+    model, meta = load_model(ckpt, info)
+    settings = LoraSection(enabled=True, **SETTINGS)
     lora.apply_lora(model, settings, seed=7)
     _randomize(model, settings)
     parts = _loss(model, _tokens(1), meta["mask_token_id"])
@@ -116,18 +120,18 @@ def _tp_worker(rank, world, ckpt, out):
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     gathered = [None] * world
     torch.distributed.all_gather_object(gathered, grads)
-    full = {n: lora._merge_factor(model.cfg, n, [g[n] for g in gathered]) for n in grads}
+    full = {n: adapters._merge_factor(model.cfg, n, [g[n] for g in gathered]) for n in grads}
     # Replicated factors (column A, row B, mask row, norms) must get the same gradient on every rank.
     params = dict(model.named_parameters())
     replicated = [n for n in grads if not getattr(params[n], "tensor_model_parallel", False)]
     replicated_equal = all(torch.equal(g[n], gathered[0][n]) for g in gathered for n in replicated)
     # Write this layout's LoRA checkpoint: the base shard in model/, the adapters in lora/.
-    base, adapters = lora.split_weights(model.weights())
+    base, adapter_weights = lora.split_weights(model.weights())
     fmt.save_shard(out, rank, 0, {k: v.detach() for k, v in base.items()})
-    lora.save_adapter_shard(out, rank, 0, adapters)
+    adapters.save_adapter_shard(out, rank, 0, adapter_weights)
     if rank == 0:
         fmt.write_metadata(out, fmt.make_metadata(model.cfg, world, 1, None, "fp32", source="test",
-                                                  lora=lora.checkpoint_meta(settings)))
+                                                  lora=adapters.checkpoint_meta(settings)))
         shutil.copytree(Path(ckpt) / "tokenizer", Path(out) / "tokenizer")
     with torch.no_grad():
         logits = _ar_logits(model, _tokens(2)) if world == 1 else None
@@ -173,7 +177,7 @@ def test_exports_merged_and_peft_separate_give_the_lora_model(assets, layouts, s
     from safetensors.torch import load_file
 
     from megablock.checkpoint.export import export
-    from megablock.model.loading import load_model
+    from megablock.checkpoint.loading import load_model
 
     unmerged = layouts[0][4]
     mask_id = json.loads((assets / "ckpt" / "megablock.json").read_text())["mask_token_id"]
@@ -239,10 +243,10 @@ def _train_in_process(rank, world, assets, save_dir):
     trainer = Trainer(load_config(str(CONFIG), _overrides(assets, save_dir)))
     trainer.run()
     in_optimizer = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-    named = dict(trainer.stage.named_parameters())
+    named = dict(trainer.model.named_parameters())
     trainable = {n for n, p in named.items() if p.requires_grad}
     return ({n for n, p in named.items() if id(p) in in_optimizer}, trainable,
-            sum(p.numel() for n, p in named.items() if n in trainable), trainer.stage.trainable_parameters)
+            sum(p.numel() for n, p in named.items() if n in trainable), trainer.trainable_parameters)
 
 
 def test_resume_is_exact_and_optimizer_holds_only_adapters(assets, data, tmp_path):
@@ -275,7 +279,7 @@ def test_resume_is_exact_and_optimizer_holds_only_adapters(assets, data, tmp_pat
     ref_adapters = load_file(reference / "step_0000006" / "lora" / "tp00_pp000.safetensors")
     assert all(torch.equal(adapters[k], ref_adapters[k]) for k in adapters)
     states = torch.load(next((step / "deepspeed").glob("mp_rank_*_model_states.pt")), weights_only=False)
-    assert {k for k in states["module"] if not k.endswith("_extra_state")} == {f"stage.{n}" for n in trainable}
+    assert {k for k in states["module"] if not k.endswith("_extra_state")} == {f"model.{n}" for n in trainable}
     meta = json.loads((step / "megablock.json").read_text())
     assert meta["lora"]["rank"] == 4 and meta["lora"]["trainable_parameters"] == n_trainable
 
@@ -285,7 +289,7 @@ def test_lora_config_validation():
 
     cfg = load_config(None, ["lora.enabled=true", "lora.target_modules=[linear_qkv, linear_fc2]"])
     assert cfg.lora.rank == 64 and cfg.lora.alpha == 128.0 and cfg.lora.target_modules == ["linear_qkv", "linear_fc2"]
-    for bad, words in (("lora.rank=0", "lora.rank"), ("lora.target_modules=[q_proj]", "not LoRA targets"),
+    for bad, words in (("lora.rank=0", "lora.rank"), ("lora.target_modules=[q_proj]", "lora.target_modules=.q_proj. is not one of"),
                        ("lora.dropout=1.5", "lora.dropout"), ("lora.alpha=-1", "lora.alpha")):
         with pytest.raises(ConfigError, match=words):
             load_config(None, ["lora.enabled=true", bad])

@@ -36,7 +36,7 @@ def single_process():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_block_size_one_equals_hf_ar_loss(tmp_path, family, single_process):
-    from megablock.model.loading import load_model
+    from megablock.checkpoint.loading import load_model
 
     hf, ckpt = _convert(tmp_path, family)
     model, meta = load_model(ckpt)
@@ -60,13 +60,13 @@ def test_block_size_one_equals_hf_ar_loss(tmp_path, family, single_process):
 
 def _tp_worker(rank, world, ckpt_dirs, block_size):
     from megablock.checkpoint.mappings import get_family
-    from megablock.model.loading import load_model
+    from megablock.checkpoint.loading import load_model
     from megablock.parallel.state import initialize_parallel
 
-    initialize_parallel(world, 1)
+    info = initialize_parallel(world, 1)
     out = {}
     for ckpt in ckpt_dirs:
-        model, meta = load_model(ckpt)
+        model, meta = load_model(ckpt, info)
         tokens = torch.randint(0, 300, (2, L), generator=torch.Generator().manual_seed(1))
         parts = _loss(model, _batch(tokens, block_size, meta["mask_token_id"]), ar_weight=0.5)
         parts.loss.backward()
@@ -98,3 +98,29 @@ def test_tensor_parallel_matches_single_process(tmp_path, block_size):
             if name in ("embedding.weight", "output_layer.weight"):  # vocab padding differs by TP
                 g1, g2 = g1[:vocab], g2[:vocab]
             assert torch.allclose(g1, g2, atol=1e-5, rtol=1e-4), f"{key}: {name}"
+
+
+def test_model_builds_without_a_process_group():
+    """The layout is passed in, not read from megatron's globals: a pipeline stage of the model
+    builds in a process that never started torch.distributed, with exactly its checkpoint names."""
+    import subprocess
+    import sys
+
+    code = """
+import torch.distributed as dist
+from megablock.checkpoint.format import shard_shapes
+from megablock.model.config import ModelConfig
+from megablock.model.transformer import BlockDiffusionLM
+from megablock.parallel.state import ParallelInfo
+
+cfg = ModelConfig(num_layers=3, tie_word_embeddings=True, mask_token_id=5)
+model = BlockDiffusionLM(cfg, ParallelInfo(world_size=2, rank=1, pp=2, pp_rank=1))
+want = shard_shapes(cfg, 1, 2, 1)
+got = {k: tuple(v.shape) for k, v in model.weights().items()}
+assert got == want, (sorted(got), sorted(want))
+assert not dist.is_initialized()
+print("ok", sorted(got)[0], len(got))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("ok embedding.weight")  # the last stage holds the tied embedding's copy

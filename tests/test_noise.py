@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from megablock.diffusion.batch import BatchConfig, build_batch, document_ids
+from megablock.config import DiffusionSection
+from megablock.diffusion.batch import build_batch, document_ids
 from megablock.diffusion.curriculum import Curriculum, Stage, stage_at
 from megablock.diffusion.noise import draw_noise, sample_seed
 
@@ -21,7 +22,7 @@ def x0_batch(b, L, vocab=90, seed=0):
 def test_hand_worked_example_L8_B4_shift():
     """L=8, B=4, shift, context_causal, t fixed at 0.5 (clipped [0.5, 0.5], so w = 2)."""
     x0 = torch.arange(10, 18).view(1, 8)
-    batch = build_batch(x0, [0], 4, mask_token_id=M, schedule="clipped", clip=(0.5, 0.5), seed=0)
+    batch = build_batch(x0, [0], 4, mask_token_id=M, schedule="clipped", clip_min=0.5, clip_max=0.5, seed=0)
     # The draw for (seed 0, sample 0) masks positions 1, 3 and 6 (0 and 4 start blocks: never).
     assert batch.input_ids.tolist() == [[10, M, 12, M, 14, 15, M, 17] + list(range(10, 18))]
     assert batch.position_ids.tolist() == [list(range(8)) * 2]
@@ -49,7 +50,7 @@ def test_hand_worked_example_no_shift():
     """Same draw without shift: position 0 is now eligible too (masked: 0, 1, 3, 6) and a mask
     at j predicts x0[j]; the clean half only carries L_AR."""
     x0 = torch.arange(10, 18).view(1, 8)
-    batch = build_batch(x0, [0], 4, mask_token_id=M, schedule="clipped", clip=(0.5, 0.5),
+    batch = build_batch(x0, [0], 4, mask_token_id=M, schedule="clipped", clip_min=0.5, clip_max=0.5,
                         shift=False, attention="block_causal", seed=0)
     assert batch.input_ids.tolist() == [[M, M, 12, M, 14, 15, M, 17] + list(range(10, 18))]
     assert batch.targets.tolist() == [[10, 11, 0, 13, 0, 0, 16, 0] + list(range(11, 18)) + [0]]
@@ -81,7 +82,7 @@ def test_full_mode_hand_worked():
     although B=4 is passed), token 0 never masked, no L_AR."""
     x0 = torch.arange(10, 26).view(1, 16)
     batch = build_batch(x0, [0], 4, mask_token_id=M, attention="full", schedule="clipped",
-                        clip=(0.5, 0.5), seed=0)
+                        clip_min=0.5, clip_max=0.5, seed=0)
     assert batch.layout.mode == "full" and batch.layout.block_size == 16
     assert batch.input_ids.tolist() == [[10, M, M, 13, M, 15, 16, M, 18, M, 20, 21, M, M, 24, M]]
     assert batch.position_ids.tolist() == [list(range(16))]
@@ -125,14 +126,14 @@ def test_contract_invariants(shift, attention, B):
 def test_weights_are_inverse_mask_probability():
     b, L, B = 8, 64, 8
     for schedule in ("linear", "clipped", "position"):
-        noise = draw_noise(torch.arange(b), L, B, schedule=schedule, seed=7)
+        noise = draw_noise(torch.arange(b), L, B, DiffusionSection(schedule=schedule), seed=7)
         batch = build_batch(x0_batch(b, L), torch.arange(b), B, mask_token_id=M, schedule=schedule, seed=7)
         m = noise.masked[:, 1:]
         w = batch.diff_weights[:, :L - 1]
         assert torch.allclose(w[m].double(), 1.0 / noise.prob[:, 1:][m], rtol=1e-6)
         assert w[~m].eq(0).all()
         uniform = build_batch(x0_batch(b, L), torch.arange(b), B, mask_token_id=M, schedule=schedule,
-                              seed=7, weighting="uniform")
+                              seed=7, loss_weighting="uniform")
         assert uniform.diff_weights[:, :L - 1][m].eq(1).all()
 
 
@@ -167,7 +168,7 @@ def test_mask_rate_matches_schedule(schedule, antithetic, expected):
     own generator), so we compare with 5 standard errors of the per-sample rates (deterministic
     seeds: the test cannot flake; 5 SE would reject a correct sampler with prob. ~6e-7)."""
     n, L, B = 2000, 64, 8
-    noise = draw_noise(torch.arange(n), L, B, schedule=schedule, antithetic=antithetic, seed=11)
+    noise = draw_noise(torch.arange(n), L, B, DiffusionSection(schedule=schedule, antithetic=antithetic), seed=11)
     rates = per_sample_rates(noise)
     se = rates.std() / math.sqrt(n)
     assert abs(rates.mean().item() - expected) < 5 * se.item()
@@ -181,7 +182,7 @@ def test_antithetic_ratios_are_stratified():
     """With antithetic draws the blocks' ratios of a sample are one shifted grid of spacing
     (hi-lo)/nB: sorted, consecutive gaps are exactly that, in shuffled block order."""
     L, B = 64, 8
-    noise = draw_noise(torch.arange(2000), L, B, schedule="clipped", antithetic=True, seed=1)
+    noise = draw_noise(torch.arange(2000), L, B, DiffusionSection(schedule="clipped", antithetic=True), seed=1)
     t = noise.prob[:, 1::B]  # one eligible position per block carries t_b
     gaps = t.sort(dim=1).values.diff(dim=1)
     assert t.min() >= 0.3 and t.max() <= 0.8
@@ -189,7 +190,7 @@ def test_antithetic_ratios_are_stratified():
     assert not all(torch.equal(row, row.sort().values) for row in t[:10]), "blocks should be shuffled"
     # The per-sample mean ratio varies nB^2 times less than with independent draws: its variance
     # is (hi-lo)^2/(12 nB^2) against (hi-lo)^2/(12 nB); we ask for 4x less, well inside that.
-    plain = draw_noise(torch.arange(2000), L, B, schedule="clipped", seed=1).prob[:, 1::B]
+    plain = draw_noise(torch.arange(2000), L, B, DiffusionSection(schedule="clipped"), seed=1).prob[:, 1::B]
     assert t.mean(1).var() < (plain.mean(1).var() / 4)
 
 
@@ -197,7 +198,7 @@ def test_position_schedule_tilts_towards_later_positions():
     """p_j(t) = t(1 + s(1-t) z_j): mean over the block is t, monotone in j, uniform at t=1.
     Expected first/last eligible rates: E[t] -/+ s E[t(1-t)] with t ~ U[eps, 1]."""
     n, L, B, s = 3000, 32, 8, 0.5
-    noise = draw_noise(torch.arange(n), L, B, schedule="position", seed=5, position_strength=s)
+    noise = draw_noise(torch.arange(n), L, B, DiffusionSection(schedule="position", position_strength=s), seed=5)
     p = noise.prob.view(n, L // B, B)[:, :, 1:]  # eligible ranks j = 0..6
     t = p.mean(-1)
     assert (p.diff(dim=-1) >= 0).all()
@@ -222,7 +223,7 @@ def test_complementary_masks_are_exact_complements():
     m1, m2 = batch.input_ids[:b, :L] == M, batch.input_ids[b:, :L] == M
     eligible = (torch.arange(L) % B != 0).expand(b, L)
     assert not (m1 & m2).any() and torch.equal(m1 | m2, eligible)
-    noise = draw_noise(torch.arange(b), L, B, seed=2)
+    noise = draw_noise(torch.arange(b), L, B, DiffusionSection(), seed=2)
     w2 = batch.diff_weights[b:, :L - 1][m2[:, 1:]].double()
     assert torch.allclose(w2, 1.0 / (1.0 - noise.prob[:, 1:][m2[:, 1:]]).clamp_min(1e-3), rtol=1e-6)
     assert torch.equal(batch.input_ids[b:, L:], x0) and torch.equal(batch.diff_weights[b:, L:], batch.diff_weights[:b, L:])
@@ -258,11 +259,9 @@ def test_batch_validation_messages():
     with pytest.raises(ValueError, match="schedule"):
         build_batch(x, [0, 1], 4, mask_token_id=M, schedule="cosine")
     with pytest.raises(ValueError, match="clip_min"):
-        build_batch(x, [0, 1], 4, mask_token_id=M, schedule="clipped", clip=(0.9, 0.2))
+        build_batch(x, [0, 1], 4, mask_token_id=M, schedule="clipped", clip_min=0.9, clip_max=0.2)
     with pytest.raises(ValueError, match="attention"):
         build_batch(x, [0, 1], 4, mask_token_id=M, attention="sliding")
-    cfg = BatchConfig.from_config({"schedule": "clipped", "loss_weighting": "uniform", "other": 1})
-    assert cfg.schedule == "clipped" and cfg.loss_weighting == "uniform" and cfg.shift
 
 
 # ------------------------------------------------------------------ curriculum

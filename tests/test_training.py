@@ -174,13 +174,13 @@ def test_kill_during_save_keeps_previous_latest(assets, tmp_path):
 
 
 def _nonfinite(rank, world, assets, save_dir):
-    import megablock.training.trainer as trainer_mod
+    import megablock.training.engine as engine_mod
     from megablock.config import load_config
     from megablock.training.trainer import Trainer, TrainingStopped
 
     cfg = load_config(str(CONFIG), _overrides(assets, save_dir, "train.steps=8", "checkpoint.interval=2",
                                               "train.max_nonfinite_steps=2", "train.eval_interval=0")[1:])
-    real_loss = trainer_mod.block_diffusion_loss
+    real_loss = engine_mod.block_diffusion_loss
 
     def poisoned(logits, *args):
         parts = real_loss(logits, *args)
@@ -188,7 +188,7 @@ def _nonfinite(rank, world, assets, save_dir):
             parts.loss = parts.loss * float("nan")
         return parts
 
-    trainer_mod.block_diffusion_loss = poisoned
+    engine_mod.block_diffusion_loss = poisoned
     trainer = Trainer(cfg)
     try:
         trainer.run()
@@ -196,7 +196,7 @@ def _nonfinite(rank, world, assets, save_dir):
         message = str(err)
     else:
         message = None
-    finite = all(torch.isfinite(p).all() for p in trainer.stage.parameters())
+    finite = all(torch.isfinite(p).all() for p in trainer.model.parameters())
     return message, trainer.state.step, finite
 
 

@@ -1,55 +1,15 @@
 #!/usr/bin/env python
-"""Convert a Hugging Face model (folder or GGUF file) into a sharded megablock checkpoint.
+"""Convert a Hugging Face model into a sharded megablock checkpoint: `python tools/convert_hf.py --help`.
 
-    python tools/convert_hf.py --hf-dir DIR | --gguf FILE --out DIR --tp N --pp M
-           [--mask-token TEXT | --no-mask-token] [--dtype fp32|bf16] [--layers-per-stage a,b,..] [--force]
-
-Errors in the input print one line (problem and fix) and exit 1, leaving no output folder.
+A thin wrapper: the tool is megablock.commands.convert_hf (also installed as the console command
+`megablock-convert-hf`).
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf-dir", help="Hugging Face model folder (config.json + safetensors or pytorch_model.bin)")
-    src.add_argument("--gguf", help="GGUF file (dequantized by transformers; needs `pip install gguf`)")
-    p.add_argument("--out", required=True, help="output checkpoint folder (must be empty unless --force)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    mask = p.add_mutually_exclusive_group()
-    mask.add_argument("--mask-token", help="use this existing token as the diffusion mask token")
-    mask.add_argument("--no-mask-token", action="store_true", help="add no mask token (weights unchanged)")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="dtype of the shards")
-    p.add_argument("--layers-per-stage", help="comma-separated layer counts per pipeline stage, e.g. 7,9")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from megablock.checkpoint.convert import DEFAULT_MASK_TOKEN, convert
-
-    try:
-        lps = [int(x) for x in args.layers_per_stage.split(",")] if args.layers_per_stage else None
-    except ValueError:
-        print(f"error: --layers-per-stage {args.layers_per_stage!r} must be comma-separated integers, e.g. 7,9", file=sys.stderr)
-        return 1
-    mask = None if args.no_mask_token else (args.mask_token or DEFAULT_MASK_TOKEN)
-    try:
-        convert(args.out, hf_dir=args.hf_dir, gguf=args.gguf, tp=args.tp, pp=args.pp, mask_token=mask,
-                explicit_mask=args.mask_token is not None, dtype=args.dtype, layers_per_stage=lps,
-                force=args.force, progress=not args.quiet)
-    except (ValueError, OSError) as e:  # our errors are ValueErrors with the fix in the message
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
+from megablock.commands.convert_hf import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

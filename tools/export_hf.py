@@ -1,44 +1,15 @@
 #!/usr/bin/env python
-"""Export a megablock checkpoint (converted or training, any TP x PP) as a plain HF folder.
+"""Export a megablock checkpoint as a plain Hugging Face folder: `python tools/export_hf.py --help`.
 
-    python tools/export_hf.py --ckpt DIR --out DIR [--dtype fp32|bf16] [--force] [--lora-separate]
-
---ckpt is a checkpoint folder (megablock.json + model/ shards) or a training save dir whose
-`latest` file names one. Errors print one line and exit 1, leaving no output folder.
-A LoRA checkpoint is exported with its adapters merged into the weights, or with
---lora-separate as the base model plus a PEFT adapter folder in OUT/adapter.
+A thin wrapper: the tool is megablock.commands.export_hf (also installed as the console command
+`megablock-export-hf`).
 """
-import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--ckpt", required=True, help="checkpoint folder, or a training save dir with `latest`")
-    p.add_argument("--out", required=True, help="output HF folder (must be empty unless --force)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], help="output dtype (default: the checkpoint's)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--lora-separate", action="store_true",
-                   help="LoRA checkpoint: write the base model plus a PEFT adapter folder (OUT/adapter) instead of merging")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    from megablock.checkpoint.export import export
-
-    try:
-        export(args.ckpt, args.out, dtype=args.dtype, force=args.force, progress=not args.quiet,
-               lora_separate=args.lora_separate)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
+from megablock.commands.export_hf import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

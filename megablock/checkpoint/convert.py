@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from megablock.model.config import ModelConfig, stage_layer_ranges
+from megablock.model.params import parameter_count
 
 from . import format as fmt
 from .mappings import Family, family_for_hf_config
@@ -279,14 +280,6 @@ def check_source(src: Source, family: Family, cfg: ModelConfig, mean_rows: list[
             raise ConversionError(f"weights {shapes} do not match config.json (expected {b.name} {expected[b.name]})")
 
 
-def count_parameters(cfg: ModelConfig) -> int:
-    """Real parameters (vocabulary padding excluded; a tied embedding counted once)."""
-    shapes = fmt.full_shapes(cfg, 1)
-    padding = (cfg.padded_vocab_size(1) - cfg.vocab_size) * cfg.hidden_size
-    return sum(torch.Size(s).numel() - (padding if n.endswith("embedding.weight") or n.startswith("output_layer") else 0)
-               for n, s in shapes.items())
-
-
 def convert(out, hf_dir=None, gguf=None, tp: int = 1, pp: int = 1, mask_token: Optional[str] = DEFAULT_MASK_TOKEN,
             explicit_mask: bool = False, dtype: str = "fp32", layers_per_stage: Optional[list] = None,
             force: bool = False, progress: bool = True, log: Callable = print) -> dict:
@@ -302,7 +295,7 @@ def convert(out, hf_dir=None, gguf=None, tp: int = 1, pp: int = 1, mask_token: O
     if tp < 1 or pp < 1:
         raise ConversionError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
     if dtype not in fmt.DTYPES:
-        raise ConversionError(f"--dtype {dtype!r} is not supported; use one of {', '.join(fmt.DTYPES)}")
+        raise ConversionError(f"dtype {dtype!r} is not supported; use one of {', '.join(fmt.DTYPES)}")
     out, tmp = prepare_out(out, force)
 
     src = FolderSource.open(hf_dir) if hf_dir is not None else GGUFSource(gguf)
@@ -354,7 +347,7 @@ def convert(out, hf_dir=None, gguf=None, tp: int = 1, pp: int = 1, mask_token: O
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    n_params = count_parameters(cfg)
+    n_params = parameter_count(cfg)[1]
     summary = {
         "out": str(out), "arch": cfg.arch, "parameters": n_params, "shards": tp * pp, "tp": tp, "pp": pp,
         "vocab_size": cfg.vocab_size, "padded_vocab_size": cfg.padded_vocab_size(tp),

@@ -26,8 +26,11 @@ from typing import Callable, Optional
 
 import torch
 
+from megablock.model.params import parameter_count
+
+from . import adapters
 from . import format as fmt
-from .convert import ConversionError, count_parameters, finish_out, prepare_out
+from .convert import ConversionError, finish_out, prepare_out
 from .mappings import get_family
 
 MAX_SHARD_BYTES = 5 * 10**9
@@ -97,7 +100,7 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
     meta = fmt.read_metadata(ckpt)
     dtype = dtype or meta["dtype"]
     if dtype not in fmt.DTYPES:
-        raise ConversionError(f"--dtype {dtype!r} is not supported; use one of {', '.join(fmt.DTYPES)}")
+        raise ConversionError(f"dtype {dtype!r} is not supported; use one of {', '.join(fmt.DTYPES)}")
     torch_dtype = fmt.DTYPES[dtype]
     cfg = fmt.model_config(meta)
     family = get_family(cfg.arch)
@@ -105,11 +108,9 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
         raise fmt.CheckpointError(f"{ckpt}/megablock.json: padded_vocab_size disagrees with the model config; re-convert")
     check_shards(ckpt, meta)
     tensors, lora = fmt.iter_full_tensors(ckpt, meta), None
-    if meta.get("lora") or lora_separate:  # imported only here: it brings megatron-core
-        from ..model import lora
-
-        lora.check_adapter_shards(ckpt, meta, required=lora_separate)
-        tensors = lora.iter_merged_full_tensors(ckpt, meta, merge_lora=not lora_separate)
+    if meta.get("lora") or lora_separate:
+        adapters.check_adapter_shards(ckpt, meta, required=lora_separate)
+        tensors = adapters.iter_merged_full_tensors(ckpt, meta, merge_lora=not lora_separate)
 
     # Plan the HF tensors (names, shapes) on meta tensors, then the files they go to.
     shapes = fmt.full_shapes(cfg, meta["tp"])
@@ -154,7 +155,7 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
         if meta.get("generation_config"):
             (tmp / "generation_config.json").write_text(json.dumps(meta["generation_config"], indent=2) + "\n")
         if lora_separate:
-            lora.write_peft_adapter(ckpt, meta, tmp / ADAPTER_DIR, torch_dtype, base_model_path=str(out))
+            adapters.write_peft_adapter(ckpt, meta, tmp / ADAPTER_DIR, torch_dtype, base_model_path=str(out))
         tok = ckpt / fmt.TOKENIZER_DIR
         if tok.is_dir():
             for f in tok.iterdir():
@@ -167,7 +168,7 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     summary = {
-        "out": str(out), "ckpt": str(ckpt), "arch": cfg.arch, "parameters": count_parameters(cfg),
+        "out": str(out), "ckpt": str(ckpt), "arch": cfg.arch, "parameters": parameter_count(cfg)[1],
         "files": len(files), "dtype": dtype, "from_tp": meta["tp"], "from_pp": meta["pp"],
         "seconds": round(time.time() - start, 2),
         "lora": None if not meta.get("lora") else ("separate" if lora_separate else "merged"),

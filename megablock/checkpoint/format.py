@@ -24,16 +24,17 @@ from typing import Iterator, Optional
 import torch
 from safetensors import safe_open
 
+from megablock.config import WeightDtype, options
 from megablock.model.config import ModelConfig, stage_layer_ranges
 
-from .mappings import get_family
+from .mappings import UnsupportedModel, get_family
 
 FORMAT_VERSION = 1
 METADATA_FILE = "megablock.json"
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
 LATEST_FILE = "latest"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = dict(zip(options(WeightDtype), (torch.float32, torch.bfloat16)))
 _REQUIRED = ("format_version", "model", "tp", "pp", "layers_per_stage", "vocab_size", "padded_vocab_size", "dtype")
 _ST_DTYPES = {
     torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
@@ -123,7 +124,10 @@ def read_metadata(ckpt) -> dict:
         )
     try:
         cfg = ModelConfig.from_dict(meta["model"])
+        get_family(cfg.arch)
         stage_layer_ranges(cfg.num_layers, meta["pp"], meta["layers_per_stage"])
+    except UnsupportedModel as e:
+        raise CheckpointError(f"{path}: {e}") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has an invalid model config ({e}); re-convert the model") from None
     return meta

@@ -29,6 +29,8 @@ from typing import Iterator, Optional
 
 import numpy as np
 
+from megablock.data.datasets import import_megatron_datasets
+
 TEXT_SPLITS = ("blank-line", "file", "line")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CHUNK_CHARS = 1 << 16  # ~64 KB of text per task: small enough to balance, big enough to amortize IPC
@@ -89,8 +91,6 @@ class TextTokenizer:
 
 def token_dtype(vocab_size: int):
     """Token dtype for a vocabulary, the same rule megatron-core's own preprocessing uses."""
-    from megablock.data.datasets import import_megatron_datasets
-
     return import_megatron_datasets()[2].DType.optimal_dtype(vocab_size)
 
 
@@ -304,8 +304,6 @@ def preprocess(
     progress: bool = True,
 ) -> PreprocessStats:
     """Tokenize `inputs` into `output_prefix`.bin/.idx; returns counts and timing."""
-    from megablock.data.datasets import import_megatron_datasets
-
     IndexedDatasetBuilder = import_megatron_datasets()[2].IndexedDatasetBuilder
     if workers < 1:
         raise PreprocessError(f"--workers must be >= 1, got {workers}")

@@ -14,7 +14,6 @@ takes global-batch positions  a*m*D + r*m  ..  a*m*D + r*m + m - 1,  so
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
 
 
 def data_parallel_coords(rank: int, world_size: int, tensor: int = 1, pipeline: int = 1) -> tuple[int, int]:
@@ -65,9 +64,3 @@ class DataParallelSampler:
             first = consumed_samples + a * m * D + self.data_parallel_rank * m
             out.append(list(range(first, first + m)))
         return out
-
-    def steps(self, consumed_samples: int = 0) -> Iterator[tuple[int, list[list[int]]]]:
-        """Endless (consumed_samples at step start, this rank's micro-batches) from a resume point."""
-        while True:
-            yield consumed_samples, self.micro_batches(consumed_samples)
-            consumed_samples += self.global_batch_size

@@ -19,10 +19,12 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from megablock.config import AttentionImpl, options
+
 from .layout import AttentionLayout
 from .masks import LayoutCache, _rules, dense_mask, flex_block_mask
 
-IMPLS = ("auto", "dense", "sdpa", "flex")
+IMPLS = options(AttentionImpl)
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward

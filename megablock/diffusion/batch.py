@@ -33,16 +33,15 @@ Special cases:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
-from typing import Any, Optional
+import dataclasses
+from dataclasses import dataclass, replace
+from typing import Optional
 
 import torch
 
+from megablock.config import DiffusionSection
 from megablock.diffusion.layout import AttentionLayout
 from megablock.diffusion.noise import Noise, draw_noise
-
-ATTENTIONS = ("context_causal", "block_causal", "full")
-WEIGHTINGS = ("elbo", "uniform")
 
 
 @dataclass
@@ -80,48 +79,6 @@ class DiffusionBatch:
         )
 
 
-@dataclass
-class BatchConfig:
-    """Noising/objective settings; field names match the `diffusion.*` config keys."""
-
-    attention: str = "context_causal"
-    """context_causal (NBDiff) | block_causal (BD3-LM) | full (bidirectional xt-only baseline)."""
-    shift: bool = True
-    """Token shift: output i predicts token i+1 (keeps the AR head's meaning)."""
-    schedule: str = "linear"
-    """linear | clipped | position (see megablock.diffusion.noise)."""
-    eps: float = 1e-3
-    """Lower end of t for linear/position; also floors complement probabilities in weights."""
-    clip_min: float = 0.3
-    """Lower end of t for the clipped schedule."""
-    clip_max: float = 0.8
-    """Upper end of t for the clipped schedule."""
-    antithetic: bool = False
-    """Stratify t over the blocks of each sample (shuffled over blocks)."""
-    complementary: bool = False
-    """Train each sample twice: with its mask and with the inverted mask (doubles the batch)."""
-    loss_weighting: str = "elbo"
-    """elbo (w = 1/p, the NELBO) | uniform (w = 1)."""
-    document_masking: bool = False
-    """No attention across documents of a packed sample (documents end at EOD tokens)."""
-    position_strength: float = 0.5
-    """Tilt s of the position schedule, in [0, 1]."""
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> "BatchConfig":
-        """Pick the matching fields from a `diffusion` config object or dict (others ignored)."""
-        get = cfg.get if isinstance(cfg, dict) else (lambda k, d: getattr(cfg, k, d))
-        return cls(**{f.name: get(f.name, f.default) for f in fields(cls)})
-
-    def validate(self) -> None:
-        if self.attention not in ATTENTIONS:
-            raise ValueError(f"diffusion.attention {self.attention!r} is not one of {ATTENTIONS}")
-        if self.loss_weighting not in WEIGHTINGS:
-            raise ValueError(
-                f"diffusion.loss_weighting {self.loss_weighting!r} is not one of {WEIGHTINGS}"
-            )
-
-
 def document_ids(samples: torch.Tensor, eod_token_id: int) -> torch.Tensor:
     """[b, L] long document index per position; a new document starts after each EOD token
     (the EOD itself belongs to the document it ends)."""
@@ -142,47 +99,23 @@ def build_batch(
     samples: torch.Tensor,
     sample_indices,
     block_size: int,
+    settings: Optional[DiffusionSection] = None,
     *,
     mask_token_id: Optional[int],
-    attention: str = "context_causal",
-    shift: bool = True,
-    schedule: str = "linear",
-    eps: float = 1e-3,
-    clip: tuple[float, float] = (0.3, 0.8),
-    antithetic: bool = False,
-    complementary: bool = False,
-    weighting: str = "elbo",
     seed: int = 0,
-    document_masking: bool = False,
     eod_token_id: Optional[int] = None,
-    position_strength: float = 0.5,
+    **overrides,
 ) -> DiffusionBatch:
     """Noise `samples` ([b, L] clean tokens whose global indices are `sample_indices`) at
-    `block_size` and lay out inputs, targets and loss weights (module docstring has the rules)."""
-    cfg = BatchConfig(
-        attention=attention, shift=shift, schedule=schedule, eps=eps, clip_min=clip[0],
-        clip_max=clip[1], antithetic=antithetic, complementary=complementary,
-        loss_weighting=weighting, document_masking=document_masking,
-        position_strength=position_strength,
-    )
-    return build_batch_from_config(
-        samples, sample_indices, block_size, cfg,
-        mask_token_id=mask_token_id, seed=seed, eod_token_id=eod_token_id,
-    )
+    `block_size` and lay out inputs, targets and loss weights (module docstring has the rules).
 
-
-def build_batch_from_config(
-    samples: torch.Tensor,
-    sample_indices,
-    block_size: int,
-    cfg: BatchConfig,
-    *,
-    mask_token_id: Optional[int],
-    seed: int = 0,
-    eod_token_id: Optional[int] = None,
-) -> DiffusionBatch:
-    """`build_batch` with the settings in a `BatchConfig`."""
-    cfg.validate()
+    `settings` is the run's `diffusion` config section (defaults when None); keyword `overrides`
+    replace some of its fields by their config names (`schedule="clipped"`, `clip_min=0.5`), and
+    are validated as the config validates them. `settings.stages` is not used: the block size is
+    the caller's."""
+    cfg = settings or DiffusionSection()
+    if overrides:
+        cfg = dataclasses.replace(cfg, **overrides)
     x0 = torch.as_tensor(samples).long()
     if x0.dim() != 2:
         raise ValueError(f"samples must be [batch, L], got shape {tuple(x0.shape)}")
@@ -222,11 +155,7 @@ def build_batch_from_config(
 
     full = cfg.attention == "full"
     noise_block = L if full else block_size
-    noise = draw_noise(
-        idx, L, noise_block, schedule=cfg.schedule, eps=cfg.eps,
-        clip=(cfg.clip_min, cfg.clip_max), antithetic=cfg.antithetic, shift=cfg.shift,
-        seed=seed, position_strength=cfg.position_strength,
-    )
+    noise = draw_noise(idx, L, noise_block, cfg, seed=seed)
     weights = _weights(noise.prob, noise.masked, cfg.loss_weighting, 0.0)
     masked = noise.masked
     if cfg.complementary:

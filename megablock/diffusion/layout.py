@@ -11,7 +11,10 @@ from typing import Optional
 
 import torch
 
-ATTENTION_MODES = ("ar", "context_causal", "block_causal", "full")
+from megablock.config import Attention, options
+
+ATTENTION_MODES = ("ar",) + options(Attention)
+"""The configurable attentions plus "ar" (x0 only, causal: block size 1 with shift)."""
 
 
 @dataclass

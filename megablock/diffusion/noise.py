@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-SCHEDULES = ("linear", "clipped", "position")
+from megablock.config import DiffusionSection
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -62,21 +63,11 @@ def sample_generator(seed: int, sample_index: int) -> torch.Generator:
     return g
 
 
-def schedule_range(schedule: str, eps: float, clip: tuple[float, float]) -> tuple[float, float]:
-    """[lo, hi] of the mask ratio t for a schedule (validated)."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"diffusion.schedule {schedule!r} is not one of {SCHEDULES}")
-    if schedule == "clipped":
-        lo, hi = float(clip[0]), float(clip[1])
-        if not 0.0 < lo <= hi <= 1.0:
-            raise ValueError(
-                f"clipped schedule needs 0 < diffusion.clip_min <= diffusion.clip_max <= 1, got "
-                f"[{lo}, {hi}]; BD3-LM uses clip_min=0.3, clip_max=0.8"
-            )
-        return lo, hi
-    if not 0.0 < eps <= 1.0:
-        raise ValueError(f"diffusion.eps must be in (0, 1] (it bounds 1/t), got {eps}")
-    return float(eps), 1.0
+def schedule_range(settings: DiffusionSection) -> tuple[float, float]:
+    """[lo, hi] of the mask ratio t (the section validated the values when it was built)."""
+    if settings.schedule == "clipped":
+        return float(settings.clip_min), float(settings.clip_max)
+    return float(settings.eps), 1.0
 
 
 def block_ratios(g: torch.Generator, num_blocks: int, lo: float, hi: float, antithetic: bool) -> torch.Tensor:
@@ -128,44 +119,31 @@ def eligible_positions(seq_len: int, block_size: int, shift: bool) -> torch.Tens
     return torch.ones(seq_len, dtype=torch.bool)
 
 
-def draw_noise(
-    sample_indices,
-    seq_len: int,
-    block_size: int,
-    *,
-    schedule: str = "linear",
-    eps: float = 1e-3,
-    clip: tuple[float, float] = (0.3, 0.8),
-    antithetic: bool = False,
-    shift: bool = True,
-    seed: int = 0,
-    position_strength: float = 0.5,
-) -> Noise:
-    """Draw the masks of a batch of samples identified by their global sample indices.
+def draw_noise(sample_indices, seq_len: int, block_size: int, settings: DiffusionSection, seed: int = 0) -> Noise:
+    """Draw the masks of a batch of samples identified by their global sample indices, with the
+    schedule, eps / clip range, antithetic, shift and position_strength of `settings`.
 
     `block_size` = seq_len gives one ratio per sample (the `full` baseline)."""
     if seq_len % block_size:
         raise ValueError(f"block size {block_size} does not divide sequence length {seq_len}")
-    if not 0.0 <= position_strength <= 1.0:
-        raise ValueError(f"position_strength must be in [0, 1] (keeps p <= 1), got {position_strength}")
-    lo, hi = schedule_range(schedule, eps, clip)
+    lo, hi = schedule_range(settings)
     indices = [int(i) for i in torch.as_tensor(sample_indices).flatten().tolist()]
     nb = seq_len // block_size
     ratios = torch.empty(len(indices), nb, dtype=torch.float64)
     uniforms = torch.empty(len(indices), seq_len, dtype=torch.float64)
     for row, idx in enumerate(indices):
         g = sample_generator(seed, idx)
-        ratios[row] = block_ratios(g, nb, lo, hi, antithetic)
+        ratios[row] = block_ratios(g, nb, lo, hi, settings.antithetic)
         uniforms[row] = torch.rand(seq_len, generator=g, dtype=torch.float64)
 
-    eligible = eligible_positions(seq_len, block_size, shift)
+    eligible = eligible_positions(seq_len, block_size, settings.shift)
     t = ratios.repeat_interleave(block_size, dim=1)  # [b, L]
-    if schedule == "position":
-        n = block_size - 1 if shift else block_size
+    if settings.schedule == "position":
+        n = block_size - 1 if settings.shift else block_size
         z_block = torch.zeros(block_size, dtype=torch.float64)
         z_block[eligible[:block_size]] = position_tilt(n)
         z = z_block.repeat(nb)  # [L]
-        prob = t * (1.0 + position_strength * (1.0 - t) * z)
+        prob = t * (1.0 + settings.position_strength * (1.0 - t) * z)
     else:
         prob = t
     prob = torch.where(eligible, prob, torch.zeros_like(prob))

@@ -1,34 +1,32 @@
-"""Load a model for sampling: a megablock checkpoint, an HF folder, or an HF model object.
+"""Load a model for sampling and evaluation: a megablock checkpoint, an HF folder, or an HF model
+object.
 
 Every path ends in a `BlockDiffusionLM` holding this process's TP shard (pp = 1) plus what the
-sampler needs to know about the model: its mask token, the block size it was trained at, whether
-it uses token shift, its EOS ids and its tokenizer.
+sampler and the evaluation need to know about the model: its mask token, the block size and
+attention it was trained with, whether it uses token shift, its EOS ids and its tokenizer.
 
 HF folders are read through the same declarative mappings `tools/convert_hf.py` uses
-(megablock.checkpoint.mappings), in memory: no checkpoint is written. An exported folder carries
-`block_size`, `mask_token_id` and `diffusion_shift` in its config.json; a plain AR model has no mask
-token and can only be sampled at block size 1 (the sampler says so).
+(megablock.checkpoint.loading.model_from_hf_tensors), in memory: no checkpoint is written. An
+exported folder carries `block_size`, `mask_token_id`, `diffusion_shift` and
+`diffusion_attention` in its config.json; a plain AR model has no mask token and can only be
+sampled at block size 1 (the sampler says so).
 """
 from __future__ import annotations
 
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
-from megatron.core import parallel_state
 
 from megablock.checkpoint import format as fmt
-from megablock.checkpoint.mappings import family_for_hf_config, get_family
-from megablock.model.config import ModelConfig
+from megablock.checkpoint.convert import FolderSource
+from megablock.checkpoint.loading import model_from_hf_tensors, stage_shard
+from megablock.checkpoint.mappings import family_for_hf_config
 from megablock.model.transformer import BlockDiffusionLM
-from megablock.parallel.state import initialize_parallel
+from megablock.parallel.state import ParallelInfo, current_parallel
 
 from .sampler import BlockDiffusionSampler
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -41,38 +39,11 @@ class InferenceModel:
     shift: bool = True
     eos_token_ids: list = field(default_factory=list)
     pad_token_id: int = 0
+    attention: str = "context_causal"
+    """The attention the model was trained with (context_causal when not recorded, e.g. plain HF)."""
 
     def sampler(self) -> BlockDiffusionSampler:
         return BlockDiffusionSampler(self.model, self.mask_token_id, self.eos_token_ids, self.pad_token_id)
-
-
-def init_inference_parallel() -> None:
-    """One process (TP = 1), or every launched process a TP rank (torchrun / deepspeed)."""
-    tp = int(os.environ.get("WORLD_SIZE", "1"))
-    initialize_parallel(tp=tp, pp=1)
-
-
-def run_inference_tool(run: Callable, args) -> int:
-    """Runs a command-line tool's `run(args)` (tools/generate.py, tools/evaluate.py): a user error
-    (EvaluationError, CheckpointError, a missing file, ...) becomes `error: ...` and exit code 2
-    instead of a traceback. A process group the tool created is torn down; one that already
-    existed (the tool called in-process, as the tests do) is kept."""
-    import warnings
-
-    import torch.distributed as dist
-
-    from megablock.parallel.state import destroy_parallel
-
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
-    owns_world = not dist.is_initialized()
-    try:
-        return run(args)
-    except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if owns_world:
-            destroy_parallel()
 
 
 def _ids(*values) -> list:
@@ -84,77 +55,6 @@ def _ids(*values) -> list:
     return sorted({int(v) for v in out})
 
 
-def build_from_hf_tensors(cfg: ModelConfig, get: Callable[[str], torch.Tensor], dtype=torch.float32) -> BlockDiffusionLM:
-    """A model holding this TP rank's shard, each tensor mapped from HF tensors (`get(name)`)."""
-    family = get_family(cfg.arch)
-    tp, rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
-    model = BlockDiffusionLM(cfg, dtype=dtype, initialize=False)
-    shard = {}
-    for name in model.weights():
-        b = family.find(name, cfg)
-        shard[name] = b.split(b.to_megablock(get, cfg), tp, rank, cfg).to(dtype)
-    model.load_weights(shard)
-    return model.eval()
-
-
-def from_hf_model(hf_model, mask_token_id: Optional[int] = None, dtype=torch.float32) -> InferenceModel:
-    """From an in-memory HF causal LM (tests, benchmarks). `mask_token_id` picks an existing token
-    as the mask (e.g. to exercise block decoding on an untrained model)."""
-    raw = hf_model.config.to_dict()
-    cfg = family_for_hf_config(raw).model_config(hf_model.config, raw)
-    cfg.mask_token_id = mask_token_id
-    state = hf_model.state_dict()
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    model = build_from_hf_tensors(cfg, state.__getitem__, dtype)
-    gen = getattr(hf_model, "generation_config", None)
-    eos = _ids(cfg.eos_token_id, getattr(gen, "eos_token_id", None))
-    return InferenceModel(model, None, mask_token_id, None, True, eos, _pad(None, eos))
-
-
-def load_hf_folder(path, dtype=torch.float32) -> InferenceModel:
-    """An HF folder of a supported family (plain, or exported by tools/export_hf.py)."""
-    from megablock.checkpoint.convert import FolderSource
-
-    src = FolderSource.open(path)
-    raw = src.raw_config
-    cfg = family_for_hf_config(raw).model_config(src.hf_config, raw)
-    cfg.mask_token_id = raw.get("mask_token_id")
-    model = build_from_hf_tensors(cfg, src.get, dtype)
-    tokenizer = src.load_tokenizer() if src.load_tokenizer else None
-    gen = src.generation_config or {}
-    eos = _ids(cfg.eos_token_id, gen.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None))
-    return InferenceModel(
-        model, tokenizer, cfg.mask_token_id, raw.get("block_size"), bool(raw.get("diffusion_shift", True)),
-        eos, _pad(tokenizer, eos),
-    )
-
-
-def load_checkpoint(path, dtype=torch.float32) -> InferenceModel:
-    """A megablock checkpoint (converted or from training, LoRA adapters merged) saved at any
-    TP x PP; resharded in memory when the saved layout differs from this run's TP (pp = 1)."""
-    from megablock.model.loading import stage_shard
-
-    ckpt = fmt.resolve_checkpoint(path)
-    meta = fmt.read_metadata(ckpt)
-    cfg = fmt.model_config(meta)
-    model = BlockDiffusionLM(cfg, dtype=dtype, initialize=False)
-    # The same reader as training's init_from: resharded when the layout differs, and a LoRA
-    # checkpoint's adapters merged into the weights.
-    model.load_weights({k: v.to(dtype) for k, v in stage_shard(ckpt, meta).items()})
-    tokenizer = None
-    if (ckpt / fmt.TOKENIZER_DIR).is_dir():
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(str(ckpt / fmt.TOKENIZER_DIR))
-    gen = meta.get("generation_config") or {}
-    eos = _ids(cfg.eos_token_id, gen.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None))
-    return InferenceModel(
-        model.eval(), tokenizer, meta.get("mask_token_id", cfg.mask_token_id), meta.get("block_size"),
-        bool(meta.get("shift", True)), eos, _pad(tokenizer, eos),
-    )
-
-
 def _pad(tokenizer, eos: list) -> int:
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is not None:
@@ -162,16 +62,76 @@ def _pad(tokenizer, eos: list) -> int:
     return eos[0] if eos else 0
 
 
-def load(ckpt=None, hf_dir=None, dtype: str = "fp32") -> InferenceModel:
-    """Exactly one of `ckpt` / `hf_dir`; clear errors for a missing folder or a bad dtype."""
+def from_hf_model(hf_model, mask_token_id: Optional[int] = None, dtype=torch.float32,
+                  parallel: Optional[ParallelInfo] = None) -> InferenceModel:
+    """From an in-memory HF causal LM (tests, benchmarks). `mask_token_id` picks an existing token
+    as the mask (e.g. to exercise block decoding on an untrained model)."""
+    parallel = parallel or current_parallel()
+    raw = hf_model.config.to_dict()
+    cfg = family_for_hf_config(raw).model_config(hf_model.config, raw)
+    cfg.mask_token_id = mask_token_id
+    state = hf_model.state_dict()
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    model = model_from_hf_tensors(cfg, state.__getitem__, parallel, dtype)
+    gen = getattr(hf_model, "generation_config", None)
+    eos = _ids(cfg.eos_token_id, getattr(gen, "eos_token_id", None))
+    return InferenceModel(model, None, mask_token_id, None, True, eos, _pad(None, eos))
+
+
+def load_hf_folder(path, dtype=torch.float32, parallel: Optional[ParallelInfo] = None) -> InferenceModel:
+    """An HF folder of a supported family (plain, or exported by tools/export_hf.py)."""
+    parallel = parallel or current_parallel()
+    src = FolderSource.open(path)
+    raw = src.raw_config
+    cfg = family_for_hf_config(raw).model_config(src.hf_config, raw)
+    cfg.mask_token_id = raw.get("mask_token_id")
+    model = model_from_hf_tensors(cfg, src.get, parallel, dtype)
+    tokenizer = src.load_tokenizer() if src.load_tokenizer else None
+    gen = src.generation_config or {}
+    eos = _ids(cfg.eos_token_id, gen.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None))
+    return InferenceModel(
+        model, tokenizer, cfg.mask_token_id, raw.get("block_size"), bool(raw.get("diffusion_shift", True)),
+        eos, _pad(tokenizer, eos), raw.get("diffusion_attention") or "context_causal",
+    )
+
+
+def load_checkpoint(path, dtype=torch.float32, parallel: Optional[ParallelInfo] = None) -> InferenceModel:
+    """A megablock checkpoint (converted or from training, LoRA adapters merged) saved at any
+    TP x PP; resharded in memory when the saved layout differs from `parallel`'s TP (pp = 1)."""
+    parallel = parallel or current_parallel()
+    ckpt = fmt.resolve_checkpoint(path)
+    meta = fmt.read_metadata(ckpt)
+    cfg = fmt.model_config(meta)
+    model = BlockDiffusionLM(cfg, parallel, dtype=dtype, initialize=False)
+    # The same reader as training's init_from: resharded when the layout differs, and a LoRA
+    # checkpoint's adapters merged into the weights.
+    model.load_weights({k: v.to(dtype) for k, v in stage_shard(ckpt, meta, parallel).items()})
+    tokenizer = None
+    if (ckpt / fmt.TOKENIZER_DIR).is_dir():
+        from transformers import AutoTokenizer  # deferred: transformers takes seconds to import
+
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt / fmt.TOKENIZER_DIR))
+    gen = meta.get("generation_config") or {}
+    eos = _ids(cfg.eos_token_id, gen.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None))
+    return InferenceModel(
+        model.eval(), tokenizer, meta.get("mask_token_id", cfg.mask_token_id), meta.get("block_size"),
+        bool(meta.get("shift", True)), eos, _pad(tokenizer, eos), meta.get("attention") or "context_causal",
+    )
+
+
+def load(ckpt=None, hf_dir=None, dtype: str = "fp32", parallel: Optional[ParallelInfo] = None) -> InferenceModel:
+    """Exactly one of `ckpt` / `hf_dir`; clear errors for a missing folder or a bad dtype. The
+    model is moved to `parallel.device` (default: the current layout's) and put in eval mode."""
+    parallel = parallel or current_parallel()
     if (ckpt is None) == (hf_dir is None):
-        raise ValueError("pass exactly one of --ckpt or --hf-dir")
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}")
+        raise ValueError("pass exactly one of ckpt or hf_dir")
+    if dtype not in fmt.DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use one of {', '.join(fmt.DTYPES)}")
     folder = Path(ckpt if ckpt is not None else hf_dir)
     if not folder.is_dir():
-        flag = "--ckpt" if ckpt is not None else "--hf-dir"
-        raise FileNotFoundError(f"{flag} {folder} does not exist")
-    if ckpt is not None:
-        return load_checkpoint(folder, DTYPES[dtype])
-    return load_hf_folder(folder, DTYPES[dtype])
+        raise FileNotFoundError(f"{'checkpoint' if ckpt is not None else 'HF model'} folder {folder} does not exist")
+    loader = load_checkpoint if ckpt is not None else load_hf_folder
+    im = loader(folder, fmt.DTYPES[dtype], parallel)
+    im.model.to(parallel.device).eval()
+    return im

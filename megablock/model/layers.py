@@ -16,9 +16,17 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
 
+from megablock.diffusion.attention import attend
 from megablock.diffusion.layout import AttentionLayout
 from megablock.model.config import ModelConfig
 from megablock.model.rope import apply_rope
+
+
+def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
+    """Identity forward, all-reduce of the gradient over the TP group in backward (skipped at TP = 1)."""
+    if group is None or group.size() == 1:
+        return x
+    return tensor_parallel.copy_to_tensor_model_parallel_region(x, group=group)
 
 
 class RMSNorm(nn.Module):
@@ -29,11 +37,12 @@ class RMSNorm(nn.Module):
     backward keeps the replicas equal to the TP = 1 gradient.
     """
 
-    def __init__(self, dim: int, eps: float, sees_head_shard: bool = False):
+    def __init__(self, dim: int, eps: float, sees_head_shard: bool = False, tp_group=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.sees_head_shard = sees_head_shard
+        self.tp_group = tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
@@ -41,7 +50,7 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         weight = self.weight
         if self.sees_head_shard:
-            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight)
+            weight = copy_to_tp_region(weight, self.tp_group)
         return weight * h.to(dtype)
 
 
@@ -79,27 +88,28 @@ def normal_init(std: float) -> Callable[[torch.Tensor], None]:
 
 
 class ParallelAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, layer_index: int):
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, layer_index: int, tp_group=None):
         super().__init__()
         tp = mcfg.tensor_model_parallel_size
         self.layer_index = layer_index
         self.head_dim = cfg.head_dim
-        self.hpg = cfg.heads_per_group
+        self.heads_per_group = cfg.heads_per_group
         self.local_groups = cfg.num_kv_heads // tp
         qkv_out = (cfg.num_attention_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.linear_qkv = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size, qkv_out, config=mcfg, init_method=normal_init(cfg.init_std),
-            bias=cfg.qkv_bias, gather_output=False,
+            bias=cfg.qkv_bias, gather_output=False, tp_group=tp_group,
         )
         if cfg.qk_norm:
-            self.q_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, sees_head_shard=tp > 1)
-            self.k_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, sees_head_shard=tp > 1)
+            self.q_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, sees_head_shard=tp > 1, tp_group=tp_group)
+            self.k_layernorm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps, sees_head_shard=tp > 1, tp_group=tp_group)
         else:
             self.q_layernorm = self.k_layernorm = None
         out_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
         self.linear_proj = tensor_parallel.RowParallelLinear(
             cfg.num_attention_heads * cfg.head_dim, cfg.hidden_size, config=mcfg,
             init_method=normal_init(out_std), bias=False, input_is_parallel=True, skip_bias_add=False,
+            tp_group=tp_group,
         )
         mark_tensor_parallel(self.linear_qkv, 0)
         mark_tensor_parallel(self.linear_proj, 1)
@@ -108,9 +118,10 @@ class ParallelAttention(nn.Module):
     def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
         b, s, _ = x.shape
         qkv, _ = self.linear_qkv(x)
-        qkv = qkv.view(b, s, self.local_groups, self.hpg + 2, self.head_dim)
-        q = qkv[:, :, :, : self.hpg].reshape(b, s, self.local_groups * self.hpg, self.head_dim)
-        k, v = qkv[:, :, :, self.hpg], qkv[:, :, :, self.hpg + 1]
+        hpg = self.heads_per_group
+        qkv = qkv.view(b, s, self.local_groups, hpg + 2, self.head_dim)
+        q = qkv[:, :, :, :hpg].reshape(b, s, self.local_groups * hpg, self.head_dim)
+        k, v = qkv[:, :, :, hpg], qkv[:, :, :, hpg + 1]
         if self.q_layernorm is not None:
             q, k = self.q_layernorm(q), self.k_layernorm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -118,8 +129,6 @@ class ParallelAttention(nn.Module):
         if kv_cache is not None:
             out = kv_cache.attend(self.layer_index, q, k, v)
         else:
-            from megablock.diffusion.attention import attend
-
             out = attend(q, k, v, layout, impl=self.attention_impl)
         out = out.transpose(1, 2).reshape(b, s, -1)
         out, _ = self.linear_proj(out)
@@ -127,16 +136,16 @@ class ParallelAttention(nn.Module):
 
 
 class ParallelMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig):
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, tp_group=None):
         super().__init__()
         self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size, 2 * cfg.intermediate_size, config=mcfg,
-            init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
+            init_method=normal_init(cfg.init_std), bias=False, gather_output=False, tp_group=tp_group,
         )
         self.linear_fc2 = tensor_parallel.RowParallelLinear(
             cfg.intermediate_size, cfg.hidden_size, config=mcfg,
             init_method=normal_init(cfg.init_std / math.sqrt(2 * cfg.num_layers)),
-            bias=False, input_is_parallel=True, skip_bias_add=False,
+            bias=False, input_is_parallel=True, skip_bias_add=False, tp_group=tp_group,
         )
         mark_tensor_parallel(self.linear_fc1, 0)
         mark_tensor_parallel(self.linear_fc2, 1)
@@ -151,13 +160,13 @@ class ParallelMLP(nn.Module):
 class DecoderLayer(nn.Module):
     """Pre-norm block; `layer_index` is the global index (it names the weights and the KV cache)."""
 
-    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, layer_index: int):
+    def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, layer_index: int, tp_group=None):
         super().__init__()
         self.layer_index = layer_index
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attention = ParallelAttention(cfg, mcfg, layer_index)
+        self.self_attention = ParallelAttention(cfg, mcfg, layer_index, tp_group)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = ParallelMLP(cfg, mcfg)
+        self.mlp = ParallelMLP(cfg, mcfg, tp_group)
 
     def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, layout, kv_cache)

@@ -5,57 +5,68 @@ of global layer indices, the first stage the embedding, the last the final norm 
 (and, with tied embeddings, its own copy of the embedding that training keeps tied).
 Weights are named as in the sharded checkpoint format (global layer indices), so a checkpoint
 shard loads with `load_state_dict` as it is.
+
+The parallel layout is passed in (`ParallelInfo`; the default is one process) and the TP group is
+handed to every megatron-core layer: the model reads no process-group globals and builds without
+any process group. Running it needs torch.distributed (a world of one at TP = 1), because
+megatron-core's layers ask for a group even when there is nothing to communicate.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from torch import nn
 
 from megablock.diffusion.layout import AttentionLayout
 from megablock.model.config import ModelConfig, stage_layer_ranges
-from megablock.model.layers import DecoderLayer, RMSNorm, mark_tensor_parallel, megatron_config, normal_init
+from megablock.model.layers import (
+    DecoderLayer, RMSNorm, copy_to_tp_region, mark_tensor_parallel, megatron_config, normal_init,
+)
 from megablock.model.rope import rope_cos_sin
+from megablock.parallel.state import ParallelInfo
 
 
 class BlockDiffusionLM(nn.Module):
     def __init__(
         self,
         cfg: ModelConfig,
+        parallel: ParallelInfo = ParallelInfo(),
         *,
-        pp_rank: int = 0,
         layers_per_stage: Optional[list] = None,
         dtype: torch.dtype = torch.float32,
         initialize: bool = True,
     ):
         super().__init__()
         self.cfg = cfg
-        self.tp = parallel_state.get_tensor_model_parallel_world_size()
-        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        self.tp, self.tp_rank, pp = parallel.tp, parallel.tp_rank, parallel.pp
+        self.tp_group = parallel.tp_group
         cfg.check_parallel(self.tp, pp)
         self.padded_vocab_size = cfg.padded_vocab_size(self.tp)
-        self.layer_range = stage_layer_ranges(cfg.num_layers, pp, layers_per_stage)[pp_rank]
-        self.pre_process = pp_rank == 0
-        self.post_process = pp_rank == pp - 1
+        self.layer_range = stage_layer_ranges(cfg.num_layers, pp, layers_per_stage)[parallel.pp_rank]
+        self.pre_process = parallel.pp_rank == 0
+        self.post_process = parallel.pp_rank == pp - 1
         mcfg = megatron_config(self.tp, pp, dtype, initialize)
+        group = parallel.tp_group
 
         if self.pre_process or (self.post_process and cfg.tie_word_embeddings):
             self.embedding = tensor_parallel.VocabParallelEmbedding(
-                self.padded_vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=mcfg
+                self.padded_vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=mcfg,
+                tp_group=group,
             )
             mark_tensor_parallel(self.embedding, 0)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, mcfg, i) for i in self.layer_range})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, mcfg, i, group) for i in self.layer_range})
         if self.post_process:
             self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             if not cfg.tie_word_embeddings:
                 self.output_layer = tensor_parallel.ColumnParallelLinear(
                     cfg.hidden_size, self.padded_vocab_size, config=mcfg,
-                    init_method=normal_init(cfg.init_std), bias=False, gather_output=False,
+                    init_method=normal_init(cfg.init_std), bias=False, gather_output=False, tp_group=group,
                 )
                 mark_tensor_parallel(self.output_layer, 0)
+        self.lora = None
+        """The LoraSection applied by megablock.model.lora.apply_lora, or None."""
         self.to(dtype)
 
     # The pieces are separate methods so pipeline stages can call them one by one.
@@ -79,7 +90,7 @@ class BlockDiffusionLM(nn.Module):
         block size 1 its distribution over real tokens is exactly the AR model's.
         """
         if self.cfg.tie_word_embeddings:
-            normed = tensor_parallel.copy_to_tensor_model_parallel_region(normed)
+            normed = copy_to_tp_region(normed, self.tp_group)
             logits = torch.nn.functional.linear(normed, self.embedding.weight)
         else:
             logits, _ = self.output_layer(normed)

@@ -9,40 +9,47 @@ from __future__ import annotations
 import logging
 import os
 import random
-from dataclasses import dataclass
+import socket
+from dataclasses import dataclass, field
 from datetime import timedelta
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megablock.testing import free_port
-
 logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
 class ParallelInfo:
-    """Where this process sits in the TP x DP x PP grid."""
+    """Where this process sits in the TP x DP x PP grid; the default is one process.
 
-    world_size: int
-    rank: int
-    tp: int
-    pp: int
-    dp: int
-    tp_rank: int
-    pp_rank: int
-    dp_rank: int
-    device: torch.device
+    The model, the shard loader and the optimizer take this instead of reading megatron-core's
+    globals, so a model can be built (and run at TP = 1) without any process group.
+    """
 
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.pp - 1
+    world_size: int = 1
+    rank: int = 0
+    tp: int = 1
+    pp: int = 1
+    dp: int = 1
+    tp_rank: int = 0
+    pp_rank: int = 0
+    dp_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    tp_group: Optional[object] = field(default=None, compare=False, repr=False)
+    """The tensor-parallel process group (None: no torch.distributed, TP = 1)."""
+    model_parallel_group: Optional[object] = field(default=None, compare=False, repr=False)
+    """The TP x PP group: one replica of the model (for counts and norms over the whole model)."""
 
 
 def default_device() -> torch.device:
@@ -115,7 +122,17 @@ def parallel_info(device: torch.device | None = None) -> ParallelInfo:
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         dp_rank=parallel_state.get_data_parallel_rank(),
         device=device or default_device(),
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        model_parallel_group=parallel_state.get_model_parallel_group(),
     )
+
+
+def current_parallel() -> ParallelInfo:
+    """The layout set up by `initialize_parallel`, or one process when there is none: the default
+    of the loaders' `parallel` argument (the model itself is always handed its layout)."""
+    if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
+        return parallel_info()
+    return ParallelInfo()
 
 
 def destroy_parallel() -> None:

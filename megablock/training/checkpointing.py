@@ -19,8 +19,8 @@ lora/tp{TT}_pp{PPP}.safetensors, one per rank like the model shards, and megablo
 "lora" entry (rank, alpha, targets, trainable parameter count). DeepSpeed's state excludes the
 frozen parameters (exclude_frozen_parameters): it holds the trainable ones and their optimizer
 state only, and resume rebuilds the frozen base from model.init_from. model/ + lora/ are what
-loading (megablock.model.loading: merged), tools/export_hf.py (merged, or --lora-separate) and
-megablock.model.lora.load_adapters (unmerged) read.
+loading (megablock.checkpoint.loading: merged) and tools/export_hf.py (merged, or
+--lora-separate) read.
 """
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from megablock.checkpoint import adapters
 from megablock.checkpoint.format import (
     LATEST_FILE, TOKENIZER_DIR, make_metadata, read_metadata, resolve_checkpoint, save_shard, write_metadata,
 )
-from megablock.model import lora
+from megablock.config import LoraSection
+from megablock.model.lora import split_weights
 
 logger = logging.getLogger(__name__)
 STEP_PREFIX = "step_"
@@ -52,8 +54,22 @@ class TrainerState:
     step: int = 0
     consumed_samples: int = 0
     consumed_tokens: int = 0
-    stage: int = 0
+    curriculum_stage: int = 0
     block_size: int = 1
+
+    def advance(self, samples: int, tokens: int, curriculum_stage: int, block_size: int) -> None:
+        """Account for one finished optimizer step."""
+        self.step += 1
+        self.consumed_samples += samples
+        self.consumed_tokens += tokens
+        self.curriculum_stage, self.block_size = curriculum_stage, block_size
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainerState":
+        d = dict(d)
+        if "stage" in d:  # written as "stage" before the curriculum stage got its own name
+            d["curriculum_stage"] = d.pop("stage")
+        return cls(**d)
 
 
 def step_dir_name(step: int) -> str:
@@ -70,8 +86,9 @@ def _rng_state() -> dict:
 
 
 def save_training_checkpoint(
-    *, engine, stage_model, info, save_dir: str, state: TrainerState, run_config: dict,
+    *, engine, model, info, save_dir: str, state: TrainerState, run_config: dict,
     source_meta: dict, tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
+    trainable_parameters: Optional[int] = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final step folder."""
     save_dir = Path(save_dir)
@@ -83,17 +100,17 @@ def save_training_checkpoint(
         tmp.mkdir(parents=True)
     _barrier()
 
-    lora_settings = lora.settings_of(stage_model)
+    lora_settings = model.lora
     engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=lora_settings is not None)
-    weights, adapters = lora.split_weights(_gather_weights(stage_model, zero_stage))
+    weights, adapter_weights = split_weights(_gather_weights(model, zero_stage))
     if info.dp_rank == 0:
         dtype = next(iter(weights.values())).dtype
         if dtype not in (torch.float32, torch.bfloat16):
             weights = {k: v.float() for k, v in weights.items()}
-            adapters = {k: v.float() for k, v in adapters.items()}
+            adapter_weights = {k: v.float() for k, v in adapter_weights.items()}
         save_shard(tmp, info.tp_rank, info.pp_rank, weights)
         if lora_settings is not None:
-            lora.save_adapter_shard(tmp, info.tp_rank, info.pp_rank, adapters)
+            adapters.save_adapter_shard(tmp, info.tp_rank, info.pp_rank, adapter_weights)
     rng_dir = tmp / "rng"
     rng_dir.mkdir(exist_ok=True)
     torch.save(_rng_state(), rng_dir / f"rank{info.rank:05d}.pt")
@@ -102,12 +119,12 @@ def save_training_checkpoint(
     if info.rank == 0:
         dtype = "bf16" if next(iter(weights.values())).dtype == torch.bfloat16 else "fp32"
         meta = make_metadata(
-            stage_model.cfg, info.tp, info.pp, run_config["parallel"]["layers_per_stage"], dtype,
+            model.cfg, info.tp, info.pp, run_config["parallel"]["layers_per_stage"], dtype,
             source=source_meta.get("source", "random init"), block_size=state.block_size, step=state.step,
-            curriculum_stage=state.stage, shift=run_config["diffusion"]["shift"],
+            curriculum_stage=state.curriculum_stage, shift=run_config["diffusion"]["shift"],
             attention=run_config["diffusion"]["attention"],
             **{k: v for k, v in source_meta.items() if k in ("generation_config",)},
-            **({"lora": lora.checkpoint_meta(lora_settings, getattr(stage_model, "trainable_parameters", None))}
+            **({"lora": adapters.checkpoint_meta(lora_settings, trainable_parameters)}
                if lora_settings is not None else {}),
         )
         write_metadata(tmp, meta)
@@ -127,13 +144,13 @@ def save_training_checkpoint(
     return final
 
 
-def _gather_weights(stage_model, zero_stage: int) -> dict:
+def _gather_weights(model, zero_stage: int) -> dict:
     if zero_stage == 3:
-        import deepspeed
+        import deepspeed  # deferred: DeepSpeed is only needed when ZeRO-3 partitions the weights
 
-        with deepspeed.zero.GatheredParameters(list(stage_model.parameters()), modifier_rank=None):
-            return {k: v.detach().clone() for k, v in stage_model.weights().items()}
-    return {k: v.detach() for k, v in stage_model.weights().items()}
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+            return {k: v.detach().clone() for k, v in model.weights().items()}
+    return {k: v.detach() for k, v in model.weights().items()}
 
 
 def _prune(save_dir: Path, keep_last: int, keep: str) -> None:
@@ -149,23 +166,23 @@ def latest_checkpoint(save_dir: Optional[str]) -> Optional[Path]:
     return resolve_checkpoint(save_dir)
 
 
-def load_training_state(engine, ckpt: Path, rank: int) -> TrainerState:
+def load_training_state(engine, model, ckpt: Path, rank: int) -> TrainerState:
     """Restore engine (weights, optimizer, scheduler) and trainer state from a step folder."""
-    lora_settings = lora.settings_of(engine.module)
+    lora_settings = model.lora
     saved = (read_metadata(ckpt).get("lora") or None)
     if (lora_settings is None) != (saved is None) or (
-        saved is not None and lora.LoraSettings.from_dict(saved) != lora_settings
+        saved is not None and LoraSection.from_saved(saved) != lora_settings
     ):
         raise RuntimeError(
             f"{ckpt} was saved with lora={saved} but this run has lora="
-            f"{lora_settings.to_dict() if lora_settings else None}; resume with the same lora settings"
+            f"{lora_settings}; resume with the same lora settings"
         )
     # LoRA checkpoints hold only the trainable parameters (the frozen base comes from init_from).
     load_path, _ = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True,
                                           load_lr_scheduler_states=True, load_module_strict=lora_settings is None)
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no engine state in {ckpt}/deepspeed; the checkpoint is incomplete")
-    state = TrainerState(**json.loads((ckpt / "trainer_state.json").read_text()))
+    state = TrainerState.from_dict(json.loads((ckpt / "trainer_state.json").read_text()))
     rng_file = ckpt / "rng" / f"rank{rank:05d}.pt"
     if rng_file.is_file():
         rng = torch.load(rng_file, weights_only=False)

@@ -21,13 +21,6 @@ def device_peak_flops() -> Optional[float]:
     return next((v for k, v in _PEAK_BF16.items() if k in name), None)
 
 
-def step_flops(num_params: int, tokens_in_model: int, layers: int, hidden: int, seq_len: int, two_halves: bool) -> float:
-    """Training FLOPs of one step: 6 per parameter per input token plus attention scores
-    (the structured mask makes a two-half step ~2x the attention of an AR pass over L)."""
-    attention = 12 * layers * hidden * seq_len * tokens_in_model / (1 if two_halves else 2)
-    return 6.0 * num_params * tokens_in_model + attention
-
-
 class MetricsWriter:
     """Appends one JSON object per logged step and mirrors the numbers to TensorBoard."""
 

@@ -7,14 +7,13 @@ rank takes together, whatever ZeRO partitioning or pipeline stage it holds.
 from __future__ import annotations
 
 import math
-
 from typing import Optional
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 
 from megablock.config import TrainSection
+from megablock.parallel.state import ParallelInfo
 
 
 class GuardedAdamW(torch.optim.AdamW):
@@ -28,14 +27,15 @@ class GuardedAdamW(torch.optim.AdamW):
     norm back from `_global_grad_norm`.
     """
 
-    def __init__(self, *args, clip_norm: Optional[float] = None, **kwargs):
+    def __init__(self, *args, parallel: ParallelInfo = ParallelInfo(), clip_norm: Optional[float] = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.parallel = parallel
         self.clip_norm = clip_norm
         self.last_step_skipped = False
         self._global_grad_norm = None
 
     def _grad_norm(self) -> torch.Tensor:
-        tp_rank = parallel_state.get_tensor_model_parallel_rank() if parallel_state.model_parallel_is_initialized() else 0
+        tp_rank, model_parallel = self.parallel.tp_rank, self.parallel.model_parallel_group
         sq = torch.zeros(1)
         for group in self.param_groups:
             for p in group["params"]:
@@ -44,8 +44,8 @@ class GuardedAdamW(torch.optim.AdamW):
                 if tp_rank != 0 and not getattr(p, "tensor_model_parallel", False):
                     continue
                 sq = sq.to(p.grad.device) + p.grad.detach().float().pow(2).sum()
-        if dist.is_initialized() and parallel_state.model_parallel_is_initialized():
-            dist.all_reduce(sq, group=parallel_state.get_model_parallel_group())
+        if model_parallel is not None:
+            dist.all_reduce(sq, group=model_parallel)
         return sq.sqrt()
 
     @torch.no_grad()
@@ -72,7 +72,7 @@ class GuardedAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def build_optimizer(params, t: TrainSection, own_clipping: bool) -> GuardedAdamW:
+def build_optimizer(params, t: TrainSection, parallel: ParallelInfo, own_clipping: bool) -> GuardedAdamW:
     """`own_clipping`: DeepSpeed passes raw gradients (ZeRO 0, fp32), so the optimizer clips."""
     decay, no_decay = [], []
     for name, p in params:
@@ -83,7 +83,7 @@ def build_optimizer(params, t: TrainSection, own_clipping: bool) -> GuardedAdamW
     groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return GuardedAdamW(
         [g for g in groups if g["params"]], lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps,
-        clip_norm=t.grad_clip if own_clipping else None,
+        parallel=parallel, clip_norm=t.grad_clip if own_clipping else None,
     )
 
 

@@ -1,4 +1,4 @@
-"""Building what a run trains: the stage model (from a checkpoint or random init) and its data."""
+"""Building what a run trains: the model of this rank (from a checkpoint or random init) and its data."""
 from __future__ import annotations
 
 import logging
@@ -6,17 +6,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from megablock.checkpoint.format import TOKENIZER_DIR, model_config, read_metadata, resolve_checkpoint
-from megablock.config import Config, ConfigError, validate_model
+from megablock.checkpoint.loading import stage_shard
+from megablock.checkpoint.mappings import UnsupportedModel, get_family
+from megablock.config import Config, ConfigError, DiffusionSection, validate_model
 from megablock.data.datasets import TokenWindows, build_gpt_datasets, check_vocabulary
-from megablock.data.loader import DiffusionBatches
+from megablock.data.loader import StepBatcher
 from megablock.data.sampler import DataParallelSampler
-from megablock.diffusion.batch import BatchConfig, DiffusionBatch, build_batch_from_config
-from megablock.diffusion.curriculum import Curriculum
+from megablock.diffusion.batch import DiffusionBatch, build_batch
 from megablock.model.config import ModelConfig
-from megablock.model.loading import stage_shard
+from megablock.model.lora import apply_lora
+from megablock.model.params import parameter_count
 from megablock.model.transformer import BlockDiffusionLM
 from megablock.parallel.state import ParallelInfo
 
@@ -32,37 +32,41 @@ def resolve_model_config(cfg: Config) -> tuple[ModelConfig, dict, Optional[Path]
     if not cfg.model.architecture:
         raise ConfigError("set model.init_from (a converted checkpoint) or model.architecture (random init)")
     try:
-        return ModelConfig(**cfg.model.architecture), {"source": "random init"}, None
-    except TypeError as err:
+        model_cfg = ModelConfig(**cfg.model.architecture)
+        get_family(model_cfg.arch)
+    except (TypeError, ValueError, UnsupportedModel) as err:
         raise ConfigError(f"model.architecture: {err}") from None
+    return model_cfg, {"source": "random init"}, None
 
 
-def build_stage_model(cfg: Config, info: ParallelInfo) -> tuple[BlockDiffusionLM, dict, Optional[Path]]:
+def resolve_and_check_model(cfg: Config) -> tuple[ModelConfig, dict, Optional[Path]]:
+    """`resolve_model_config` plus the checks between run and architecture: everything that can
+    be known before a process group, a model or a dataset is built."""
     model_cfg, meta, ckpt = resolve_model_config(cfg)
     validate_model(cfg, model_cfg)
+    return model_cfg, meta, ckpt
+
+
+def build_model(cfg: Config, model_cfg: ModelConfig, meta: dict, ckpt: Optional[Path],
+                info: ParallelInfo) -> BlockDiffusionLM:
+    """This rank's model on its device: loaded from `ckpt`, or randomly initialised if None."""
     lps = cfg.parallel.layers_per_stage
-    model = BlockDiffusionLM(model_cfg, pp_rank=info.pp_rank, layers_per_stage=lps, initialize=ckpt is None)
+    model = BlockDiffusionLM(model_cfg, info, layers_per_stage=lps, initialize=ckpt is None)
     model.set_attention_impl(cfg.model.attention_impl)
     if ckpt is not None:
-        model.load_weights({k: v.float() for k, v in stage_shard(ckpt, meta, lps).items()})
+        model.load_weights({k: v.float() for k, v in stage_shard(ckpt, meta, info, lps).items()})
     if cfg.lora.enabled:  # after loading: the base weights keep their names and stay frozen
-        from megablock.model.lora import LoraSettings, apply_lora
-
-        apply_lora(model, LoraSettings.from_section(cfg.lora), seed=cfg.train.seed)
-    log_parameter_counts(model, cfg)
-    model.to(info.device)
-    return model, meta, ckpt
+        apply_lora(model, cfg.lora, seed=cfg.train.seed)
+    log_parameter_counts(model_cfg, cfg)
+    return model.to(info.device)
 
 
-def log_parameter_counts(model: BlockDiffusionLM, cfg: Config) -> None:
-    """Log trainable / total parameters of the whole model (collective over TP x PP)."""
-    from megablock.model.lora import parameter_counts
-
-    trainable, total = parameter_counts(model)
-    model.trainable_parameters = trainable
-    what = (f"LoRA rank {cfg.lora.rank} on {', '.join(cfg.lora.target_modules) or 'no linears'}"
-            f"{' + mask-token row' if cfg.lora.train_mask_token_row else ''}"
-            f"{' + norms' if cfg.lora.train_norms else ''}") if cfg.lora.enabled else "full model"
+def log_parameter_counts(model_cfg: ModelConfig, cfg: Config) -> None:
+    trainable, total = parameter_count(model_cfg, cfg.lora)
+    lora = cfg.lora
+    what = (f"LoRA rank {lora.rank} on {', '.join(lora.target_modules) or 'no linears'}"
+            f"{' + mask-token row' if lora.train_mask_token_row else ''}"
+            f"{' + norms' if lora.train_norms else ''}") if lora.enabled else "full model"
     logger.info("trainable parameters: %s of %s (%.3f%%; %s)", f"{trainable:,}", f"{total:,}",
                 100.0 * trainable / max(total, 1), what)
 
@@ -81,26 +85,24 @@ class ValidationData:
 
     windows: TokenWindows
     sampler: DataParallelSampler
-    config: BatchConfig
+    settings: DiffusionSection
     mask_token_id: Optional[int]
     seed: int
     eod_token_id: Optional[int]
 
     def batches(self, block_size: int) -> list[DiffusionBatch]:
         return [
-            build_batch_from_config(
-                self.windows.get(indices), indices, block_size, self.config,
-                mask_token_id=self.mask_token_id, seed=self.seed, eod_token_id=self.eod_token_id,
-            )
+            build_batch(self.windows.get(indices), indices, block_size, self.settings,
+                        mask_token_id=self.mask_token_id, seed=self.seed, eod_token_id=self.eod_token_id)
             for indices in self.sampler.micro_batches(0)
         ]
 
 
-def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> tuple[DiffusionBatches, Optional[ValidationData]]:
+def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> tuple[StepBatcher, Optional[ValidationData]]:
     """Training and (if eval is on) validation batch streams for this rank."""
     if cfg.data.prefix is None:
         raise ConfigError("data.prefix is not set; point it at PREFIX from tools/preprocess_data.py")
-    if any(s["block_size"] > 1 for s in cfg.diffusion.stages) or cfg.diffusion.attention == "full":
+    if any(b > 1 for b in cfg.diffusion.block_sizes) or cfg.diffusion.attention == "full":
         check_vocabulary(cfg.data.prefix, model_cfg.vocab_size, model_cfg.mask_token_id)
     t = cfg.train
     train_samples = t.steps * t.global_batch_size
@@ -110,17 +112,15 @@ def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> tuple
         eod_token_id=eod_token_id(model_cfg), train_samples=train_samples, valid_samples=valid_samples,
         split=cfg.data.split, seed=t.seed, cache_dir=cfg.data.cache_dir,
     )
-    curriculum = Curriculum(cfg.diffusion.stages, cfg.data.seq_len)
-    batch_cfg = BatchConfig.from_config(cfg.diffusion)
     sampler = DataParallelSampler(t.global_batch_size, t.micro_batch_size, info.dp_rank, info.dp)
     common = dict(mask_token_id=model_cfg.mask_token_id, seed=t.seed, eod_token_id=eod_token_id(model_cfg))
-    train = DiffusionBatches(TokenWindows(train_ds, cfg.data.seq_len), sampler, curriculum, batch_cfg, **common)
+    train = StepBatcher(TokenWindows(train_ds, cfg.data.seq_len), sampler, cfg.diffusion, **common)
     valid = None
     if t.eval_interval:
         if valid_ds is None:
             raise ConfigError(f"train.eval_interval is set but data.split={cfg.data.split!r} leaves no validation split")
         # Evaluation NELBO: t ~ U[eps, 1], unweighted by training tricks (DESIGN.md).
-        eval_cfg = replace(batch_cfg, schedule="linear", antithetic=False, complementary=False, loss_weighting="elbo")
+        unbiased = replace(cfg.diffusion, schedule="linear", antithetic=False, complementary=False, loss_weighting="elbo")
         eval_sampler = DataParallelSampler(t.eval_batches * t.micro_batch_size * info.dp, t.micro_batch_size, info.dp_rank, info.dp)
-        valid = ValidationData(TokenWindows(valid_ds, cfg.data.seq_len), eval_sampler, eval_cfg, **common)
+        valid = ValidationData(TokenWindows(valid_ds, cfg.data.seq_len), eval_sampler, unbiased, **common)
     return train, valid

@@ -1,7 +1,8 @@
 """Declarative HF <-> megablock parameter mappings, one small file per model family.
 
 Adding a family: write `<name>.py` defining `FAMILY = Family(...)` (usually `decoder_mappings()`
-plus what differs) and list it in `_FAMILIES` below (ModelConfig.ARCHITECTURES must know the name).
+plus what differs) and list it in `_FAMILIES` below: every list of families (FAMILY_NAMES,
+SUPPORTED_HF_CLASSES, the tests' parametrisations) derives from that one registry.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from .family import Family, UnsupportedModel, read_rope
 from .kinds import Bound, ColumnParallel, Direct, GatedMLP, Mapping, QKVFused, RowParallel, VocabParallel
 
 _FAMILIES = {f.name: f for f in (llama.FAMILY, qwen2.FAMILY, qwen3.FAMILY, mistral.FAMILY)}
+FAMILY_NAMES = tuple(_FAMILIES)
 SUPPORTED_HF_CLASSES = tuple(f.hf_class for f in _FAMILIES.values())
 
 
@@ -38,5 +40,5 @@ def family_for_hf_config(raw: dict) -> Family:
 __all__ = [
     "Bound", "ColumnParallel", "Direct", "Family", "GatedMLP", "Mapping", "QKVFused", "RowParallel",
     "UnsupportedModel", "VocabParallel", "family_for_hf_config", "get_family", "read_rope",
-    "SUPPORTED_HF_CLASSES",
+    "FAMILY_NAMES", "SUPPORTED_HF_CLASSES",
 ]

@@ -1,5 +1,5 @@
-"""Evaluation of a block-diffusion LM: NELBO / perplexity bound per block size, AR-mode NLL,
-generation speed and generative perplexity (the logic behind tools/evaluate.py).
+"""Evaluation of a block-diffusion LM (the logic behind tools/evaluate.py): NELBO / perplexity bound per block size, AR-mode NLL,
+generation speed and generative perplexity.
 
 NELBO at block size B (DESIGN.md, "Evaluation NELBO"): the data are the dataset's token stream
 in document order cut into consecutive non-overlapping L-token windows (`eval_windows`). Each
@@ -27,8 +27,13 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from megablock.diffusion.batch import BatchConfig, DiffusionBatch, build_batch_from_config
+from megablock.config import DiffusionSection
+from megablock.diffusion.batch import DiffusionBatch, build_batch
 from megablock.diffusion.loss import token_cross_entropy
+
+from .loading import InferenceModel
+from .sampler import GenerateConfig
+from .sampling import SamplingParams
 
 # Logits of one forward are capped at about this many fp32 entries when the batch size is chosen
 # automatically (the cross-entropy makes one more copy): ~1 GiB.
@@ -39,44 +44,11 @@ class EvaluationError(ValueError):
     """Bad evaluation input; the message says what is wrong and how to fix it."""
 
 
-@dataclass
-class EvalModel:
-    """A loaded model plus the block-diffusion settings it was trained with."""
-
-    model: torch.nn.Module
-    tokenizer: object
-    mask_token_id: Optional[int]
-    shift: bool
-    attention: str
-    trained_block_size: Optional[int]
-    inference: object
-    """The megablock.inference.loading.InferenceModel (for its sampler)."""
-
-
-def load_eval_model(ckpt=None, hf_dir=None, dtype: str = "fp32", device: Optional[torch.device] = None) -> EvalModel:
-    """Load through megablock.inference.loading (a megablock checkpoint, or an HF folder mapped
-    in memory with the conversion mappings), and read the attention mode the model was trained
-    with, which that loader does not carry (megablock.json `attention`, config.json
-    `diffusion_attention`; context_causal when absent, e.g. a plain HF model)."""
-    from megablock.checkpoint import format as fmt
-    from megablock.inference.loading import load
-
-    im = load(ckpt=ckpt, hf_dir=hf_dir, dtype=dtype)
-    if ckpt is not None:
-        attention = fmt.read_metadata(fmt.resolve_checkpoint(ckpt)).get("attention")
-    else:
-        attention = json.loads((Path(hf_dir) / "config.json").read_text()).get("diffusion_attention")
-    device = device or (torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
-    im.model.to(device).eval()
-    return EvalModel(im.model, im.tokenizer, im.mask_token_id, im.shift, attention or "context_causal",
-                     im.trained_block_size, im)
-
-
 def check_block_size(block_size: int, seq_len: int, mask_token_id: Optional[int], shift: bool) -> None:
     if block_size < 1:
-        raise EvaluationError(f"--block-size must be >= 1, got {block_size}")
+        raise EvaluationError(f"block_size={block_size} must be >= 1")
     if seq_len % block_size:
-        raise EvaluationError(f"--block-size {block_size} does not divide --seq-len {seq_len}; choose a divisor of {seq_len}")
+        raise EvaluationError(f"block_size={block_size} does not divide seq_len={seq_len}; choose a divisor of {seq_len}")
     if mask_token_id is None and (block_size > 1 or not shift):
         raise EvaluationError(
             f"the model has no mask token, so it can only be evaluated at block size 1 (AR), not {block_size}; "
@@ -110,7 +82,7 @@ def nelbo_sums(
     """(sum over windows and noise samples of the weighted CE, number of target tokens counted),
     so NELBO per token = sum / count. At block size 1 with shift nothing is random and the K
     samples would be identical: one pass is made and counted once."""
-    cfg = BatchConfig(attention=attention, shift=shift, schedule="linear", eps=eps, loss_weighting="elbo")
+    cfg = DiffusionSection(attention=attention, shift=shift, schedule="linear", eps=eps, loss_weighting="elbo")
     device = next(model.parameters()).device
     n, L = windows.shape
     deterministic = shift and block_size == 1 and attention != "full"
@@ -120,7 +92,7 @@ def nelbo_sums(
     for k in range(k_samples):
         for start in range(0, n, bs):
             rows = windows[start : start + bs]
-            batch = build_batch_from_config(
+            batch = build_batch(
                 rows, torch.arange(start, start + rows.shape[0]), block_size, cfg,
                 mask_token_id=mask_token_id, seed=seed + k,
             ).to(device)
@@ -140,16 +112,13 @@ def ar_nll_sums(model, windows: torch.Tensor, *, batch_size: Optional[int] = Non
 
 
 # --- generation ----------------------------------------------------------------------------------
-def check_generation_args(em: EvalModel, seq_len: int, n_prompts: int, prompt_len: int, new_tokens: int,
+def check_generation_args(em: InferenceModel, seq_len: int, n_prompts: int, prompt_len: int, new_tokens: int,
                           threshold: float, temperature: float, top_p: Optional[float], ref_hf_dir) -> None:
     """Fail before the (long) NELBO pass, not after it."""
-    from megablock.inference.sampler import GenerateConfig
-    from megablock.inference.sampling import SamplingParams
-
     if n_prompts < 1:
-        raise EvaluationError(f"--gen-prompts must be >= 1, got {n_prompts}")
+        raise EvaluationError(f"gen_prompts={n_prompts} must be >= 1")
     if not 1 <= prompt_len <= seq_len:
-        raise EvaluationError(f"--gen-prompt-len must be in [1, --seq-len={seq_len}], got {prompt_len}")
+        raise EvaluationError(f"gen_prompt_len={prompt_len} must be in [1, seq_len={seq_len}]")
     cfg = GenerateConfig(max_new_tokens=new_tokens, threshold=threshold,
                          sampling=SamplingParams(temperature, None, top_p))
     try:
@@ -158,9 +127,9 @@ def check_generation_args(em: EvalModel, seq_len: int, n_prompts: int, prompt_le
         raise EvaluationError(f"generation settings: {e}") from None
     if ref_hf_dir is not None:
         if not (Path(ref_hf_dir) / "config.json").is_file():
-            raise EvaluationError(f"--ref-hf-dir {ref_hf_dir} is not a Hugging Face model folder (no config.json)")
+            raise EvaluationError(f"ref_hf_dir={ref_hf_dir} is not a Hugging Face model folder (no config.json)")
         if em.tokenizer is None:
-            raise EvaluationError("scoring samples with --ref-hf-dir needs the model's tokenizer to decode them; "
+            raise EvaluationError("scoring samples with ref_hf_dir= needs the model's tokenizer to decode them; "
                                   "the model folder has none")
 
 
@@ -171,16 +140,13 @@ def generation_prompts(windows: torch.Tensor, count: int, length: int) -> list[l
     return [windows[i, :length].tolist() for i in picks]
 
 
-def generate_samples(em: EvalModel, prompts: list[list[int]], block_size: int, max_new_tokens: int, *,
+def generate_samples(em: InferenceModel, prompts: list[list[int]], block_size: int, max_new_tokens: int, *,
                      threshold: float = 0.9, temperature: float = 1.0, top_p: Optional[float] = None,
                      seed: int = 0, tokens_per_step: Optional[int] = None):
     """Decode each prompt on its own with the KV-cached block sampler; returns (new tokens per
     prompt, forwards, seconds). One at a time because the sampler counts the forwards of a whole
     batch: batched, B = 1 would report (batch size) tokens per forward, not 1."""
-    from megablock.inference.sampler import GenerateConfig
-    from megablock.inference.sampling import SamplingParams
-
-    sampler = em.inference.sampler()
+    sampler = em.sampler()
     tokens, forwards, seconds = [], 0, 0.0
     for i, prompt in enumerate(prompts):
         cfg = GenerateConfig(block_size=block_size, max_new_tokens=max_new_tokens, threshold=threshold,
@@ -226,7 +192,7 @@ def _exp(x: float) -> float:
 
 
 def evaluate(
-    em: EvalModel, windows: torch.Tensor, block_size: int, *, samples: int = 1, seed: int = 0,
+    em: InferenceModel, windows: torch.Tensor, block_size: int, *, samples: int = 1, seed: int = 0,
     eps: float = 1e-3, batch_size: Optional[int] = None, progress: bool = True,
     generate: bool = False, gen_prompts: int = 4, gen_prompt_len: int = 32, gen_tokens: int = 64,
     gen_threshold: float = 0.9, gen_temperature: float = 1.0, gen_top_p: Optional[float] = None,
@@ -238,11 +204,11 @@ def evaluate(
     n, L = windows.shape
     check_block_size(block_size, L, em.mask_token_id, em.shift)
     if samples < 1:
-        raise EvaluationError(f"--samples must be >= 1, got {samples}")
+        raise EvaluationError(f"samples={samples} must be >= 1")
     if not 0 < eps <= 1:
-        raise EvaluationError(f"--eps must be in (0, 1], got {eps}")
+        raise EvaluationError(f"eps={eps} must be in (0, 1]")
     if batch_size is not None and batch_size < 1:
-        raise EvaluationError(f"--batch-size must be >= 1, got {batch_size}")
+        raise EvaluationError(f"batch_size={batch_size} must be >= 1")
     if generate:
         check_generation_args(em, L, gen_prompts, gen_prompt_len, gen_tokens, gen_threshold, gen_temperature,
                               gen_top_p, ref_hf_dir)

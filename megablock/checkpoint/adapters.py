@@ -1,0 +1,217 @@
+"""LoRA adapter files beside a checkpoint's model shards, their merge, and PEFT export.
+
+A checkpoint CKPT with adapters has megablock.json["lora"] (settings, trainable count) and
+CKPT/lora/tp{TT}_pp{PPP}.safetensors beside the frozen base in CKPT/model/ (adapter tensors named
+as in megablock.model.lora). `merge_into_shard` / `iter_merged_full_tensors` add s * B A (and the
+mask-token delta) per TP rank or in full-tensor space; `peft_adapter` translates the adapters into
+a PEFT LoRA folder (the fused qkv / fc1 LoRA becomes q/k/v and gate/up LoRAs sharing A, with B cut
+by rows through the same grouped-layout mapping as the weight).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from megablock.config import LoraSection
+from megablock.model.lora import MASK_DELTA, base_weight_name
+
+from .format import CheckpointError, SafetensorsWriter, iter_full_tensors, model_config
+from .mappings import RowParallel, get_family
+
+LORA_DIR = "lora"
+
+
+def checkpoint_meta(settings: LoraSection, trainable: Optional[int] = None) -> dict:
+    """megablock.json["lora"]."""
+    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "enabled"}
+    return {**fields, "scaling": settings.scaling, "dir": LORA_DIR, "trainable_parameters": trainable}
+
+
+def adapter_shard_path(ckpt, tp_rank: int, pp_rank: int) -> Path:
+    return Path(ckpt) / LORA_DIR / f"tp{tp_rank:02d}_pp{pp_rank:03d}.safetensors"
+
+
+def save_adapter_shard(ckpt, tp_rank: int, pp_rank: int, tensors: dict) -> Path:
+    path = adapter_shard_path(ckpt, tp_rank, pp_rank)
+    with SafetensorsWriter(path, {n: (tuple(t.shape), t.dtype) for n, t in tensors.items()}) as w:
+        for n, t in tensors.items():
+            w.write(n, t.detach())
+    return path
+
+
+def load_adapter_shard(ckpt, tp_rank: int, pp_rank: int) -> dict:
+    path = adapter_shard_path(ckpt, tp_rank, pp_rank)
+    if not path.is_file():
+        raise CheckpointError(f"missing LoRA adapter shard {path}; the checkpoint is incomplete (use another step)")
+    with safe_open(str(path), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _mapping(cfg, weight_name: str):
+    bound = get_family(cfg.arch).find(weight_name, cfg)
+    return bound, isinstance(bound.mapping, RowParallel)
+
+
+def _merge_factor(cfg, adapter: str, shards: list) -> torch.Tensor:
+    """Full tensor of one adapter factor from its TP shards (the sharded factor follows the base
+    weight's mapping: grouped qkv rows, [gate; up] halves, row-parallel columns)."""
+    if adapter == MASK_DELTA:
+        return shards[0]
+    bound, row = _mapping(cfg, base_weight_name(adapter))
+    sharded = adapter.endswith(".lora_A") if row else adapter.endswith(".lora_B")
+    return bound.merge(shards, cfg) if sharded else shards[0]
+
+
+def split_factor(cfg, adapter: str, full: torch.Tensor, tp: int, rank: int) -> torch.Tensor:
+    """TP rank `rank`'s shard of a full adapter factor (inverse of the merge)."""
+    if adapter == MASK_DELTA:
+        return full
+    bound, row = _mapping(cfg, base_weight_name(adapter))
+    sharded = adapter.endswith(".lora_A") if row else adapter.endswith(".lora_B")
+    return bound.split(full, tp, rank, cfg) if sharded else full
+
+
+def _adapter_names(ckpt, meta: dict, pp_rank: int) -> list[str]:
+    with safe_open(str(adapter_shard_path(ckpt, 0, pp_rank)), "pt") as f:
+        return list(f.keys())
+
+
+def full_adapters(ckpt, meta: dict) -> dict[str, torch.Tensor]:
+    """Every adapter tensor of a checkpoint as a full (TP = 1) tensor."""
+    cfg = model_config(meta)
+    out = {}
+    for s in range(meta["pp"]):
+        shards = [load_adapter_shard(ckpt, r, s) for r in range(meta["tp"])]
+        for name in shards[0]:
+            out[name] = _merge_factor(cfg, name, [sh[name] for sh in shards])
+    return out
+
+
+def _delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    return (b.double() @ a.double()) * scaling
+
+
+def _add_mask_row(weight: torch.Tensor, delta: torch.Tensor, row: int) -> torch.Tensor:
+    weight = weight.clone()
+    weight[row] = (weight[row].double() + delta.double()).to(weight.dtype)
+    return weight
+
+
+def merge_into_shard(ckpt, meta: dict, shard: dict, tp_rank: int, pp_rank: int) -> dict:
+    """A model shard of (tp_rank, pp_rank) with that rank's adapters merged in (no-op for a
+    checkpoint without LoRA): W_k += s * B_k A_k for both column and row-parallel layouts."""
+    if not meta.get("lora"):
+        return shard
+    cfg = model_config(meta)
+    scaling = LoraSection.from_saved(meta["lora"]).scaling
+    adapters = load_adapter_shard(ckpt, tp_rank, pp_rank)
+    shard = dict(shard)
+    for name, a in adapters.items():
+        if name.endswith(".lora_A"):
+            w = base_weight_name(name)
+            b = adapters[name[: -len("lora_A")] + "lora_B"]
+            shard[w] = (shard[w].double() + _delta(a, b, scaling)).to(shard[w].dtype)
+    if MASK_DELTA in adapters and "embedding.weight" in shard:
+        local = shard["embedding.weight"].shape[0]
+        row = cfg.mask_token_id - tp_rank * local
+        if 0 <= row < local:
+            shard["embedding.weight"] = _add_mask_row(shard["embedding.weight"], adapters[MASK_DELTA], row)
+    return shard
+
+
+def iter_merged_full_tensors(ckpt, meta: dict, merge_lora: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """`format.iter_full_tensors` with the adapters merged in full-tensor space (W + s * B A on
+    the merged factors; the mask-token delta always). `merge_lora=False` leaves the LoRA
+    factors out (for a base model + separate PEFT adapter). Streams like the plain iterator."""
+    if not meta.get("lora"):
+        yield from iter_full_tensors(ckpt, meta)
+        return
+    cfg = model_config(meta)
+    scaling = LoraSection.from_saved(meta["lora"]).scaling
+    index = {}  # adapter name -> pipeline stage holding it
+    for s in range(meta["pp"]):
+        for name in _adapter_names(ckpt, meta, s):
+            index[name] = s
+
+    def factor(name: str) -> torch.Tensor:
+        shards = [_read_adapter(ckpt, r, index[name], name) for r in range(meta["tp"])]
+        return _merge_factor(cfg, name, shards)
+
+    for name, full in iter_full_tensors(ckpt, meta):
+        prefix = name[: -len(".weight")] if name.endswith(".weight") else None
+        if merge_lora and prefix and prefix + ".lora_A" in index:
+            full = (full.double() + _delta(factor(prefix + ".lora_A"), factor(prefix + ".lora_B"), scaling)).to(full.dtype)
+        if name == "embedding.weight" and MASK_DELTA in index:
+            full = _add_mask_row(full, factor(MASK_DELTA), cfg.mask_token_id)
+        yield name, full
+
+
+def _read_adapter(ckpt, tp_rank: int, pp_rank: int, name: str) -> torch.Tensor:
+    with safe_open(str(adapter_shard_path(ckpt, tp_rank, pp_rank)), "pt") as f:
+        return f.get_tensor(name)
+
+
+# ----------------------------------------------------------------------------- PEFT export
+def peft_adapter(ckpt, meta: dict, dtype: torch.dtype) -> tuple[dict, dict]:
+    """(adapter_config.json dict, {PEFT key: tensor}) for `PeftModel.from_pretrained` on the
+    exported base model. Fused LoRAs split exactly: qkv's B rows go to q/k/v through the same
+    grouped-layout mapping as the weight (all three share A); fc1's to gate/up."""
+    cfg = model_config(meta)
+    settings = LoraSection.from_saved(meta["lora"])
+    full = full_adapters(ckpt, meta)
+    tensors, modules = {}, set()
+    for name in sorted(n for n in full if n.endswith(".lora_A")):
+        w = base_weight_name(name)
+        bound, _ = _mapping(cfg, w)
+        a, b = full[name], full[name[: -len("lora_A")] + "lora_B"]
+        for hf_name, b_part in bound.to_hf(b, cfg).items():
+            module = hf_name[: -len(".weight")]
+            modules.add(module.rsplit(".", 1)[1])
+            tensors[f"base_model.model.{module}.lora_A.weight"] = a.to(dtype).clone()  # q/k/v share A: own copies
+            tensors[f"base_model.model.{module}.lora_B.weight"] = b_part.to(dtype).contiguous()
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": settings.rank,
+        "lora_alpha": settings.alpha,
+        "lora_dropout": settings.dropout,
+        "target_modules": sorted(modules),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "base_model_name_or_path": None,
+        "modules_to_save": None,
+    }
+    return config, tensors
+
+
+def write_peft_adapter(ckpt, meta: dict, out_dir, dtype: torch.dtype, base_model_path: Optional[str] = None) -> Path:
+    config, tensors = peft_adapter(ckpt, meta, dtype)
+    config["base_model_name_or_path"] = base_model_path
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out_dir
+
+
+def check_adapter_shards(ckpt, meta: dict, required: bool = False) -> None:
+    """Every adapter shard of a LoRA checkpoint exists (CheckpointError otherwise); `required`:
+    the caller needs adapters, so a checkpoint without LoRA is an error too."""
+    if not meta.get("lora"):
+        if required:
+            raise CheckpointError(f"{ckpt} has no LoRA adapters (megablock.json has no 'lora'); export it without --lora-separate")
+        return
+    for s in range(meta["pp"]):
+        for r in range(meta["tp"]):
+            if not adapter_shard_path(ckpt, r, s).is_file():
+                raise CheckpointError(f"missing LoRA adapter shard {adapter_shard_path(ckpt, r, s)}; the checkpoint is incomplete")

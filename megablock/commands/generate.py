@@ -1,0 +1,111 @@
+"""Block-diffusion sampling with a KV cache and parallel decoding (thin CLI).
+
+    python tools/generate.py (--ckpt DIR | --hf-dir DIR) --prompt TEXT --max-new-tokens N \
+        --block-size B [--threshold P | --tokens-per-step K] [--json]
+
+One process runs TP = 1; under torchrun / deepspeed every launched process is a TP rank
+(`torchrun --nproc_per_node 2 tools/generate.py ...`). `--prompt-file` takes one prompt per line
+and decodes them as one batch. Prints each prompt's continuation; with `--json` the last line is one
+JSON object: text (texts for several prompts), new_tokens, forwards, tokens_per_forward, seconds.
+The sampler itself is megablock.inference (see its docstrings for the choices it makes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+from megablock.cli import add_common_flags, is_rank_zero, launched_parallel, run_tool
+from megablock.config import WeightDtype, options
+from megablock.inference.loading import load
+from megablock.inference.sampler import GenerateConfig
+from megablock.inference.sampling import SamplingParams
+
+
+class UsageError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="megablock checkpoint folder (or a training save dir with 'latest')")
+    src.add_argument("--hf-dir", help="Hugging Face model folder (plain, or exported by export_hf.py)")
+    text = p.add_mutually_exclusive_group(required=True)
+    text.add_argument("--prompt", help="prompt text")
+    text.add_argument("--prompt-file", help="file with one prompt per line (decoded as one batch)")
+    p.add_argument("--max-new-tokens", type=int, required=True)
+    p.add_argument("--block-size", type=int, required=True, help="B; 1 with shift is plain AR decoding")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="commit masked tokens whose confidence is above P, at least one per step (default 0.9)")
+    p.add_argument("--tokens-per-step", type=int, default=None, help="commit exactly K tokens per step instead")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="fp32", choices=options(WeightDtype))
+    p.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    return add_common_flags(p)
+
+
+def read_prompts(args) -> list[str]:
+    if args.prompt is not None:
+        return [args.prompt]
+    if not os.path.isfile(args.prompt_file):
+        raise UsageError(f"--prompt-file {args.prompt_file} does not exist")
+    with open(args.prompt_file, encoding="utf-8") as f:
+        prompts = [line.rstrip("\n") for line in f if line.strip()]
+    if not prompts:
+        raise UsageError(f"--prompt-file {args.prompt_file} has no prompts (one per line)")
+    return prompts
+
+
+def generate_config(args):
+    if args.threshold is not None and args.tokens_per_step is not None:
+        raise UsageError("pass --threshold or --tokens-per-step, not both")
+    cfg = GenerateConfig(
+        block_size=args.block_size, max_new_tokens=args.max_new_tokens,
+        threshold=0.9 if args.threshold is None else args.threshold, tokens_per_step=args.tokens_per_step,
+        sampling=SamplingParams(args.temperature, args.top_k, args.top_p), seed=args.seed,
+    )
+    cfg.validate(mask_token_id=0)  # argument ranges now, before the model loads; the mask check later
+    return cfg
+
+
+def run(args) -> int:
+    prompts = read_prompts(args)
+    cfg = generate_config(args)
+    im = load(ckpt=args.ckpt, hf_dir=args.hf_dir, dtype=args.dtype, parallel=launched_parallel())
+    if im.tokenizer is None:
+        raise UsageError(f"no tokenizer in {args.ckpt or args.hf_dir}; the model folder needs one to encode prompts")
+    cfg.shift = im.shift
+    if im.trained_block_size not in (None, cfg.block_size):
+        print(f"note: the model was trained at block size {im.trained_block_size}; sampling at {cfg.block_size}",
+              file=sys.stderr)
+    ids = [im.tokenizer(p)["input_ids"] for p in prompts]
+    if any(not x for x in ids):
+        raise UsageError("a prompt encodes to no tokens; give a non-empty prompt")
+    result = im.sampler().generate(ids, cfg)
+    texts = [im.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
+    if is_rank_zero():
+        for i, t in enumerate(texts):
+            if len(texts) > 1:
+                print(f"--- [{i}] {prompts[i]}")
+            print(t)
+        if args.json:
+            obj = {"text": texts[0]} if len(texts) == 1 else {"texts": texts}
+            obj.update(new_tokens=result.new_tokens, forwards=result.forwards,
+                       tokens_per_forward=round(result.tokens_per_forward, 4), seconds=round(result.seconds, 4))
+            print(json.dumps(obj))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    return run_tool(run, parser.parse_args(argv), parser)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""The engine interface the training loop drives: a train step, an eval step and a global mean,
+with one implementation for a single stage (DeepSpeed engine, ZeRO 0-3) and one for a pipeline
+(DeepSpeed PipelineEngine, ZeRO <= 1). Each owns the loss wrapper its DeepSpeed engine needs;
+tensor parallelism lives inside the model's layers and needs nothing here."""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megablock.config import Config
+from megablock.diffusion.batch import DiffusionBatch
+from megablock.diffusion.loss import block_diffusion_loss
+from megablock.model.transformer import BlockDiffusionLM
+from megablock.parallel.state import MegatronMPU, ParallelInfo
+from megablock.training.optim import build_optimizer, build_scheduler
+from megablock.training.pipeline import build_pipeline, pack_layout
+
+logger = logging.getLogger(__name__)
+
+
+class Engine:
+    """DeepSpeed engine plus the loss; `ds` is the DeepSpeed engine (checkpoints, scheduler)."""
+
+    def __init__(self, ds, optimizer, info: ParallelInfo):
+        self.ds, self.optimizer, self.info = ds, optimizer, info
+
+    def train_step(self, micro_batches: list[DiffusionBatch]) -> Optional[torch.Tensor]:
+        """One optimizer step; this rank's mean [loss, diffusion, ar] over its micro-batches,
+        or None on a rank that computes no loss (an earlier pipeline stage)."""
+        raise NotImplementedError
+
+    def eval_step(self, batches: list[DiffusionBatch]) -> float:
+        """Mean diffusion loss (the NELBO estimate) over the whole data-parallel group."""
+        raise NotImplementedError
+
+    def global_mean(self, local: Optional[torch.Tensor], width: int) -> torch.Tensor:
+        """Mean over data-parallel ranks, made known on every rank."""
+        value = local.clone() if local is not None else torch.zeros(width)
+        if not dist.is_initialized():
+            return value
+        value = value.to(self.info.device)
+        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= self.info.dp
+        return value.cpu()
+
+    def grad_norm(self) -> Optional[float]:
+        norm = self.ds.get_global_grad_norm()
+        return None if norm is None else float(norm)
+
+
+class DiffusionObjective(torch.nn.Module):
+    """The single-stage module DeepSpeed wraps: model forward plus the NBDiff loss."""
+
+    def __init__(self, model: BlockDiffusionLM, ar_loss_weight: float):
+        super().__init__()
+        self.model = model
+        self.ar_loss_weight = ar_loss_weight
+
+    def forward(self, batch: DiffusionBatch):
+        logits = self.model(batch.input_ids, batch.position_ids, batch.layout)
+        parts = block_diffusion_loss(
+            logits, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, self.ar_loss_weight
+        )
+        return parts.loss, parts.diffusion_loss.detach(), parts.ar_loss.detach()
+
+
+class SingleStageEngine(Engine):
+    def train_step(self, micro_batches):
+        records = []
+        for batch in micro_batches:
+            loss, diff, ar = self.ds(batch.to(self.info.device))
+            self.ds.backward(loss)
+            self.ds.step()
+            records.append(torch.stack([loss.detach().float(), diff.float(), ar.float()]))
+        return torch.stack(records).mean(0)
+
+    @torch.no_grad()
+    def eval_step(self, batches):
+        self.ds.eval()
+        values = [self.ds(b.to(self.info.device))[1].float() for b in batches]
+        self.ds.train()
+        return float(self.global_mean(torch.stack(values).mean().reshape(1), 1)[0])
+
+
+class PipelineLoss:
+    """Loss function of the last pipeline stage; keeps each micro-batch's parts for logging."""
+
+    def __init__(self, ar_loss_weight: float):
+        self.ar_loss_weight = ar_loss_weight
+        self.records: list[torch.Tensor] = []
+        self.evaluating = False
+
+    def __call__(self, logits, labels):
+        targets, diff_w, ar_w, normalizer = labels
+        parts = block_diffusion_loss(logits, targets, diff_w, ar_w, normalizer.float(), self.ar_loss_weight)
+        self.records.append(torch.stack([parts.loss, parts.diffusion_loss, parts.ar_loss]).detach())
+        return parts.diffusion_loss if self.evaluating else parts.loss
+
+
+def pipeline_item(batch: DiffusionBatch):
+    """(inputs, labels) tensors of one micro-batch: DeepSpeed pipelines send tensors only."""
+    ints, docs = pack_layout(batch.layout, batch.input_ids.shape[0])
+    device = batch.input_ids.device
+    inputs = (batch.input_ids, batch.position_ids, ints.to(device), docs.to(device))
+    normalizer = torch.tensor(float(batch.diff_normalizer), device=device)
+    return inputs, (batch.targets, batch.diff_weights, batch.ar_weights, normalizer)
+
+
+class PipelineEngine(Engine):
+    def __init__(self, ds, optimizer, info: ParallelInfo, loss: PipelineLoss):
+        super().__init__(ds, optimizer, info)
+        self.loss = loss
+
+    def _items(self, batches):
+        return iter([pipeline_item(b.to(self.info.device)) for b in batches])
+
+    def train_step(self, micro_batches):
+        self.loss.records.clear()
+        self.ds.train_batch(data_iter=self._items(micro_batches))
+        if not self.loss.records:
+            return None
+        return torch.stack([r.float() for r in self.loss.records]).mean(0)
+
+    def eval_step(self, batches):
+        self.loss.evaluating = True
+        try:
+            return float(self.ds.eval_batch(data_iter=self._items(batches), num_micro_batches=len(batches)))
+        finally:
+            self.loss.evaluating = False
+
+    def global_mean(self, local, width):
+        # Losses live on the last stage: average there, then broadcast along the pipeline.
+        value = super().global_mean(local, width)
+        if dist.is_initialized():
+            value = value.to(self.info.device)
+            dist.broadcast(value, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        return value.cpu()
+
+
+def build_engine(model: BlockDiffusionLM, cfg: Config, info: ParallelInfo, ds_config: dict) -> Engine:
+    """Wrap `model` (this rank's stage) in the DeepSpeed engine its layout needs."""
+    import deepspeed  # deferred: importing DeepSpeed costs seconds, and only training needs it
+
+    lam = cfg.diffusion.ar_loss_weight
+    if info.pp == 1:
+        module, mpu, loss = DiffusionObjective(model, lam), MegatronMPU, None
+    else:
+        loss = PipelineLoss(lam)
+        module = build_pipeline(model, info.pp, info.tp, info.dp, cfg.parallel.layers_per_stage, loss)
+        mpu = None  # the PipelineModule brings its own grid
+    own_clipping = cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and not cfg.train.deepspeed_config
+    if own_clipping:
+        ds_config["gradient_clipping"] = 0.0  # the optimizer clips (see GuardedAdamW)
+    optimizer = build_optimizer(module.named_parameters(), cfg.train, info, own_clipping)
+    ds, _, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds_config, mpu=mpu
+    )
+    logger.info(
+        "engine: ZeRO %d, %s, TP %d x DP %d x PP %d, accumulation %d",
+        cfg.parallel.zero_stage, cfg.train.precision, info.tp, info.dp, info.pp,
+        ds_config.get("gradient_accumulation_steps", 1),
+    )
+    if info.pp == 1:
+        return SingleStageEngine(ds, optimizer, info)
+    return PipelineEngine(ds, optimizer, info, loss)
