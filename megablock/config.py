@@ -32,6 +32,8 @@ Precision = Literal["fp32", "bf16", "fp16"]
 AttentionImpl = Literal["auto", "sdpa", "flex", "dense"]
 ZeroStage = Literal[0, 1, 2, 3]
 LoraTarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+DataFormat = Literal["pretrain", "sft"]
+"""pretrain (raw text, every token a target) | sft (prompt/response data with response flags)."""
 WeightDtype = Literal["fp32", "bf16"]
 """dtypes of checkpoint shards, exports and inference weights."""
 
@@ -122,10 +124,19 @@ class DataSection(Section):
     """Train/valid/test split of the documents, Megatron style."""
     cache_dir: Optional[str] = None
     """Where megatron-core caches its sample indices (default: beside the data)."""
+    format: DataFormat = "pretrain"
+    """pretrain: raw text, every token noised and scored. sft: datasets written by
+    tools/preprocess_data.py --format sft (prompt/response or chat messages, with a companion
+    PREFIX.flags dataset): prompt tokens are never masked and carry no loss, conversations are
+    packed into seq_len with document masking, windows without a response token are skipped."""
 
     def check(self) -> None:
         self._require(self.seq_len >= 2, "seq_len", "must be >= 2")
         split_fractions(self.split)
+        if self.format == "sft" and isinstance(self.prefix, list) and any(
+                isinstance(x, (int, float)) and not isinstance(x, bool) for x in self.prefix):
+            raise ConfigError(f"data.prefix={self.prefix!r} with data.format=sft: weighted blends are not supported "
+                              "for SFT data; give one prefix or a list of prefixes (their conversations are concatenated)")
 
 
 @dataclass
@@ -307,6 +318,12 @@ class DiffusionSection(Section):
     position_strength: float = 0.5
     """Tilt of the `position` schedule in [0, 1]: how much more often later block positions are
     masked at low mask ratios (<= 1 keeps every probability <= 1)."""
+    confidence_loss_weight: float = 0.0
+    """gamma in L = L_diff + lambda * L_AR + gamma * L_conf: L_conf is the mean entropy of the
+    noised half's predictions at target positions the model already predicts correctly (argmax
+    = target), as in dParallel's certainty forcing and LLaDA2's CAP; it sharpens the
+    distributions that parallel decoding commits by threshold. 0 (default) leaves the objective
+    and its computation exactly as without the term."""
 
     def check(self) -> None:
         self.stages = parse_stages(self.stages)
@@ -319,6 +336,7 @@ class DiffusionSection(Section):
             )
         self._require(0 <= self.position_strength <= 1, "position_strength", "must be in [0, 1] (keeps p <= 1)")
         self._require(self.ar_loss_weight >= 0, "ar_loss_weight", "must be >= 0")
+        self._require(self.confidence_loss_weight >= 0, "confidence_loss_weight", "must be >= 0 (0 disables it)")
         if self.attention == "block_causal" and self.ar_loss_weight and any(s.block_size > 1 for s in self.stages):
             # With block-causal attention a clean-half position sees the rest of its block, next token
             # included, so the AR loss would be solved by copying instead of predicting.

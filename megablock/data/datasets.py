@@ -157,6 +157,10 @@ class TokenWindows:
             rows.append(tokens)
         return torch.stack(rows).long()
 
+    def batch_inputs(self, indices) -> dict:
+        """Keyword arguments of `build_batch` for these samples (SFT windows add flags and ids)."""
+        return {"samples": self.get(indices)}
+
 
 def _token_stream(prefix: str):
     """(memory-mapped token array of the whole .bin in stored order, IndexedDataset)."""

@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megablock.config import DiffusionSection
+from typing import Union
+
 from megablock.data.datasets import TokenWindows
+from megablock.data.sft import SFTWindows
 from megablock.data.sampler import DataParallelSampler
 from megablock.diffusion.batch import DiffusionBatch, build_batch
 from megablock.diffusion.curriculum import Curriculum
@@ -29,7 +32,7 @@ class StepBatcher:
 
     def __init__(
         self,
-        windows: TokenWindows,
+        windows: Union[TokenWindows, SFTWindows],
         sampler: DataParallelSampler,
         settings: DiffusionSection,
         *,
@@ -44,8 +47,9 @@ class StepBatcher:
     def step(self, consumed_samples: int) -> StepBatches:
         stage, block_size = self.curriculum.stage_at(consumed_samples * self.windows.seq_len)
         batches = [
-            build_batch(self.windows.get(indices), indices, block_size, self.settings,
-                        mask_token_id=self.mask_token_id, seed=self.seed, eod_token_id=self.eod_token_id)
+            build_batch(**self.windows.batch_inputs(indices), sample_indices=indices, block_size=block_size,
+                        settings=self.settings, mask_token_id=self.mask_token_id, seed=self.seed,
+                        eod_token_id=self.eod_token_id)
             for indices in self.sampler.micro_batches(consumed_samples)
         ]
         return StepBatches(consumed_samples, stage, block_size, batches)

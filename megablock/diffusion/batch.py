@@ -18,6 +18,14 @@ b*L; the clean half only carries L_AR.
 Weights: `elbo` w = 1/p (p = the token's masking probability), `uniform` w = 1.
 Targets are 0 wherever both weights are 0.
 
+Instruction (SFT) data: `loss_mask` ([b, L] bool, True at response tokens) restricts both
+terms to response tokens. Only response tokens are eligible for masking (a prompt token always
+stays visible in the noised half), a position carries weight only if the token it predicts is a
+response token (in either half), and diff_normalizer counts the response tokens that are targets,
+so L_diff is a per-response-token NELBO. `doc_ids` ([b, L]) gives the packed conversations'
+boundaries directly (an EOS can occur inside a conversation, e.g. at each chat turn's end).
+Without them (pretraining text) every token is eligible, and the result is exactly as before.
+
 Special cases:
   - B = 1 with shift: nothing can be masked, so the batch is mode "ar": input x0 only (S = L),
     diff_weights = ar_weights; the same objective at half the cost.  (`complementary` is ignored
@@ -63,6 +71,16 @@ class DiffusionBatch:
     layout: AttentionLayout
     """Attention mode, L, B, doc_ids."""
 
+    @property
+    def noised_targets(self) -> torch.Tensor:
+        """[b, S] bool: the noised half's positions that predict a masked token (the only
+        positions the confidence term reads); none in "ar" mode, which has no noised half."""
+        noised = torch.zeros_like(self.diff_weights, dtype=torch.bool)
+        if self.layout.mode != "ar":
+            half = self.layout.seq_len
+            noised[:, :half] = self.diff_weights[:, :half] > 0
+        return noised
+
     def to(self, device, non_blocking: bool = False) -> "DiffusionBatch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         layout = self.layout
@@ -104,10 +122,15 @@ def build_batch(
     mask_token_id: Optional[int],
     seed: int = 0,
     eod_token_id: Optional[int] = None,
+    loss_mask: Optional[torch.Tensor] = None,
+    doc_ids: Optional[torch.Tensor] = None,
     **overrides,
 ) -> DiffusionBatch:
     """Noise `samples` ([b, L] clean tokens whose global indices are `sample_indices`) at
     `block_size` and lay out inputs, targets and loss weights (module docstring has the rules).
+
+    `loss_mask` / `doc_ids` ([b, L]) are the response flags and conversation ids of SFT windows
+    (module docstring); None for pretraining text.
 
     `settings` is the run's `diffusion` config section (defaults when None); keyword `overrides`
     replace some of its fields by their config names (`schedule="clipped"`, `clip_min=0.5`), and
@@ -127,8 +150,17 @@ def build_batch(
         raise ValueError(
             f"block size {block_size} does not divide data.seq_len {L}; choose a divisor of {L}"
         )
-    if cfg.document_masking and eod_token_id is None:
+    if cfg.document_masking and eod_token_id is None and doc_ids is None:
         raise ValueError("document_masking needs eod_token_id (the tokenizer's EOS/EOD id)")
+    resp = None
+    if loss_mask is not None:
+        resp = torch.as_tensor(loss_mask).bool()
+        if resp.shape != x0.shape:
+            raise ValueError(f"loss_mask shape {tuple(resp.shape)} is not the samples' {tuple(x0.shape)}")
+    if doc_ids is not None:
+        doc_ids = torch.as_tensor(doc_ids).long()
+        if doc_ids.shape != x0.shape:
+            raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} is not the samples' {tuple(x0.shape)}")
 
     ar_mode = cfg.shift and block_size == 1 and cfg.attention != "full"
     if not ar_mode and mask_token_id is None:
@@ -140,29 +172,46 @@ def build_batch(
     nxt = torch.zeros_like(x0)
     nxt[:, :-1] = x0[:, 1:]
     has_next = (torch.arange(L) < L - 1).float().expand(b, L)
+    normalizer_rows = None  # pretraining: every token after the first is a target
+    if resp is not None:
+        # A position counts only where the token it predicts (its next token) is a response token.
+        resp_next = torch.zeros_like(resp)
+        resp_next[:, :-1] = resp[:, 1:]
+        has_next = has_next * resp_next.float()
+        nxt = torch.where(resp_next, nxt, torch.zeros_like(nxt))
+        normalizer_rows = (resp_next if cfg.shift else resp).float().sum(1)
+
+    def document_of(tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        if doc_ids is not None:
+            return doc_ids if tokens.shape[0] == doc_ids.shape[0] else torch.cat([doc_ids, doc_ids])
+        return document_ids(tokens, eod_token_id) if cfg.document_masking else None
 
     if ar_mode:
-        doc = document_ids(x0, eod_token_id) if cfg.document_masking else None
         return DiffusionBatch(
             input_ids=x0.clone(),
             position_ids=positions.clone(),
             targets=nxt,
             diff_weights=has_next.clone(),
             ar_weights=has_next.clone(),
-            diff_normalizer=float(b * (L - 1)),
-            layout=AttentionLayout("ar", L, 1, doc),
+            diff_normalizer=float(b * (L - 1)) if resp is None else max(float(normalizer_rows.sum()), 1.0),
+            layout=AttentionLayout("ar", L, 1, document_of(x0)),
         )
 
     full = cfg.attention == "full"
     noise_block = L if full else block_size
     noise = draw_noise(idx, L, noise_block, cfg, seed=seed)
-    weights = _weights(noise.prob, noise.masked, cfg.loss_weighting, 0.0)
-    masked = noise.masked
+    # The noise is drawn exactly as for pretraining (same generator stream per sample); SFT data
+    # then keeps its prompt tokens visible. Each response token is still masked with its own p.
+    masked = noise.masked if resp is None else noise.masked & resp
+    weights = _weights(noise.prob, masked, cfg.loss_weighting, 0.0)
     if cfg.complementary:
         comp: Noise = noise.complement()
-        weights = torch.cat([weights, _weights(comp.prob, comp.masked, cfg.loss_weighting, cfg.eps)])
-        masked = torch.cat([masked, comp.masked])
+        comp_masked = comp.masked if resp is None else comp.masked & resp
+        weights = torch.cat([weights, _weights(comp.prob, comp_masked, cfg.loss_weighting, cfg.eps)])
+        masked = torch.cat([masked, comp_masked])
         x0, nxt, positions, has_next = (torch.cat([t, t]) for t in (x0, nxt, positions, has_next))
+        if normalizer_rows is not None:
+            normalizer_rows = torch.cat([normalizer_rows, normalizer_rows])
         b = 2 * b
 
     xt = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
@@ -179,8 +228,10 @@ def build_batch(
         xt_w = weights
         xt_targets = torch.where(masked, x0, torch.zeros_like(x0))
         normalizer = float(b * L)
+    if normalizer_rows is not None:
+        normalizer = max(float(normalizer_rows.sum()), 1.0)
 
-    doc = document_ids(x0, eod_token_id) if cfg.document_masking else None
+    doc = document_of(x0)
     if full:
         return DiffusionBatch(
             input_ids=xt,
@@ -198,6 +249,8 @@ def build_batch(
     if cfg.shift:
         pos = torch.arange(L)
         clean_diff[:, ((pos + 1) % block_size == 0) & (pos < L - 1)] = 1.0
+        if resp is not None:
+            clean_diff = clean_diff * has_next  # only where the block's first token is a response token
     return DiffusionBatch(
         input_ids=torch.cat([xt, x0], dim=1),
         position_ids=torch.cat([positions, positions], dim=1),

@@ -55,15 +55,18 @@ class Engine:
 class DiffusionObjective(torch.nn.Module):
     """The single-stage module DeepSpeed wraps: model forward plus the NBDiff loss."""
 
-    def __init__(self, model: BlockDiffusionLM, ar_loss_weight: float):
+    def __init__(self, model: BlockDiffusionLM, ar_loss_weight: float, confidence_loss_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.ar_loss_weight = ar_loss_weight
+        self.confidence_loss_weight = confidence_loss_weight
 
     def forward(self, batch: DiffusionBatch):
         logits = self.model(batch.input_ids, batch.position_ids, batch.layout)
+        gamma = self.confidence_loss_weight
         parts = block_diffusion_loss(
-            logits, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, self.ar_loss_weight
+            logits, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, self.ar_loss_weight,
+            gamma, batch.noised_targets if gamma else None,
         )
         return parts.loss, parts.diffusion_loss.detach(), parts.ar_loss.detach()
 
@@ -89,25 +92,31 @@ class SingleStageEngine(Engine):
 class PipelineLoss:
     """Loss function of the last pipeline stage; keeps each micro-batch's parts for logging."""
 
-    def __init__(self, ar_loss_weight: float):
+    def __init__(self, ar_loss_weight: float, confidence_loss_weight: float = 0.0):
         self.ar_loss_weight = ar_loss_weight
+        self.confidence_loss_weight = confidence_loss_weight
         self.records: list[torch.Tensor] = []
         self.evaluating = False
 
     def __call__(self, logits, labels):
-        targets, diff_w, ar_w, normalizer = labels
-        parts = block_diffusion_loss(logits, targets, diff_w, ar_w, normalizer.float(), self.ar_loss_weight)
+        targets, diff_w, ar_w, normalizer, *noised = labels  # noised targets only with the confidence term
+        parts = block_diffusion_loss(logits, targets, diff_w, ar_w, normalizer.float(), self.ar_loss_weight,
+                                     self.confidence_loss_weight, noised[0] > 0 if noised else None)
         self.records.append(torch.stack([parts.loss, parts.diffusion_loss, parts.ar_loss]).detach())
         return parts.diffusion_loss if self.evaluating else parts.loss
 
 
-def pipeline_item(batch: DiffusionBatch):
-    """(inputs, labels) tensors of one micro-batch: DeepSpeed pipelines send tensors only."""
+def pipeline_item(batch: DiffusionBatch, confidence: bool = False):
+    """(inputs, labels) tensors of one micro-batch: DeepSpeed pipelines send tensors only (the
+    confidence term's positions as a float mask: no bools between stages)."""
     ints, docs = pack_layout(batch.layout, batch.input_ids.shape[0])
     device = batch.input_ids.device
     inputs = (batch.input_ids, batch.position_ids, ints.to(device), docs.to(device))
     normalizer = torch.tensor(float(batch.diff_normalizer), device=device)
-    return inputs, (batch.targets, batch.diff_weights, batch.ar_weights, normalizer)
+    labels = (batch.targets, batch.diff_weights, batch.ar_weights, normalizer)
+    if confidence:
+        labels += (batch.noised_targets.float(),)
+    return inputs, labels
 
 
 class PipelineEngine(Engine):
@@ -116,7 +125,8 @@ class PipelineEngine(Engine):
         self.loss = loss
 
     def _items(self, batches):
-        return iter([pipeline_item(b.to(self.info.device)) for b in batches])
+        confidence = bool(self.loss.confidence_loss_weight)
+        return iter([pipeline_item(b.to(self.info.device), confidence) for b in batches])
 
     def train_step(self, micro_batches):
         self.loss.records.clear()
@@ -146,11 +156,11 @@ def build_engine(model: BlockDiffusionLM, cfg: Config, info: ParallelInfo, ds_co
     """Wrap `model` (this rank's stage) in the DeepSpeed engine its layout needs."""
     import deepspeed  # deferred: importing DeepSpeed costs seconds, and only training needs it
 
-    lam = cfg.diffusion.ar_loss_weight
+    lam, gamma = cfg.diffusion.ar_loss_weight, cfg.diffusion.confidence_loss_weight
     if info.pp == 1:
-        module, mpu, loss = DiffusionObjective(model, lam), MegatronMPU, None
+        module, mpu, loss = DiffusionObjective(model, lam, gamma), MegatronMPU, None
     else:
-        loss = PipelineLoss(lam)
+        loss = PipelineLoss(lam, gamma)
         module = build_pipeline(model, info.pp, info.tp, info.dp, cfg.parallel.layers_per_stage, loss)
         mpu = None  # the PipelineModule brings its own grid
     own_clipping = cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and not cfg.train.deepspeed_config

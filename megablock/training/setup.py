@@ -4,14 +4,15 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from megablock.checkpoint.format import TOKENIZER_DIR, model_config, read_metadata, resolve_checkpoint
 from megablock.checkpoint.loading import stage_shard
 from megablock.checkpoint.mappings import UnsupportedModel, get_family
-from megablock.config import Config, ConfigError, DiffusionSection, validate_model
+from megablock.config import Config, ConfigError, DiffusionSection, split_fractions, validate_model
 from megablock.data.datasets import TokenWindows, build_gpt_datasets, check_vocabulary
 from megablock.data.loader import StepBatcher
+from megablock.data.sft import SFTWindows
 from megablock.data.sampler import DataParallelSampler
 from megablock.diffusion.batch import DiffusionBatch, build_batch
 from megablock.model.config import ModelConfig
@@ -83,7 +84,7 @@ def eod_token_id(model_cfg: ModelConfig) -> int:
 class ValidationData:
     """Fixed validation samples, noised at whatever block size training is at."""
 
-    windows: TokenWindows
+    windows: Union[TokenWindows, SFTWindows]
     sampler: DataParallelSampler
     settings: DiffusionSection
     mask_token_id: Optional[int]
@@ -92,8 +93,9 @@ class ValidationData:
 
     def batches(self, block_size: int) -> list[DiffusionBatch]:
         return [
-            build_batch(self.windows.get(indices), indices, block_size, self.settings,
-                        mask_token_id=self.mask_token_id, seed=self.seed, eod_token_id=self.eod_token_id)
+            build_batch(**self.windows.batch_inputs(indices), sample_indices=indices, block_size=block_size,
+                        settings=self.settings, mask_token_id=self.mask_token_id, seed=self.seed,
+                        eod_token_id=self.eod_token_id)
             for indices in self.sampler.micro_batches(0)
         ]
 
@@ -105,6 +107,8 @@ def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> tuple
     if any(b > 1 for b in cfg.diffusion.block_sizes) or cfg.diffusion.attention == "full":
         check_vocabulary(cfg.data.prefix, model_cfg.vocab_size, model_cfg.mask_token_id)
     t = cfg.train
+    if cfg.data.format == "sft":
+        return build_sft_data(cfg, model_cfg, info)
     train_samples = t.steps * t.global_batch_size
     valid_samples = max(1, t.eval_batches * t.micro_batch_size * info.dp) if t.eval_interval else None
     train_ds, valid_ds, _ = build_gpt_datasets(
@@ -123,4 +127,30 @@ def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> tuple
         unbiased = replace(cfg.diffusion, schedule="linear", antithetic=False, complementary=False, loss_weighting="elbo")
         eval_sampler = DataParallelSampler(t.eval_batches * t.micro_batch_size * info.dp, t.micro_batch_size, info.dp_rank, info.dp)
         valid = ValidationData(TokenWindows(valid_ds, cfg.data.seq_len), eval_sampler, unbiased, **common)
+    return train, valid
+
+
+def build_sft_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> tuple[StepBatcher, Optional[ValidationData]]:
+    """`build_data` for data.format=sft: packed conversation windows (megablock.data.sft) with
+    response flags and conversation ids; the same samplers, noise and curriculum as pretraining."""
+    t, d = cfg.train, cfg.data
+    split = split_fractions(d.split)
+    try:
+        train_windows = SFTWindows(d.prefix, d.seq_len, split, 0, seed=t.seed, shift=cfg.diffusion.shift)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"data.prefix={d.prefix!r} (data.format=sft): {err}") from None
+    logger.info("SFT data: %d windows of %d tokens with response targets (of %d packed)",
+                len(train_windows), d.seq_len, train_windows.windows_total)
+    sampler = DataParallelSampler(t.global_batch_size, t.micro_batch_size, info.dp_rank, info.dp)
+    common = dict(mask_token_id=model_cfg.mask_token_id, seed=t.seed, eod_token_id=eod_token_id(model_cfg))
+    train = StepBatcher(train_windows, sampler, cfg.diffusion, **common)
+    valid = None
+    if t.eval_interval:
+        try:
+            valid_windows = SFTWindows(d.prefix, d.seq_len, split, 1, seed=t.seed, shift=cfg.diffusion.shift)
+        except ValueError as err:
+            raise ConfigError(f"train.eval_interval is set but the SFT validation split is unusable: {err}") from None
+        unbiased = replace(cfg.diffusion, schedule="linear", antithetic=False, complementary=False, loss_weighting="elbo")
+        eval_sampler = DataParallelSampler(t.eval_batches * t.micro_batch_size * info.dp, t.micro_batch_size, info.dp_rank, info.dp)
+        valid = ValidationData(valid_windows, eval_sampler, unbiased, **common)
     return train, valid
