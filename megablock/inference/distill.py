@@ -76,11 +76,15 @@ def corpus_prompts(corpus: str, tokenizer, count: int, min_tokens: int, max_toke
         raise DistillError(f"prefix range [{min_tokens}, {max_tokens}] must satisfy 1 <= min <= max")
     docs = list(iter_documents(corpus, text_split=text_split))
     lo, hi = doc_range or (0, len(docs))
-    ids = [tokenizer(d, add_special_tokens=False)["input_ids"] for d in docs[lo:hi]]
+    docs = docs[lo:hi]
+    # Tokenize a few evenly spaced candidates per prompt, not the whole corpus; keep the long ones.
+    candidates = min(len(docs), 4 * count)
+    picks_idx = sorted({int(i * len(docs) / max(candidates, 1)) for i in range(candidates)})
+    ids = [tokenizer(docs[i], add_special_tokens=False)["input_ids"] for i in picks_idx]
     usable = [x for x in ids if len(x) > max_tokens]
     if len(usable) < count:
-        raise DistillError(f"{corpus} documents {lo}..{hi} hold {len(usable)} with more than {max_tokens} tokens; "
-                           f"{count} prompts requested: lower the count or the prefix length")
+        raise DistillError(f"{corpus} documents {lo}..{hi}: {len(usable)} of {len(ids)} sampled ones have more than "
+                           f"{max_tokens} tokens; {count} prompts requested: lower the count or the prefix length")
     rng = random.Random(seed)
     step = len(usable) / count
     picks = [usable[int(i * step)] for i in range(count)]
