@@ -77,11 +77,14 @@ def corpus_prompts(corpus: str, tokenizer, count: int, min_tokens: int, max_toke
     docs = list(iter_documents(corpus, text_split=text_split))
     lo, hi = doc_range or (0, len(docs))
     docs = docs[lo:hi]
-    # Tokenize a few evenly spaced candidates per prompt, not the whole corpus; keep the long ones.
-    candidates = min(len(docs), 4 * count)
-    picks_idx = sorted({int(i * len(docs) / max(candidates, 1)) for i in range(candidates)})
-    ids = [tokenizer(docs[i], add_special_tokens=False)["input_ids"] for i in picks_idx]
-    usable = [x for x in ids if len(x) > max_tokens]
+    # Tokenize evenly spaced candidates, not the whole corpus (more of them when too few are long enough).
+    for factor in (4, 32, None):
+        candidates = len(docs) if factor is None else min(len(docs), factor * count)
+        picks_idx = sorted({int(i * len(docs) / max(candidates, 1)) for i in range(candidates)})
+        ids = [tokenizer(docs[i], add_special_tokens=False)["input_ids"] for i in picks_idx]
+        usable = [x for x in ids if len(x) > max_tokens]
+        if len(usable) >= count:
+            break
     if len(usable) < count:
         raise DistillError(f"{corpus} documents {lo}..{hi}: {len(usable)} of {len(ids)} sampled ones have more than "
                            f"{max_tokens} tokens; {count} prompts requested: lower the count or the prefix length")
