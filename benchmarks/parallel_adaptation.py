@@ -56,7 +56,7 @@ def parse_args(argv=None):
                         "scripts/quickstart.sh makes quickstart/smollm2-135m)")
     p.add_argument("--corpora", default="/work/shared/data", help="folder with the corpora of CORPORA")
     p.add_argument("--out", default=str(ROOT / "study" / "parallel"))
-    p.add_argument("--train-prompts", type=int, default=96, help="per corpus")
+    p.add_argument("--train-prompts", type=int, default=40, help="per corpus")
     p.add_argument("--heldout-prompts", type=int, default=8, help="per corpus")
     p.add_argument("--prefix-tokens", type=int, nargs=2, default=[16, 32])
     p.add_argument("--response-tokens", type=int, default=64)
@@ -67,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--confidence", type=float, default=0.0, help="diffusion.confidence_loss_weight")
     p.add_argument("--curve-prompts", type=int, default=6)
     p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--spec-prompts", type=int, default=6, help="held-out prompts of the speculative measurement")
+    p.add_argument("--spec-tokens", type=int, default=32, help="new tokens per prompt there")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
@@ -133,7 +135,10 @@ def make_prompts(args, out: Path, base: Path) -> tuple[Path, Path]:
         log(f"prompts from {name}: {args.train_prompts} train (documents 0..{cut}), "
             f"{args.heldout_prompts} held out (documents {cut}..{n})")
     for path, part in ((train, "train"), (heldout, "heldout")):
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows[part]))
+        # Interleaved by corpus, so any prefix of the file (a partly distilled one) is balanced.
+        by_corpus = [[r for r in rows[part] if r["corpus"] == name] for name in CORPORA]
+        ordered = [r for group in zip(*by_corpus) for r in group]
+        path.write_text("".join(json.dumps(r) + "\n" for r in ordered))
     return train, heldout
 
 
@@ -295,6 +300,69 @@ def threshold_decoding(ckpt: Path, ref: Path, heldout: Path, args, out: Path, na
     return rows
 
 
+def speculative(ckpt: Path, ref: Path, heldout: Path, args, out: Path, name: str):
+    """Self-speculative decoding (lossless, greedy, one forward per block) at batch 1 on held-out
+    prompts, B = 4 / 8 / 16: accepted draft tokens per block, tokens per forward and tokens/s, with
+    HF `generate` (greedy, KV cache, the base weights: the same architecture and cost) timed on the
+    same prompts in the same process, interleaved, so both see the same machine load. Every row runs
+    --spec-tokens new tokens (EOS does not stop it) and is checked against the model's own AR
+    decoding (megablock's sampler at B = 1): lossless means identical tokens. None when this
+    checkout has no speculative sampler."""
+    path = out / "eval" / f"speculative_{name}.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    try:
+        from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
+    except ImportError:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from megablock.cli import launched_parallel
+    from megablock.inference.loading import load
+    from megablock.inference.sampler import GenerateConfig
+
+    torch.set_num_threads(args.threads)
+    em = load(ckpt=str(ckpt), parallel=launched_parallel())
+    em.eos_token_ids = []  # fixed-length rows: equal work for every decoder
+    prompts = spread(load_prompts(heldout, em.tokenizer), args.spec_prompts)
+    n = args.spec_tokens
+    hf = AutoModelForCausalLM.from_pretrained(str(ref), dtype=torch.float32).eval()
+    ar, spec = em.sampler(), speculative_sampler(em)
+    result = {"prompts": len(prompts), "new_tokens_per_prompt": n, "load_avg_start": os.getloadavg()[0], "rows": []}
+    hf_seconds, ar_out = 0.0, []
+    for p in prompts:
+        ar_out.append(ar.generate([p], GenerateConfig(block_size=1, max_new_tokens=n)).tokens[0])
+        with torch.inference_mode():
+            x = torch.tensor([p])
+            t0 = time.perf_counter()
+            hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                        pad_token_id=em.pad_token_id)
+            hf_seconds += time.perf_counter() - t0
+    result["hf_tokens_per_s"] = n * len(prompts) / hf_seconds
+    for B in (4, 8, 16):
+        accepted, drafted, forwards, seconds, same = [], [], 0, 0.0, 0
+        for p, ref_tokens in zip(prompts, ar_out):
+            o = spec.generate([p], SpeculativeConfig(block_size=B, max_new_tokens=n))
+            accepted += o.accepted
+            drafted += o.drafted
+            forwards += o.forwards
+            seconds += o.seconds
+            same += o.tokens[0] == ref_tokens
+        row = {"block_size": B, "mean_accepted_per_block": sum(accepted) / max(len(accepted), 1),
+               "drafts_per_block": sum(drafted) / max(len(drafted), 1), "verified_blocks": len(accepted),
+               "tokens_per_forward": n * len(prompts) / forwards, "tokens_per_s": n * len(prompts) / seconds,
+               "identical_to_ar": f"{same}/{len(prompts)}"}
+        row["speedup_vs_hf"] = row["tokens_per_s"] / result["hf_tokens_per_s"]
+        result["rows"].append(row)
+        log(f"{name}: speculative B={B}: {row['mean_accepted_per_block']:.2f} of {row['drafts_per_block']:.1f} drafts "
+            f"kept per block, {row['tokens_per_forward']:.2f} tokens/forward, {row['tokens_per_s']:.1f} tokens/s "
+            f"(HF generate {result['hf_tokens_per_s']:.1f}), identical to AR: {row['identical_to_ar']}")
+    result["load_avg_end"] = os.getloadavg()[0]
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -307,13 +375,11 @@ def plot(curve: Path, png: Path, tokens: int) -> None:
     points = [json.loads(x) for x in curve.read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot([p["consumed_tokens"] for p in points], [p["tokens_per_forward"] for p in points], marker="o")
-    for s in stages(tokens)[:-1]:
-        pass
-    edge = 0
-    for s in stages(tokens)[:-1]:
+    edge, plan = 0, stages(tokens)
+    for s, nxt in zip(plan[:-1], plan[1:]):  # where each stage begins
         edge += s["tokens"]
         ax.axvline(edge, color="gray", ls=":", lw=0.8)
-        ax.text(edge, ax.get_ylim()[1], f" B={s['block_size'] * 2}", va="top", fontsize=8, color="gray")
+        ax.text(edge, ax.get_ylim()[1], f" B={nxt['block_size']}", va="top", fontsize=8, color="gray")
     ax.set_xlabel("clean training tokens")
     ax.set_ylabel("tokens per forward (B=8, thr 0.9, greedy)")
     ax.set_title("SmolLM2-135M on self-distilled data: parallel decoding vs training", fontsize=10)
@@ -341,6 +407,8 @@ def main(argv=None) -> int:
     results["ar_trained"] = ar_perplexity(save, held_text, out, "trained", env)
     results["threshold_base"] = threshold_decoding(base, ref, heldout, args, out, "base")
     results["threshold_trained"] = threshold_decoding(save, ref, heldout, args, out, "trained")
+    results["speculative_base"] = speculative(base, ref, heldout, args, out, "base")
+    results["speculative_trained"] = speculative(save, ref, heldout, args, out, "trained")
     results["curve"] = [json.loads(x) for x in (out / "curve.jsonl").read_text().splitlines()]
     metrics = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
     results["train"] = {"steps": metrics[-1]["step"], "consumed_tokens": metrics[-1]["consumed_tokens"],
