@@ -14,7 +14,8 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 
 from megablock.config import ConfigError, load_config  # noqa: E402
 from megablock.data.datasets import import_megatron_datasets  # noqa: E402
-from megablock.data.preprocess import PreprocessError, main as preprocess_main  # noqa: E402
+from megablock.commands.preprocess_data import main as preprocess_main  # noqa: E402
+from megablock.data.preprocess import PreprocessError  # noqa: E402
 from megablock.data.sft import SFTWindows, chat_tokens, flags_prefix, preprocess_sft  # noqa: E402
 from megablock.diffusion.batch import build_batch  # noqa: E402
 from megablock.diffusion.masks import dense_mask  # noqa: E402

@@ -403,28 +403,17 @@ def build_parser():
         "--append-eod", action=argparse.BooleanOptionalAction, default=True,
         help="append the tokenizer's EOS id after every document (default on)",
     )
-    p.add_argument(
-        "--format", choices=("pretrain", "sft"), default="pretrain",
-        help="pretrain: raw text (default). sft: JSONL of prompt/response or chat 'messages' records; also "
-        "writes PREFIX.flags.bin/.idx marking the response tokens (megablock.data.sft; train with data.format=sft)",
-    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.format == "sft":
-            # deferred: megablock.data.sft builds on this module, so it cannot be imported at its top
-            from megablock.data.sft import preprocess_sft
+    return run(build_parser().parse_args(argv))
 
-            counts = preprocess_sft(args.input, args.tokenizer, args.output_prefix, append_eod=args.append_eod,
-                                    progress=not args.quiet)
-            print(f"wrote {args.output_prefix}.bin/.idx and {args.output_prefix}.flags.bin/.idx  "
-                  f"conversations: {counts['documents']:,}  tokens: {counts['tokens']:,}  "
-                  f"response tokens: {counts['response_tokens']:,}")
-            return 0
+
+def run(args) -> int:
+    """The CLI on parsed arguments (megablock.commands.preprocess_data adds --format sft on top)."""
+    try:
         stats = preprocess(
             args.input, args.tokenizer, args.output_prefix, workers=args.workers,
             json_key=args.json_key, text_split=args.text_split, append_eod=args.append_eod,
