@@ -61,6 +61,10 @@ def parse_args(argv=None):
     p.add_argument("--prefix-tokens", type=int, nargs=2, default=[16, 32])
     p.add_argument("--response-tokens", type=int, default=64)
     p.add_argument("--distill-batch", type=int, default=32)
+    p.add_argument("--distill-limit", type=int, default=None,
+                   help="distill only the first N train prompts (the file interleaves the corpora, so any "
+                        "prefix is balanced); for a machine too busy for all of them")
+    p.add_argument("--eval-prompts", type=int, default=12, help="held-out prompts of the threshold-decoding table")
     p.add_argument("--tokens", type=int, default=49152, help="clean training tokens (512 per step)")
     p.add_argument("--chunk-steps", type=int, default=8, help="steps per training launch (a curve point each)")
     p.add_argument("--lr", type=float, default=5e-5)
@@ -162,6 +166,10 @@ def distill_and_preprocess(args, out: Path, base: Path, prompts: Path, env: dict
     distilled = out / "distilled.jsonl"
     done = out / "distilled.done"
     if not done.is_file():
+        if args.distill_limit:
+            lines = prompts.read_text().splitlines(keepends=True)[: args.distill_limit]
+            prompts = out / "prompts_distilled.jsonl"
+            prompts.write_text("".join(lines))
         log(f"distilling: greedy continuations of {args.response_tokens} tokens (batches of {args.distill_batch})")
         result = run([PY, "tools/distill_data.py", "--ckpt", base, "--prompts", prompts, "--out", distilled,
                       "--max-new-tokens", args.response_tokens, "--batch-size", args.distill_batch, "--quiet"],
@@ -267,7 +275,7 @@ def ar_perplexity(ckpt: Path, data: Path, out: Path, name: str, env: dict) -> di
 
 
 def threshold_decoding(ckpt: Path, ref: Path, heldout: Path, args, out: Path, name: str) -> list:
-    """Threshold 0.9 at B = 4 and 8 on all held-out prompts: greedy tokens per forward, and
+    """Threshold 0.9 at B = 4 and 8 on --eval-prompts held-out prompts: greedy tokens per forward, and
     tokens per forward + generative perplexity (under the base) of temperature-1 samples."""
     path = out / "eval" / f"threshold_{name}.json"
     if path.is_file():
@@ -280,7 +288,7 @@ def threshold_decoding(ckpt: Path, ref: Path, heldout: Path, args, out: Path, na
 
     torch.set_num_threads(args.threads)
     em = load(ckpt=str(ckpt), parallel=launched_parallel())
-    prompts = load_prompts(heldout, em.tokenizer)
+    prompts = spread(load_prompts(heldout, em.tokenizer), args.eval_prompts)
     decode = lambda ids: em.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     rows = []
     for B in (4, 8):
