@@ -18,9 +18,9 @@ checkpoint; an interrupted distillation keeps its finished records):
   4. data       tools/preprocess_data.py --format sft (response flags), and the held-out raw text of the
                 Wikipedia leads (pretrain format) for the AR-mode perplexity
   5. train      examples/pretrain_nbdiff.py, data.format=sft, L = 128, 4 sequences per step, growth
-                1 -> 2 -> 4 -> 8 (1/8, 1/8, 1/4 of the budget, then 8), in launches of --chunk-steps steps;
-                after each launch (and before the first) a curve point: greedy tokens per forward at
-                B = 8, threshold 0.9, on --curve-prompts held-out prompts  -> curve.jsonl
+                1 -> 2 -> 4 -> 8 (1/8, 1/8, 1/4 of the budget, then 8), a checkpoint kept every
+                --chunk-steps steps; then a curve point per checkpoint (and the base): greedy tokens per
+                forward at B = 8, threshold 0.9, on --curve-prompts held-out prompts  -> curve.jsonl
   6. evaluate   results.json: AR-mode perplexity on held-out text (base vs trained); threshold decoding
                 at B = 4 / 8 (tokens per forward, generative perplexity under the base at temperature 1);
                 speculative decoding (when megablock.inference.speculative exists): accepted draft tokens
@@ -66,7 +66,7 @@ def parse_args(argv=None):
                         "prefix is balanced); for a machine too busy for all of them")
     p.add_argument("--eval-prompts", type=int, default=12, help="held-out prompts of the threshold-decoding table")
     p.add_argument("--tokens", type=int, default=49152, help="clean training tokens (512 per step)")
-    p.add_argument("--chunk-steps", type=int, default=8, help="steps per training launch (a curve point each)")
+    p.add_argument("--chunk-steps", type=int, default=8, help="keep a checkpoint every this many steps (a curve point each)")
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--confidence", type=float, default=0.0, help="diffusion.confidence_loss_weight")
     p.add_argument("--curve-prompts", type=int, default=6)
@@ -188,10 +188,11 @@ def train_settings(args, base: Path, data: Path, save: Path, out: Path) -> list:
     sets = {
         "model.init_from": base, "data.prefix": data, "data.format": "sft", "data.split": "100,0,0",
         "data.seq_len": 128, "checkpoint.save_dir": save, "checkpoint.resume": "true",
-        "checkpoint.interval": args.chunk_steps, "checkpoint.keep_last": 1, "train.steps": steps,
+        "checkpoint.interval": args.chunk_steps, "checkpoint.keep_last": steps // args.chunk_steps + 1,
+        "train.steps": steps,
         "train.micro_batch_size": 2, "train.global_batch_size": 4, "train.eval_interval": 0,
         "train.lr": args.lr, "train.min_lr": args.lr / 10, "train.warmup_steps": max(1, steps // 24),
-        "train.exit_after_steps": args.chunk_steps, "diffusion.stages": json.dumps(stages(args.tokens)),
+        "diffusion.stages": json.dumps(stages(args.tokens)),
         "diffusion.confidence_loss_weight": args.confidence, "diffusion.ar_loss_weight": 0.5,
     }
     return [f"{k}={v}" for k, v in sets.items()]
@@ -243,25 +244,23 @@ def add_curve_point(curve: Path, ckpt: Path, heldout: Path, args, consumed: int,
 
 
 def train(args, out: Path, base: Path, data: Path, heldout: Path, env: dict) -> Path:
+    """One training launch (it resumes from `latest` when rerun after an interruption) that keeps a
+    checkpoint every --chunk-steps steps; then a curve point per kept checkpoint (and the base)."""
     save = out / "run"
     steps = args.tokens // 512
     curve = out / "curve.jsonl"
-    add_curve_point(curve, base, heldout, args, 0, 0, 1)
-    sets = train_settings(args, base, data, save, out)
-    while latest_step(save) < steps:
-        before = latest_step(save)
-        log(f"training steps {before + 1}..{min(before + args.chunk_steps, steps)} of {steps}")
+    if latest_step(save) < steps:
+        log(f"training {steps} steps from step {latest_step(save)} (a checkpoint every {args.chunk_steps})")
         t0 = time.perf_counter()
-        run([PY, "examples/pretrain_nbdiff.py", "--config", "examples/configs/quickstart_cpu.yaml", "--set", *sets],
-            out / "logs" / "train.log", env)
-        after = latest_step(save)
-        if after <= before:
-            sys.exit(f"training made no progress (latest step {after}); see {out / 'logs' / 'train.log'}")
-        metrics = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
-        last = metrics[-1]
-        log(f"step {after}: {last['consumed_tokens']} tokens, B={last['block_size']}, loss {last['loss']:.3f}, "
-            f"{last['tokens_per_s']:.1f} clean tokens/s ({time.perf_counter() - t0:.0f} s this launch)")
-        add_curve_point(curve, save, heldout, args, last["consumed_tokens"], after, last["block_size"])
+        run([PY, "examples/pretrain_nbdiff.py", "--config", "examples/configs/quickstart_cpu.yaml", "--set",
+             *train_settings(args, base, data, save, out)], out / "logs" / "train.log", env)
+        log(f"trained in {time.perf_counter() - t0:.0f} s")
+    metrics = {m["step"]: m for m in map(json.loads, (save / "metrics.jsonl").read_text().splitlines())}
+    add_curve_point(curve, base, heldout, args, 0, 0, 1)
+    for ckpt in sorted(save.glob("step_*")):
+        step = int(ckpt.name.split("_")[-1])
+        m = metrics[step]
+        add_curve_point(curve, ckpt, heldout, args, m["consumed_tokens"], step, m["block_size"])
     return save
 
 
