@@ -136,6 +136,7 @@ class CheckpointSection:
     """Keep this many most recent checkpoints."""
     resume: bool = False
     """Continue from `latest` in save_dir."""
+    overwrite: bool = False
 
 
 @dataclass

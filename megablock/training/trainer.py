@@ -25,6 +25,8 @@ from megablock.training.checkpointing import (
 from megablock.training.metrics import MetricsWriter, device_peak_flops, step_flops
 from megablock.training.optim import build_optimizer, build_scheduler, follow_configured_schedule
 from megablock.training.pipeline import build_pipeline, pack_layout
+from megablock.training.resume_check import check_resume
+from megablock.training.run_dir import claim_save_dir
 from megablock.training.setup import build_data, build_stage_model, tokenizer_dir_of
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class Trainer:
         p = cfg.parallel
         self.info = initialize_parallel(p.tensor, p.pipeline)
         validate_parallel_layout(cfg, self.info.world_size)
+        self.run_lock = claim_save_dir(cfg, self.info)  # save_dir policy + lock, launcher watchdog
         seed_everything(cfg.train.seed)
         self.stage, self.source_meta, self.source_ckpt = build_stage_model(cfg, self.info)
         self.model_cfg = self.stage.cfg
@@ -130,6 +133,7 @@ class Trainer:
         if ckpt is None:
             logger.info("checkpoint.resume: no checkpoint in %s yet; starting from step 0", self.cfg.checkpoint.save_dir)
             return
+        check_resume(ckpt, self.cfg.to_dict(), self.model_cfg)  # refuse config changes that break exactness
         configured_lrs = list(self.engine.lr_scheduler.base_lrs)
         self.state = load_training_state(self.engine, ckpt, self.info.rank)
         lrs = follow_configured_schedule(self.engine.lr_scheduler, configured_lrs)
