@@ -2,7 +2,7 @@
 """kill -9 soak: a tiny training run killed at random moments (some in the middle of a
 checkpoint save), resumed each time, compared step by step with an uninterrupted run.
 
-    python benchmarks/kill_soak.py                      # 4 kills over a 16-step run
+    python benchmarks/kill_soak.py                      # 4 kills over a 40-step run
     python benchmarks/kill_soak.py --kills 10 --steps 60 --seed 1
 
 Setup (in --workdir, default a temporary folder): a tiny random Llama (2 layers, hidden 64)
@@ -20,8 +20,8 @@ until --kills kills were delivered, then once more to the end of the run.
 
 Compared: metrics.jsonl of the soak run against the reference: the same steps 1..N exactly once,
 and loss, diffusion_loss, ar_loss, grad_norm, lr, block_size equal bit for bit (CPU fp32 resume
-is exact). "mid-save" counts kills after which a step_*.tmp folder was left behind (the kill
-really landed inside a save).
+is exact). "mid-save" counts kills after which a step_*.tmp folder written by that launch was
+left behind (the kill really landed inside a save).
 
 Prints a table of kills, then one JSON object on the last line.
 """
@@ -97,6 +97,18 @@ def latest_complete(save: Path) -> tuple[str | None, bool]:
     return name, complete
 
 
+def saving_since(save: Path, t: float) -> bool:
+    """A step_*.tmp folder written to since time `t` (an older one is a leftover of an earlier
+    kill, which the next save of that step replaces)."""
+    for tmp in save.glob("step_*.tmp"):
+        try:
+            if max([tmp.stat().st_mtime] + [p.stat().st_mtime for p in tmp.iterdir()]) >= t:
+                return True
+        except OSError:  # renamed or removed while we looked
+            continue
+    return False
+
+
 def one_launch(work, save, args, rng, mode) -> dict:
     """Launch; kill per `mode` (None: let it finish). Returns what happened."""
     logged_before = len(metrics(save))
@@ -106,20 +118,33 @@ def one_launch(work, save, args, rng, mode) -> dict:
     killed = False
     if mode == "save":
         while proc.poll() is None and time.time() - started < args.timeout:
-            if any(save.glob("step_*.tmp")):
+            if saving_since(save, started):
                 os.killpg(proc.pid, signal.SIGKILL)
                 killed = True
                 break
             time.sleep(0.002)
     elif mode == "random":
-        while proc.poll() is None and len(metrics(save)) <= logged_before and time.time() - started < args.timeout:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, args.max_delay))
+        # A step drawn uniformly from those still to do, then a delay uniform within one step
+        # (this launch's own pace): start-up costs far more than the tiny steps, so a delay
+        # counted from the launch would mostly land after the end of the run.
+        done = metrics(save)[-1]["step"] if metrics(save) else 0
+        target = rng.randint(done + 1, max(done + 1, args.steps - 1))
+        times, seen = [], len(metrics(save))
+        while proc.poll() is None and time.time() - started < args.timeout:
+            logged = metrics(save)
+            if len(logged) > seen:  # a new step logged by this launch: its time gives the pace
+                times.append(time.time())
+                seen = len(logged)
+            if logged and logged[-1]["step"] >= target:
+                break
+            time.sleep(0.002)
+        pace = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.05
+        time.sleep(rng.uniform(0.0, pace))
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             killed = True
     _, err = proc.communicate(timeout=args.timeout)
-    mid_save = killed and any(save.glob("step_*.tmp"))
+    mid_save = killed and saving_since(save, started)
     name, complete = latest_complete(save)
     last = metrics(save)
     return {"mode": mode or "finish", "killed": killed, "rc": proc.returncode, "mid_save": mid_save,
@@ -130,10 +155,9 @@ def one_launch(work, save, args, rng, mode) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--kills", type=int, default=4)
-    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--steps", type=int, default=40)
     p.add_argument("--interval", type=int, default=2, help="checkpoint every this many steps")
     p.add_argument("--save-fraction", type=float, default=0.5, help="share of kills aimed at a save in progress")
-    p.add_argument("--max-delay", type=float, default=3.0, help="random kills: up to this many s after the first new step")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep the assets and runs here (default: a temporary folder)")
@@ -150,10 +174,11 @@ def main(argv=None) -> int:
 
             shutil.rmtree(d)
     t0 = time.time()
-    ref = subprocess.run(command(work, ref_save, args.steps, args.interval, False), env=ENV, cwd=ROOT,
-                         capture_output=True, text=True, timeout=args.timeout)
+    ref = subprocess.Popen(command(work, ref_save, args.steps, args.interval, False), env=ENV, cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    ref.wait()
     if ref.returncode != 0:
-        print(ref.stderr[-3000:], file=sys.stderr)
+        print(ref.stderr.read()[-3000:], file=sys.stderr)
         return 1
     reference = metrics(ref_save)
 
