@@ -104,8 +104,8 @@ def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> tuple
     """Training and (if eval is on) validation batch streams for this rank."""
     if cfg.data.prefix is None:
         raise ConfigError("data.prefix is not set; point it at PREFIX from tools/preprocess_data.py")
-    if any(b > 1 for b in cfg.diffusion.block_sizes) or cfg.diffusion.attention == "full":
-        check_vocabulary(cfg.data.prefix, model_cfg.vocab_size, model_cfg.mask_token_id)
+    masks = any(b > 1 for b in cfg.diffusion.block_sizes) or cfg.diffusion.attention == "full"
+    check_vocabulary(cfg.data.prefix, model_cfg.vocab_size, model_cfg.mask_token_id, require_mask=masks)
     t = cfg.train
     if cfg.data.format == "sft":
         return build_sft_data(cfg, model_cfg, info)
