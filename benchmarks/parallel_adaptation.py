@@ -74,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--spec-prompts", type=int, default=6, help="held-out prompts of the speculative measurement")
     p.add_argument("--spec-tokens", type=int, default=32, help="new tokens per prompt there")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--variant", default="", help="a second training run on the same data and base (e.g. with "
+                   "--confidence 0.1): its run, curve, evaluations and results get this suffix")
     p.add_argument("--report-only", action="store_true")
     return p.parse_args(argv)
 
@@ -246,9 +248,12 @@ def add_curve_point(curve: Path, ckpt: Path, heldout: Path, args, consumed: int,
 def train(args, out: Path, base: Path, data: Path, heldout: Path, env: dict) -> Path:
     """One training launch (it resumes from `latest` when rerun after an interruption) that keeps a
     checkpoint every --chunk-steps steps; then a curve point per kept checkpoint (and the base)."""
-    save = out / "run"
+    save = out / f"run{args.suffix}"
     steps = args.tokens // 512
-    curve = out / "curve.jsonl"
+    curve = out / f"curve{args.suffix}.jsonl"
+    main_curve = out / "curve.jsonl"
+    if args.suffix and main_curve.is_file() and not curve.is_file():  # the base point is the same model
+        curve.write_text(main_curve.read_text().splitlines(keepends=True)[0])
     if latest_step(save) < steps:
         log(f"training {steps} steps from step {latest_step(save)} (a checkpoint every {args.chunk_steps})")
         t0 = time.perf_counter()
@@ -398,13 +403,14 @@ def report(results: dict) -> str:
     """The markdown tables of docs/parallel_decoding.md."""
     lines = ["| model | AR-mode ppl (held-out Wikipedia) | thr 0.9 B=4 greedy tok/fwd | B=4 T=1 tok/fwd, gen ppl "
              "| thr 0.9 B=8 greedy tok/fwd | B=8 T=1 tok/fwd, gen ppl |", "|---|---|---|---|---|---|"]
-    for name in ("base", "trained"):
+    names = ("base", f"trained{results['args']['suffix']}")
+    for name in names:
         ar = results[f"ar_{name}"]["ar_ppl"]
         cells = []
         for row in results[f"threshold_{name}"]:
             cells.append(f"{row['tokens_per_forward']:.2f}" + (f", {row['gen_ppl']:.1f}" if "gen_ppl" in row else ""))
         lines.append(f"| {name} | {ar:.2f} | " + " | ".join(cells) + " |")
-    for name in ("base", "trained"):
+    for name in names:
         spec = results.get(f"speculative_{name}")
         if not spec:
             continue
@@ -430,31 +436,32 @@ def main(argv=None) -> int:
         (out / sub).mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    (out / "args.json").write_text(json.dumps(vars(args), indent=1))
+    args.suffix = f"_{args.variant}" if args.variant else ""
+    (out / f"args{args.suffix}.json").write_text(json.dumps(vars(args), indent=1))
     base, ref = prepare_base(args, out, env)
     train_prompts, heldout = make_prompts(args, out, base)
     data = distill_and_preprocess(args, out, base, train_prompts, env)
     held_text = heldout_text(args, out, base, env)
-    save = out / "run"
+    save, trained = out / f"run{args.suffix}", f"trained{args.suffix}"
     if not args.report_only:
         save = train(args, out, base, data, heldout, env)
     results = {"args": vars(args)}
     results["ar_base"] = ar_perplexity(base, held_text, out, "base", env)
-    results["ar_trained"] = ar_perplexity(save, held_text, out, "trained", env)
+    results[f"ar_{trained}"] = ar_perplexity(save, held_text, out, trained, env)
     results["threshold_base"] = threshold_decoding(base, ref, heldout, args, out, "base")
-    results["threshold_trained"] = threshold_decoding(save, ref, heldout, args, out, "trained")
+    results[f"threshold_{trained}"] = threshold_decoding(save, ref, heldout, args, out, trained)
     results["speculative_base"] = speculative(base, ref, heldout, args, out, "base")
-    results["speculative_trained"] = speculative(save, ref, heldout, args, out, "trained")
-    results["curve"] = [json.loads(x) for x in (out / "curve.jsonl").read_text().splitlines()]
+    results[f"speculative_{trained}"] = speculative(save, ref, heldout, args, out, trained)
+    results["curve"] = [json.loads(x) for x in (out / f"curve{args.suffix}.jsonl").read_text().splitlines()]
     metrics = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
     results["train"] = {"steps": metrics[-1]["step"], "consumed_tokens": metrics[-1]["consumed_tokens"],
                         "mean_tokens_per_s": sum(m["tokens_per_s"] for m in metrics) / len(metrics),
                         "first_loss": metrics[0]["loss"], "last_loss": metrics[-1]["loss"]}
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(report(results) + "\n")
+    (out / f"results{args.suffix}.json").write_text(json.dumps(results, indent=1))
+    (out / f"results{args.suffix}.md").write_text(report(results) + "\n")
     print(report(results))
-    plot(out / "curve.jsonl", out / "parallel_adaptation.png", args.tokens)
-    b, t = results["ar_base"]["ar_ppl"], results["ar_trained"]["ar_ppl"]
+    plot(out / f"curve{args.suffix}.jsonl", out / f"parallel_adaptation{args.suffix}.png", args.tokens)
+    b, t = results["ar_base"]["ar_ppl"], results[f"ar_{trained}"]["ar_ppl"]
     log(f"AR-mode perplexity on held-out text: base {b:.2f}, trained {t:.2f} ({100 * (t / b - 1):+.1f}%)")
     print(json.dumps({k: results[k] for k in ("train", "curve")} | {"ar_ppl_base": b, "ar_ppl_trained": t}))
     return 0
