@@ -105,3 +105,14 @@ def block_diffusion_loss(
     total, count = confident_entropy(logits_local, targets, noised_targets.bool())
     confidence = total / count.clamp(min=1)
     return LossParts(loss + confidence_loss_weight * confidence, diffusion, ar, confidence)
+
+
+def sample_diffusion_losses(
+    logits_local: torch.Tensor, targets: torch.Tensor, diff_weights: torch.Tensor, diff_normalizer: float,
+) -> torch.Tensor:
+    """[rows] each row's L_diff on the same per-token scale as the batch's (its weighted CE over
+    its share of the normalizer): the per-sample loss whose variance across noise draws BD3-LM's
+    schedule search minimises. Their mean is the batch's L_diff."""
+    ce = token_cross_entropy(logits_local, targets)
+    rows = ce.shape[0]
+    return (ce * diff_weights).sum(-1) / (diff_normalizer / rows)

@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 
 from megablock.config import Config
 from megablock.diffusion.batch import DiffusionBatch
-from megablock.diffusion.loss import block_diffusion_loss
+from megablock.diffusion.loss import block_diffusion_loss, sample_diffusion_losses
 from megablock.model.transformer import BlockDiffusionLM
 from megablock.parallel.state import MegatronMPU, ParallelInfo
 from megablock.training.optim import build_optimizer, build_scheduler
@@ -35,6 +35,11 @@ class Engine:
 
     def eval_step(self, batches: list[DiffusionBatch]) -> float:
         """Mean diffusion loss (the NELBO estimate) over the whole data-parallel group."""
+        raise NotImplementedError
+
+    def sample_losses(self, batches: list[DiffusionBatch]) -> Optional[torch.Tensor]:
+        """[samples of this rank] per-sample diffusion losses, no gradients (None on a rank that
+        computes no loss). For the schedule search's variance estimate."""
         raise NotImplementedError
 
     def global_mean(self, local: Optional[torch.Tensor], width: int) -> torch.Tensor:
@@ -61,8 +66,10 @@ class DiffusionObjective(torch.nn.Module):
         self.ar_loss_weight = ar_loss_weight
         self.confidence_loss_weight = confidence_loss_weight
 
-    def forward(self, batch: DiffusionBatch):
+    def forward(self, batch: DiffusionBatch, per_sample: bool = False):
         logits = self.model(batch.input_ids, batch.position_ids, batch.layout)
+        if per_sample:
+            return sample_diffusion_losses(logits, batch.targets, batch.diff_weights, batch.diff_normalizer)
         gamma = self.confidence_loss_weight
         parts = block_diffusion_loss(
             logits, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, self.ar_loss_weight,
@@ -88,6 +95,13 @@ class SingleStageEngine(Engine):
         self.ds.train()
         return float(self.global_mean(torch.stack(values).mean().reshape(1), 1)[0])
 
+    @torch.no_grad()
+    def sample_losses(self, batches):
+        self.ds.eval()
+        values = [self.ds(b.to(self.info.device), per_sample=True).float().cpu() for b in batches]
+        self.ds.train()
+        return torch.cat(values)
+
 
 class PipelineLoss:
     """Loss function of the last pipeline stage; keeps each micro-batch's parts for logging."""
@@ -97,9 +111,12 @@ class PipelineLoss:
         self.confidence_loss_weight = confidence_loss_weight
         self.records: list[torch.Tensor] = []
         self.evaluating = False
+        self.per_sample: Optional[list[torch.Tensor]] = None  # a list while collecting per-sample losses
 
     def __call__(self, logits, labels):
         targets, diff_w, ar_w, normalizer, *noised = labels  # noised targets only with the confidence term
+        if self.per_sample is not None:
+            self.per_sample.append(sample_diffusion_losses(logits, targets, diff_w, normalizer.float()).detach().cpu())
         parts = block_diffusion_loss(logits, targets, diff_w, ar_w, normalizer.float(), self.ar_loss_weight,
                                      self.confidence_loss_weight, noised[0] > 0 if noised else None)
         self.records.append(torch.stack([parts.loss, parts.diffusion_loss, parts.ar_loss]).detach())
@@ -141,6 +158,14 @@ class PipelineEngine(Engine):
             return float(self.ds.eval_batch(data_iter=self._items(batches), num_micro_batches=len(batches)))
         finally:
             self.loss.evaluating = False
+
+    def sample_losses(self, batches):
+        self.loss.per_sample = []
+        try:
+            self.eval_step(batches)
+            return torch.cat(self.loss.per_sample).float() if self.loss.per_sample else None
+        finally:
+            self.loss.per_sample = None
 
     def global_mean(self, local, width):
         # Losses live on the last stage: average there, then broadcast along the pipeline.
