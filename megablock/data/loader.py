@@ -7,11 +7,9 @@ count), so a step never mixes block sizes and a resumed run picks the stage up e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 from megablock.config import DiffusionSection
-from typing import Union
-
 from megablock.data.datasets import TokenWindows
 from megablock.data.sft import SFTWindows
 from megablock.data.sampler import DataParallelSampler
