@@ -343,3 +343,21 @@ def test_cli_speculative_json(tmp_path):
         outs[mode] = json.loads(proc.stdout.strip().splitlines()[-1])
     assert outs["speculative"]["text"] == outs["threshold"]["text"]
     assert {"mean_accepted", "accepted_histogram", "tokens_per_s"} <= set(outs["speculative"])
+
+
+def test_evaluation_generation_reports_acceptance():
+    from megablock.evaluation import EvalModel, evaluate, generate_samples
+
+    hf = peaked_model("llama", seed=9)
+    im = from_hf_model(hf, mask_token_id=MASK)
+    em = EvalModel(im.model, None, MASK, True, "context_causal", None, im)
+    windows = torch.arange(20, 20 + 4 * 16).view(4, 16)
+    prompts = [windows[i, :8].tolist() for i in range(2)]
+    ar = im.sampler().generate(prompts, GenerateConfig(block_size=1, max_new_tokens=10)).tokens
+    got, _, _ = generate_samples(em, prompts, 4, 10, temperature=0.0, mode="speculative")
+    assert got == ar
+    r = evaluate(em, windows, 4, progress=False, generate=True, gen_prompts=2, gen_prompt_len=8, gen_tokens=10,
+                 gen_mode="speculative")
+    assert r["gen_mode"] == "speculative" and r["gen_verified_blocks"] > 0
+    assert sum(r["gen_accepted_histogram"].values()) == r["gen_verified_blocks"]
+    assert 0 <= r["gen_acceptance_rate"] <= 1 and "nelbo" in r
