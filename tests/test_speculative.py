@@ -263,8 +263,9 @@ def sampled_joint(sampler, prompt, cfg, n_samples, k):
 
 def test_speculative_sampling_matches_ar_distribution(monkeypatch):
     """The joint distribution of the first 3 new tokens (343 cells, 3,000 samples) against the
-    exact AR probabilities. Each check flags a false alarm with probability 1e-3 (p-value
-    threshold); seeds are fixed, so the test is deterministic. Token 1 comes from the prefill;
+    exact AR probabilities, for each draft layout. Each check raises a false alarm with
+    probability 1e-3 (p-value threshold; three checks, < 0.3% together); seeds are fixed, so the
+    test is deterministic. Token 1 comes from the prefill;
     tokens 2 and 3 pass through draft acceptance and residual resampling."""
     hf = peaked_model("llama", seed=7, scale=4.0, vocab_size=V_TINY)
     im = from_hf_model(hf, mask_token_id=V_TINY - 1)
@@ -273,11 +274,12 @@ def test_speculative_sampling_matches_ar_distribution(monkeypatch):
     params = SamplingParams(temperature=0.9, top_k=5)
     probs = exact_joint(hf, prompt, k, params)
     sampler = speculative_sampler(im)
-    for fused in (False, True):
-        cfg = SpeculativeConfig(block_size=4, max_new_tokens=k, fused=fused, sampling=params, seed=11)
+    for fused, layout in MODES:
+        cfg = SpeculativeConfig(block_size=4, max_new_tokens=k, fused=fused, next_draft=layout, sampling=params,
+                                seed=11)
         counts, res = sampled_joint(sampler, prompt, cfg, n, k)
         assert 0.1 < res.acceptance_rate < 0.9  # both branches of the rule are exercised
-        assert chi_square_p(counts, probs) > 1e-3, fused
+        assert chi_square_p(counts, probs) > 1e-3, (fused, layout)
     # The test has power: taking every draft (no acceptance test) samples the drafter's
     # distribution, which it must reject.
     def take_all(ar_logits, drafts, q, params, generator=None):

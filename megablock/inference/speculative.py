@@ -274,8 +274,8 @@ class SpeculativeSampler(BlockDiffusionSampler):
     def _forward(self, cache: RowKVCache, append: list, noised: Optional[tuple] = None):
         """One model call. append: per row the tokens to append (at least one each, or none at all
         for a pure draft pass). noised: (tokens [b, B], first position [b], append slots seen [b])
-        or None. Returns (append hidden states [b, n_append, H], noised logits [b, B, V] or None):
-        the caller takes logits of the few append slots it needs (a prefill has many)."""
+        or None. Returns the hidden states (append [b, n_append, H], noised [b, B, H] or None):
+        the caller takes logits of the few slots it needs (a prefill has many)."""
         dev, b = self.device, cache.batch
         a = torch.tensor([len(t) for t in append], dtype=torch.long)
         n_app = int(a.max()) if len(append) else 0
@@ -293,7 +293,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
         layout = AttentionLayout("ar", ids.shape[1])  # unused with a cache; the layers want one
         hidden = self.model.run_layers(self.model.embed(ids.to(dev)), pos.to(dev), layout, kv_cache=cache)
         cache.end()
-        return hidden[:, :n_app], (self._logits(hidden[:, n_app:]) if n_noise else None)
+        return hidden[:, :n_app], (hidden[:, n_app:] if n_noise else None)
 
     def _draw(self, logits: torch.Tensor, params: SamplingParams, generator):
         """Draft tokens from noised logits [..., V]: (tokens, q probabilities or None when greedy)."""
@@ -314,11 +314,12 @@ class SpeculativeSampler(BlockDiffusionSampler):
         per_step = None if cfg.draft_threshold is not None else math.ceil((B - 1) / cfg.draft_steps)
         start, sees, forwards, q = cache.lengths.cpu(), torch.zeros(b, dtype=torch.long), 0, None
         while bool(todo.any()):
-            _, logits = self._forward(cache, [[] for _ in range(b)], (x, start, sees))
+            _, hidden = self._forward(cache, [[] for _ in range(b)], (x, start, sees))
             forwards += 1
-            tokens, q = self._draw(logits[:, :-1], cfg.sampling, generator)  # output j predicts slot j+1
+            logits = self._logits(hidden[:, :-1])  # output j predicts slot j+1; the last, past the block
+            tokens, q = self._draw(logits, cfg.sampling, generator)
             tokens = tokens.cpu()
-            conf = logits[:, :-1].softmax(-1).amax(-1).cpu()
+            conf = logits.softmax(-1).amax(-1).cpu()
             commit = select_commits(conf, todo[:, 1:], cfg.draft_threshold, per_step)
             commit = self._agree(torch.cat([torch.zeros(b, 1, dtype=torch.long), commit.long()], 1).to(dev)).cpu().bool()
             tokens = self._agree(tokens.to(dev)).cpu()
@@ -367,7 +368,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
                 if overlap:
                     x[:, 0] = torch.tensor([t[-1] for t in tokens])
                 noised = (x, start, a - (1 if overlap else 0))
-            app_hidden, noise_logits = self._forward(cache, tokens, noised)
+            app_hidden, noise_hidden = self._forward(cache, tokens, noised)
             forwards += 1
             # AR logits of each row's last known token and its drafts: [b, max drafts + 1, V].
             width = max(len(d) for d in drafts) + 1
@@ -383,7 +384,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
             next_q = None
             if fused:
                 skip = 1 if overlap else 0  # overlap: the first output duplicates the AR token
-                nd, next_q = self._draw(noise_logits[:, skip: B - 1], cfg.sampling, generator)
+                nd, next_q = self._draw(self._logits(noise_hidden[:, skip: B - 1]), cfg.sampling, generator)
                 decision[:, 2: 2 + nd.shape[1]] = nd.cpu()
             decision = self._agree(decision.to(dev)).cpu()
 
