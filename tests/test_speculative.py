@@ -124,8 +124,9 @@ def test_eos_inside_a_block_equals_hf_generate():
     im.eos_token_ids = []
     n, B = 24, 8
     free = im.sampler().generate(PROMPTS[:2], GenerateConfig(block_size=1, max_new_tokens=n)).tokens
-    # A token of row 0 at new-token index 5 (first occurrence), not in row 1: with a perfect
-    # drafter it is a kept draft in the middle of the first verified block (indices 1..7).
+    # A token first produced by row 0 at new-token index >= 3 and never by row 1: with a perfect
+    # drafter it is a kept draft inside a verified block (the first one covers indices 1..7), so
+    # the row stops in the middle of a block while row 1 runs on.
     eos = next(t for t in free[0][3:] if free[0].index(t) >= 3 and t not in free[1])
     im.eos_token_ids = [eos]
     expected = [hf_greedy(hf, p, n, eos) for p in PROMPTS[:2]]

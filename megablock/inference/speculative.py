@@ -327,6 +327,17 @@ class SpeculativeSampler(BlockDiffusionSampler):
             todo &= ~commit
         return x[:, 1:], q, forwards
 
+    def _next_block(self, cache, tokens: list, B: int, overlap: bool) -> tuple:
+        """The fused pass's draft block for the block after `tokens` (pending + drafts): right
+        after them with its first slot masked, or overlapping their last slot, which it reveals
+        and which it (like a training block's first slot) does not see the clean copy of."""
+        a = torch.tensor([len(t) for t in tokens])
+        back = 1 if overlap else 0
+        x = torch.full((len(tokens), B), self.mask_token_id, dtype=torch.long)
+        if overlap:
+            x[:, 0] = torch.tensor([t[-1] for t in tokens])
+        return x, cache.lengths.cpu() + a - back, a - back
+
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], cfg: SpeculativeConfig) -> SpeculativeOutput:
         cfg.validate(self.mask_token_id)
@@ -360,14 +371,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
             drafts = self.propose(rows, [[len(out[r]) + j for j in range(len(d))] for r, d in zip(rows, drafts)], drafts)
             known = [len(a) for a in append]
             tokens = [a + d for a, d in zip(append, drafts)]
-            noised = None
-            if fused:
-                a = torch.tensor([len(t) for t in tokens])
-                start = cache.lengths.cpu() + a - (1 if overlap else 0)
-                x = torch.full((b, B), self.mask_token_id, dtype=torch.long)
-                if overlap:
-                    x[:, 0] = torch.tensor([t[-1] for t in tokens])
-                noised = (x, start, a - (1 if overlap else 0))
+            noised = self._next_block(cache, tokens, B, overlap) if fused else None
             app_hidden, noise_hidden = self._forward(cache, tokens, noised)
             forwards += 1
             # AR logits of each row's last known token and its drafts: [b, max drafts + 1, V].
