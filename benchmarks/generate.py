@@ -151,7 +151,7 @@ LAYOUTS = {"one-pass masked": dict(fused=True, next_draft="masked"),
            "two-pass": dict(fused=False)}
 
 
-def speculative_main(args, im, hf_folder) -> None:
+def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
     import statistics
 
     from megablock.inference.sampler import GenerateConfig
@@ -181,7 +181,14 @@ def speculative_main(args, im, hf_folder) -> None:
         total = batch * n
         ar_times, ar_out = timed["ar"]
         hf_times = timed["hf"][0] if "hf" in timed else None
-        checks.append(dict(batch=batch, ar_tokens_equal_hf=("hf" in timed and timed["hf"][1] == ar_out.tokens)))
+        # HF's min_new_tokens forbids EOS while our runs ignore it (they may emit one and go on),
+        # so each row is compared up to (not including) the first EOS of our AR run.
+        def same_before_eos(ours, theirs):
+            k = next((i for i, t in enumerate(ours) if t in eos_ids), len(ours))
+            return ours[:k] == theirs[:k]
+
+        checks.append(dict(batch=batch, ar_tokens_equal_hf="hf" in timed and all(
+            same_before_eos(a, h) for a, h in zip(ar_out.tokens, timed["hf"][1]))))
         for key, (times, res) in timed.items():
             if key == "hf":
                 continue
@@ -209,7 +216,8 @@ def speculative_main(args, im, hf_folder) -> None:
           f"{torch.get_num_threads()} threads, {args.clock} clock), {n} new tokens per row, greedy, EOS ignored; "
           f"load average at the end {load[0]:.2f} / {load[1]:.2f}")
     for c in checks:
-        print(f"batch {c['batch']}: megablock AR (B=1) tokens == HF generate tokens: {c['ar_tokens_equal_hf']}")
+        print(f"batch {c['batch']}: megablock AR (B=1) tokens == HF generate tokens (before the first EOS): "
+              f"{c['ar_tokens_equal_hf']}")
     print(f"{'batch':>5} {'B':>3} {'layout':<17} {'acc/blk':>9} {'fwd':>5} {'tok/fwd':>8} {'tok/s med':>10} "
           f"{'tok/s best':>10} {'vs HF med':>9} {'vs HF best':>10} {'=AR':>4}")
     for r in rows:
@@ -280,8 +288,9 @@ def main(argv=None) -> None:
         if im.mask_token_id is None:
             sys.exit(f"{hf_folder}: speculative decoding drafts with the mask token and this model has none; "
                      "convert it with tools/convert_hf.py (and train it) first")
+        eos_ids = set(im.eos_token_ids)
         im.eos_token_ids = []  # exactly max_new_tokens per row
-        return speculative_main(args, im, hf_folder)
+        return speculative_main(args, im, hf_folder, eos_ids)
     im = load(ckpt=args.ckpt, hf_dir=None if args.ckpt else hf_folder, dtype=args.dtype)
     stand_in_mask = im.mask_token_id is None
     if stand_in_mask:  # an AR model: any token id serves to time the mechanics
