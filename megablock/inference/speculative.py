@@ -321,10 +321,10 @@ class SpeculativeSampler(BlockDiffusionSampler):
             tokens = tokens.cpu()
             conf = logits.softmax(-1).amax(-1).cpu()
             commit = select_commits(conf, todo[:, 1:], cfg.draft_threshold, per_step)
-            commit = self._agree(torch.cat([torch.zeros(b, 1, dtype=torch.long), commit.long()], 1).to(dev)).cpu().bool()
-            tokens = self._agree(tokens.to(dev)).cpu()
-            x[:, 1:][commit[:, 1:]] = tokens[commit[:, 1:]]
-            todo &= ~commit
+            decided = self._agree(torch.stack([tokens, commit.long()]).to(dev)).cpu()
+            tokens, commit = decided[0], decided[1].bool()
+            x[:, 1:][commit] = tokens[commit]
+            todo[:, 1:] &= ~commit
         return x[:, 1:], q, forwards
 
     def _next_block(self, cache, tokens: list, B: int, overlap: bool) -> tuple:
@@ -368,7 +368,8 @@ class SpeculativeSampler(BlockDiffusionSampler):
                 drafts = [d[i].tolist() for i in range(b)]
                 qs = [None if q is None else q[i] for i in range(b)]
             drafts = [d[: max(k, 0)] for d, k in zip(drafts, room)]
-            drafts = self.propose(rows, [[len(out[r]) + j for j in range(len(d))] for r, d in zip(rows, drafts)], drafts)
+            positions = [[len(out[r]) + j for j in range(len(d))] for r, d in zip(rows, drafts)]
+            drafts = self.propose(rows, positions, drafts)
             known = [len(a) for a in append]
             tokens = [a + d for a, d in zip(append, drafts)]
             noised = self._next_block(cache, tokens, B, overlap) if fused else None
