@@ -33,6 +33,10 @@ Precision = Literal["fp32", "bf16", "fp16"]
 AttentionImpl = Literal["auto", "sdpa", "flex", "dense"]
 ZeroStage = Literal[0, 1, 2, 3]
 LoraTarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+DecodeMode = Literal["threshold", "speculative"]
+"""threshold: confidence-thresholded parallel decoding; speculative: lossless draft-and-verify."""
+NextDraft = Literal["masked", "overlap"]
+"""Speculative one-pass mode: layout of the next block's draft (megablock.inference.speculative)."""
 DataFormat = Literal["pretrain", "sft"]
 """pretrain (raw text, every token a target) | sft (prompt/response data with response flags)."""
 WeightDtype = Literal["fp32", "bf16"]
