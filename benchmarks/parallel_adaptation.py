@@ -315,8 +315,10 @@ def threshold_decoding(ckpt: Path, ref: Path, heldout: Path, args, out: Path, na
 def speculative(ckpt: Path, ref: Path, heldout: Path, args, out: Path, name: str):
     """Self-speculative decoding (lossless, greedy, one forward per block) at batch 1 on held-out
     prompts, B = 4 / 8 / 16: accepted draft tokens per block, tokens per forward and tokens/s, with
-    HF `generate` (greedy, KV cache, the base weights: the same architecture and cost) timed on the
-    same prompts in the same process, interleaved, so both see the same machine load. Every row runs
+    HF `generate` (greedy, KV cache, the base weights: the same architecture and cost) on the same
+    prompts in the same process. Speeds are tokens per second of this process's CPU time on one
+    thread (time.process_time), as benchmarks/generate.py does: on a machine shared with other jobs
+    wall time mostly measures the other jobs. Every row runs
     --spec-tokens new tokens (EOS does not stop it) and is checked against the model's own AR
     decoding (megablock's sampler at B = 1): lossless means identical tokens. None when this
     checkout has no speculative sampler."""
@@ -334,32 +336,34 @@ def speculative(ckpt: Path, ref: Path, heldout: Path, args, out: Path, name: str
     from megablock.inference.loading import load
     from megablock.inference.sampler import GenerateConfig
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(1)
     em = load(ckpt=str(ckpt), parallel=launched_parallel())
     em.eos_token_ids = []  # fixed-length rows: equal work for every decoder
     prompts = spread(load_prompts(heldout, em.tokenizer), args.spec_prompts)
     n = args.spec_tokens
     hf = AutoModelForCausalLM.from_pretrained(str(ref), dtype=torch.float32).eval()
     ar, spec = em.sampler(), speculative_sampler(em)
-    result = {"prompts": len(prompts), "new_tokens_per_prompt": n, "load_avg_start": os.getloadavg()[0], "rows": []}
+    result = {"prompts": len(prompts), "new_tokens_per_prompt": n, "clock": "process CPU time, 1 thread",
+              "load_avg_start": os.getloadavg()[0], "rows": []}
     hf_seconds, ar_out = 0.0, []
     for p in prompts:
         ar_out.append(ar.generate([p], GenerateConfig(block_size=1, max_new_tokens=n)).tokens[0])
         with torch.inference_mode():
             x = torch.tensor([p])
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n, min_new_tokens=n,
                         pad_token_id=em.pad_token_id)
-            hf_seconds += time.perf_counter() - t0
+            hf_seconds += time.process_time() - t0
     result["hf_tokens_per_s"] = n * len(prompts) / hf_seconds
     for B in (4, 8, 16):
         accepted, drafted, forwards, seconds, same = [], [], 0, 0.0, 0
         for p, ref_tokens in zip(prompts, ar_out):
+            t0 = time.process_time()
             o = spec.generate([p], SpeculativeConfig(block_size=B, max_new_tokens=n))
+            seconds += time.process_time() - t0
             accepted += o.accepted
             drafted += o.drafted
             forwards += o.forwards
-            seconds += o.seconds
             same += o.tokens[0] == ref_tokens
         row = {"block_size": B, "mean_accepted_per_block": sum(accepted) / max(len(accepted), 1),
                "drafts_per_block": sum(drafted) / max(len(drafted), 1), "verified_blocks": len(accepted),
