@@ -180,15 +180,15 @@ def _nonfinite(rank, world, assets, save_dir):
 
     cfg = load_config(str(CONFIG), _overrides(assets, save_dir, "train.steps=8", "checkpoint.interval=2",
                                               "train.max_nonfinite_steps=2", "train.eval_interval=0")[1:])
-    real_loss = engine_mod.block_diffusion_loss
+    real_loss = engine_mod.selected_block_diffusion_loss
 
-    def poisoned(logits, *args):
-        parts = real_loss(logits, *args)
+    def poisoned(*args):
+        parts = real_loss(*args)
         if trainer.state.step >= 3:  # steps 4.. produce NaN gradients
             parts.loss = parts.loss * float("nan")
         return parts
 
-    engine_mod.block_diffusion_loss = poisoned
+    engine_mod.selected_block_diffusion_loss = poisoned
     trainer = Trainer(cfg)
     try:
         trainer.run()

@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 
 from megablock.config import Config
 from megablock.diffusion.batch import DiffusionBatch
-from megablock.diffusion.loss import block_diffusion_loss
+from megablock.diffusion.loss import selected_block_diffusion_loss
 from megablock.model.transformer import BlockDiffusionLM
 from megablock.parallel.state import MegatronMPU, ParallelInfo
 from megablock.training.optim import build_optimizer, build_scheduler
@@ -53,17 +53,20 @@ class Engine:
 
 
 class DiffusionObjective(torch.nn.Module):
-    """The single-stage module DeepSpeed wraps: model forward plus the NBDiff loss."""
+    """The single-stage module DeepSpeed wraps: model forward plus the NBDiff loss, the head run
+    only on the positions that carry a loss (megablock.diffusion.loss)."""
 
-    def __init__(self, model: BlockDiffusionLM, ar_loss_weight: float):
+    def __init__(self, model: BlockDiffusionLM, ar_loss_weight: float, chunk_tokens: int = 8192):
         super().__init__()
         self.model = model
         self.ar_loss_weight = ar_loss_weight
+        self.chunk_tokens = chunk_tokens
 
     def forward(self, batch: DiffusionBatch):
-        logits = self.model(batch.input_ids, batch.position_ids, batch.layout)
-        parts = block_diffusion_loss(
-            logits, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, self.ar_loss_weight
+        hidden = self.model.run_layers(self.model.embed(batch.input_ids), batch.position_ids, batch.layout)
+        parts = selected_block_diffusion_loss(
+            hidden, self.model.head, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer,
+            self.ar_loss_weight, self.chunk_tokens,
         )
         return parts.loss, parts.diffusion_loss.detach(), parts.ar_loss.detach()
 
@@ -87,16 +90,20 @@ class SingleStageEngine(Engine):
 
 
 class PipelineLoss:
-    """Loss function of the last pipeline stage; keeps each micro-batch's parts for logging."""
+    """Loss function of the last pipeline stage; keeps each micro-batch's parts for logging.
+    The stage's last layer hands over the normed hidden states and its head (`PendingLogits`),
+    so the head runs here, on the loss positions only."""
 
-    def __init__(self, ar_loss_weight: float):
+    def __init__(self, ar_loss_weight: float, chunk_tokens: int = 8192):
         self.ar_loss_weight = ar_loss_weight
+        self.chunk_tokens = chunk_tokens
         self.records: list[torch.Tensor] = []
         self.evaluating = False
 
-    def __call__(self, logits, labels):
+    def __call__(self, pending, labels):
         targets, diff_w, ar_w, normalizer = labels
-        parts = block_diffusion_loss(logits, targets, diff_w, ar_w, normalizer.float(), self.ar_loss_weight)
+        parts = selected_block_diffusion_loss(pending.normed, pending.logits_fn, targets, diff_w, ar_w,
+                                              normalizer.float(), self.ar_loss_weight, self.chunk_tokens)
         self.records.append(torch.stack([parts.loss, parts.diffusion_loss, parts.ar_loss]).detach())
         return parts.diffusion_loss if self.evaluating else parts.loss
 
@@ -146,11 +153,11 @@ def build_engine(model: BlockDiffusionLM, cfg: Config, info: ParallelInfo, ds_co
     """Wrap `model` (this rank's stage) in the DeepSpeed engine its layout needs."""
     import deepspeed  # deferred: importing DeepSpeed costs seconds, and only training needs it
 
-    lam = cfg.diffusion.ar_loss_weight
+    lam, chunk = cfg.diffusion.ar_loss_weight, cfg.train.loss_chunk_tokens
     if info.pp == 1:
-        module, mpu, loss = DiffusionObjective(model, lam), MegatronMPU, None
+        module, mpu, loss = DiffusionObjective(model, lam, chunk), MegatronMPU, None
     else:
-        loss = PipelineLoss(lam)
+        loss = PipelineLoss(lam, chunk)
         module = build_pipeline(model, info.pp, info.tp, info.dp, cfg.parallel.layers_per_stage, loss)
         mpu = None  # the PipelineModule brings its own grid
     own_clipping = cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and not cfg.train.deepspeed_config
