@@ -132,3 +132,51 @@ def test_recompute_equals_no_recompute(ckpts, world):
             # kernel-level fp32 nondeterminism, which these CPU kernels do not show.
             assert abs(loss_err) <= 1e-7 and grad_err <= 1e-7, (key, loss_err, grad_err)
             assert n > 0
+
+
+def test_memory_estimate_within_15_percent_of_measured_peak():
+    """benchmarks/memory_estimate.py --quick: a real step's peak (torch's CPU allocator) against
+    the estimator, no recompute and full recompute (the full table is in the README)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "memory_estimate.py"), "--quick"],
+                          capture_output=True, text=True, timeout=900, cwd=root,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cases = json.loads(proc.stdout.strip().splitlines()[-1])["cases"]
+    assert len(cases) == 2
+    for case in cases:
+        assert 0.85 <= case["ratio"] <= 1.15, case
+
+
+def test_estimate_memory_cli_on_the_7b_cluster_config():
+    from megablock.commands.estimate_memory import main
+    from megablock.model.params import parameter_count
+    from megablock.commands.estimate_memory import architecture_from_hf
+    import io
+    import json
+    from contextlib import redirect_stdout
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["--config", str(root / "examples/configs/qwen2.5_7b_cluster.yaml"),
+            "--hf-config", str(root / "examples/configs/hf/qwen2.5-7b.json"), "--data-parallel", "8",
+            "--device-memory-gb", "80", "--json"]
+    out = {}
+    for mode in ("none", "full"):
+        buf = io.StringIO()
+        with redirect_stdout(buf):
+            assert main(args + ["--set", f"train.recompute={mode}"]) == 0
+        out[mode] = json.loads(buf.getvalue().strip().splitlines()[-1])
+    # bf16 weights of the 8 (TP 4 x PP 2) shards add up to the model (+ vocabulary padding).
+    _, total = parameter_count(architecture_from_hf(str(root / "examples/configs/hf/qwen2.5-7b.json")))
+    weights = 4 * sum(s["weights"] for s in out["none"]["stages"])
+    assert total * 2 <= weights <= total * 2 * 1.01
+    # Full recompute keeps a fraction of the activations and fits a larger micro-batch.
+    assert out["full"]["peak_bytes"] < out["none"]["peak_bytes"]
+    assert out["full"]["largest_micro_batch"] > out["none"]["largest_micro_batch"] >= 1
