@@ -180,3 +180,38 @@ def test_estimate_memory_cli_on_the_7b_cluster_config():
     # Full recompute keeps a fraction of the activations and fits a larger micro-batch.
     assert out["full"]["peak_bytes"] < out["none"]["peak_bytes"]
     assert out["full"]["largest_micro_batch"] > out["none"]["largest_micro_batch"] >= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA peak memory and bf16 kernels need a GPU")
+def test_cuda_bf16_selected_loss_and_recompute_lower_the_peak():
+    """On a GPU in bf16 with compiled FlexAttention: the selected-position loss equals the full
+    one (bf16 rounding of the head's matmul in other shapes only), and full recompute gives the
+    same loss with a lower peak than none."""
+    from megablock.model.config import ModelConfig
+    from megablock.model.transformer import BlockDiffusionLM
+    from megablock.parallel.state import initialize_parallel
+
+    initialize_parallel(1, 1)
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=8192, hidden_size=512, intermediate_size=1408, num_layers=4,
+                      num_attention_heads=8, num_kv_heads=2, mask_token_id=8191, max_position_embeddings=1024)
+    model = BlockDiffusionLM(cfg, dtype=torch.bfloat16).cuda()
+    x0 = torch.randint(0, 8191, (4, 512), generator=torch.Generator().manual_seed(1))
+    batch = build_batch(x0, torch.arange(4), 16, mask_token_id=8191, seed=2).to("cuda")
+    args = (batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, 0.5)
+    ref = block_diffusion_loss(model(batch.input_ids, batch.position_ids, batch.layout), *args).loss.item()
+    out = {}
+    for mode in ("none", "full"):
+        model.set_recompute(mode)
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        hidden = model.run_layers(model.embed(batch.input_ids), batch.position_ids, batch.layout)
+        loss = selected_block_diffusion_loss(hidden, model.head, *args, chunk_tokens=1024).loss
+        loss.backward()
+        torch.cuda.synchronize()
+        out[mode] = (loss.item(), torch.cuda.max_memory_allocated() - before)
+    assert out["none"][0] == pytest.approx(ref, rel=1e-2)
+    assert out["full"][0] == pytest.approx(out["none"][0], rel=1e-3)
+    assert out["full"][1] < 0.7 * out["none"][1], out
