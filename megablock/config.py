@@ -354,6 +354,7 @@ class CheckpointSection(Section):
     """Keep this many most recent checkpoints."""
     resume: bool = False
     """Continue from `latest` in save_dir."""
+    overwrite: bool = False
 
     def check(self) -> None:
         self._require(self.interval >= 0, "interval", "must be >= 0 (0 saves only at the end)")

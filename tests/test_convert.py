@@ -298,8 +298,13 @@ def test_out_not_empty_and_bad_ckpt(hf_models, tmp_path, capsys):
     convert_main, export_main = _tool("convert_hf"), _tool("export_hf")
     assert convert_main(["--hf-dir", str(hf_models / "llama"), "--out", str(tmp_path / "out"), "--quiet"]) == 1
     assert "--force" in capsys.readouterr().err and (tmp_path / "out" / "keep.txt").exists()
+    # --force replaces only a previous output of the tool, never unrelated files (issue 13).
+    assert convert_main(["--hf-dir", str(hf_models / "llama"), "--out", str(tmp_path / "out"), "--force", "--quiet"]) == 1
+    assert "does not write (keep.txt)" in capsys.readouterr().err and (tmp_path / "out" / "keep.txt").exists()
+    (tmp_path / "out" / "keep.txt").unlink()
+    assert convert_main(["--hf-dir", str(hf_models / "llama"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
     assert convert_main(["--hf-dir", str(hf_models / "llama"), "--out", str(tmp_path / "out"), "--force", "--quiet"]) == 0
-    assert not (tmp_path / "out" / "keep.txt").exists() and (tmp_path / "out" / "megablock.json").exists()
+    assert (tmp_path / "out" / "megablock.json").exists()
     capsys.readouterr()
     for setup, message in [
         (lambda c: (c / "megablock.json").unlink(), "no megablock.json"),

@@ -7,7 +7,9 @@ itself, at any TP x PP. (A GGUF source is the exception: transformers dequantize
 into memory first.)
 
 Atomicity: everything is written to `OUT.tmp-<pid>` and renamed to OUT only when complete; on any
-error the temporary folder is removed, so a folder named OUT is always a whole checkpoint.
+error the temporary folder is removed, so a folder named OUT is always a whole checkpoint. OUT may
+not be, hold or be inside the source, and --force replaces only a previous conversion output
+(megablock.json, model/, tokenizer/), never unrelated files.
 """
 from __future__ import annotations
 
@@ -239,22 +241,71 @@ def previous_diffusion_settings(raw: dict, cfg: ModelConfig, mask_token: Optiona
 
 
 # --- conversion ----------------------------------------------------------------------------------
-def prepare_out(out, force: bool) -> tuple[Path, Path]:
-    """Check OUT can be written; return (out, temporary folder next to it)."""
+# What each tool writes at the top of its output folder: --force replaces a folder holding only
+# these (a previous output of the same tool), never anything else.
+CONVERT_OUTPUT = frozenset({fmt.METADATA_FILE, fmt.MODEL_DIR, fmt.TOKENIZER_DIR})
+
+
+def _overlap(out: Path, source: Path) -> Optional[str]:
+    if out == source:
+        return "is"
+    if out in source.parents:
+        return "holds"
+    if source in out.parents:
+        return "is inside"
+    return None
+
+
+def prepare_out(out, force: bool, sources=(), owned=lambda name: name in CONVERT_OUTPUT) -> tuple[Path, Path]:
+    """Check OUT can be written; return (out, temporary folder next to it).
+
+    OUT may never be, hold or be inside a source (replacing it would delete what is being read,
+    e.g. `export_hf.py --ckpt runs/A --out runs/A --force` wiping the run), with or without
+    --force. --force replaces a non-empty OUT only when everything in it is something this tool
+    writes (`owned(name)`): unrelated files are never deleted."""
     out = Path(out).resolve()
+    for source in sources:
+        if source is None:
+            continue
+        source = Path(source).resolve()
+        relation = _overlap(out, source)
+        if relation:
+            raise ConversionError(
+                f"--out {out} {relation} the source {source}; writing there would delete or mix with what is "
+                f"being read (even with --force): choose an --out outside {source}"
+            )
     if out.exists() and not out.is_dir():
         raise ConversionError(f"--out {out} exists and is not a folder; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConversionError(f"--out {out} is not empty; choose an empty folder or pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise ConversionError(f"--out {out} is not empty; choose an empty folder or pass --force to replace it")
+        _check_only_owned(out, owned)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     return out, tmp
 
 
-def finish_out(tmp: Path, out: Path) -> None:
-    """Move the finished temporary folder into place (replacing OUT when --force allowed it)."""
+def _check_only_owned(out: Path, owned) -> None:
+    foreign = sorted(p.name for p in out.iterdir() if not owned(p.name))
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConversionError(
+            f"--out {out} holds files this tool does not write ({shown}); --force replaces only a previous "
+            f"output of this tool. Move them away or choose another --out"
+        )
+
+
+def finish_out(tmp: Path, out: Path, owned=lambda name: name in CONVERT_OUTPUT) -> None:
+    """Move the finished temporary folder into place, replacing OUT when --force allowed it: the
+    old OUT is renamed aside first and deleted last, so an interruption leaves the old or the new
+    folder complete (plus the aside copy), never neither."""
     if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+        _check_only_owned(out, owned)  # again: files may have appeared while we were writing
+        aside = out.with_name(f"{out.name}.old-{os.getpid()}")
+        os.replace(out, aside)
+        os.replace(tmp, out)
+        shutil.rmtree(aside)
+    else:
+        os.replace(tmp, out)
 
 
 def check_source(src: Source, family: Family, cfg: ModelConfig, mean_rows: list[int]) -> None:
@@ -296,7 +347,7 @@ def convert(out, hf_dir=None, gguf=None, tp: int = 1, pp: int = 1, mask_token: O
         raise ConversionError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
     if dtype not in fmt.DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not supported; use one of {', '.join(fmt.DTYPES)}")
-    out, tmp = prepare_out(out, force)
+    out, tmp = prepare_out(out, force, sources=[hf_dir, gguf])
 
     src = FolderSource.open(hf_dir) if hf_dir is not None else GGUFSource(gguf)
     family = family_for_hf_config(src.raw_config)

@@ -8,7 +8,8 @@ layout `save_pretrained` writes, so AutoModelForCausalLM loads either.
 
 config.json is the source config (unmodeled entries verbatim) plus the block-diffusion settings
 `block_size`, `mask_token_id`, `diffusion_shift`, `diffusion_attention`. Same atomic-write rule as
-conversion: OUT.tmp-<pid>, renamed when complete.
+conversion: OUT.tmp-<pid>, renamed when complete. OUT may not be, hold or be inside the checkpoint
+(or the save dir given as --ckpt), and --force replaces only a previous export (convert.prepare_out).
 
 A LoRA checkpoint (megablock.json "lora", adapters in CKPT/lora/) is merged in full-tensor space
 as the tensors stream: W + alpha/r * B A, and the mask-token row delta (megablock.model.lora).
@@ -37,6 +38,24 @@ MAX_SHARD_BYTES = 5 * 10**9
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 ADAPTER_DIR = "adapter"
+
+
+# Tokenizer files an export copies from CKPT/tokenizer/ (those present there, plus the usual
+# names, so a previous export of another tokenizer is recognised too).
+TOKENIZER_FILES = frozenset({
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "chat_template.jinja", "chat_template.json",
+})
+
+
+def _exported(name: str, ckpt: Path) -> bool:
+    """Whether `name` at the top of an output folder is something export writes (what --force may
+    replace)."""
+    if name in (WEIGHTS_NAME, INDEX_NAME, "config.json", "generation_config.json", ADAPTER_DIR) or name in TOKENIZER_FILES:
+        return True
+    if name.startswith("model-") and name.endswith(".safetensors"):
+        return True
+    return (ckpt / fmt.TOKENIZER_DIR / name).is_file()
 
 
 def diffusion_settings(meta: dict) -> dict:
@@ -95,8 +114,9 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
     """Write checkpoint `ckpt` (a checkpoint folder, or a training save dir with `latest`) as an
     HF folder at `out` in `dtype` (default: the checkpoint's). Returns a summary dict."""
     start = time.time()
-    out, tmp = prepare_out(out, force)
+    given = ckpt
     ckpt = fmt.resolve_checkpoint(ckpt)
+    out, tmp = prepare_out(out, force, sources=[given, ckpt], owned=lambda name: _exported(name, ckpt))
     meta = fmt.read_metadata(ckpt)
     dtype = dtype or meta["dtype"]
     if dtype not in fmt.DTYPES:
@@ -163,7 +183,7 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
                     shutil.copy2(f, tmp / f.name)
         else:
             log(f"warning: {ckpt} has no tokenizer/; the export has none either")
-        finish_out(tmp, out)
+        finish_out(tmp, out, owned=lambda name: _exported(name, ckpt))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -130,7 +130,49 @@ def read_metadata(ckpt) -> dict:
         raise CheckpointError(f"{path}: {e}") from None
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path} has an invalid model config ({e}); re-convert the model") from None
+    check_metadata_consistent(ckpt, meta, cfg)
     return meta
+
+
+def check_metadata_consistent(ckpt, meta: dict, cfg: ModelConfig) -> None:
+    """megablock.json must agree with itself and with the shards it describes: an edited or
+    mixed-up file (fewer layers, another vocabulary, a mask id past the vocabulary) would
+    otherwise export silently and crash generation later. Reads only the shard headers."""
+    path = Path(ckpt) / METADATA_FILE
+    fix = "the metadata was edited or belongs to another model: re-convert the model or use another checkpoint"
+    padded = cfg.padded_vocab_size(meta["tp"])
+    if meta["vocab_size"] != cfg.vocab_size or meta["padded_vocab_size"] != padded:
+        raise CheckpointError(
+            f"{path}: vocab_size {meta['vocab_size']} / padded_vocab_size {meta['padded_vocab_size']} disagree with "
+            f"its model config (vocab_size {cfg.vocab_size}, padded to {padded} at TP {meta['tp']}); {fix}")
+    mask = meta.get("mask_token_id")
+    if mask is not None and not (isinstance(mask, int) and 0 <= mask < cfg.vocab_size):
+        raise CheckpointError(f"{path}: mask_token_id {mask} is outside the vocabulary (size {cfg.vocab_size}); {fix}")
+    if mask != cfg.mask_token_id:
+        raise CheckpointError(
+            f"{path}: mask_token_id {mask} disagrees with its model config ({cfg.mask_token_id}); {fix}")
+    lps = meta["layers_per_stage"]
+    for stage in range(meta["pp"]):
+        want = shard_shapes(cfg, meta["tp"], meta["pp"], stage, lps)
+        for rank in range(meta["tp"]):
+            shard = shard_path(ckpt, rank, stage)
+            if not shard.is_file():
+                continue  # reported as "missing shard" by whoever reads it
+            try:
+                with safe_open(str(shard), "pt") as f:
+                    have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            except Exception as e:  # safetensors' own error type for a bad header
+                raise CheckpointError(f"shard {shard} is corrupt ({e}); re-convert or use another checkpoint") from None
+            extra, missing = sorted(set(have) - set(want)), sorted(set(want) - set(have))
+            wrong = [(k, have[k], want[k]) for k in want if k in have and have[k] != want[k]]
+            if extra or missing or wrong:
+                what = (f"holds {extra[0]} (and {len(extra) - 1} more) that megablock.json does not describe" if extra
+                        else f"lacks {missing[0]} (and {len(missing) - 1} more)" if missing
+                        else f"has {wrong[0][0]} of shape {list(wrong[0][1])} where megablock.json implies {list(wrong[0][2])}")
+                raise CheckpointError(
+                    f"{path} contradicts its shards: {shard.relative_to(Path(ckpt))} {what} "
+                    f"(megablock.json: {cfg.num_layers} layers, vocab {cfg.vocab_size}, TP {meta['tp']}, PP {meta['pp']}); "
+                    f"{fix}")
 
 
 def model_config(meta: dict) -> ModelConfig:

@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     mask.add_argument("--no-mask-token", action="store_true", help="add no mask token (weights unchanged)")
     p.add_argument("--dtype", default="fp32", choices=options(WeightDtype), help="dtype of the shards")
     p.add_argument("--layers-per-stage", help="comma-separated layer counts per pipeline stage, e.g. 7,9")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace a previous output of this tool in --out (never the source, never other files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return add_common_flags(p)
 

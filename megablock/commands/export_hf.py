@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", required=True, help="checkpoint folder, or a training save dir with `latest`")
     p.add_argument("--out", required=True, help="output HF folder (must be empty unless --force)")
     p.add_argument("--dtype", choices=options(WeightDtype), help="output dtype (default: the checkpoint's)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--force", action="store_true",
+                   help="replace a previous output of this tool in --out (never the source, never other files)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--lora-separate", action="store_true",
                    help="LoRA checkpoint: write the base model plus a PEFT adapter folder (OUT/adapter) instead of merging")

@@ -20,6 +20,7 @@ Megatron-LM).  Settings we rely on (megatron-core 0.16.1):
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 from unittest import mock
 from collections import OrderedDict
@@ -27,6 +28,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
+
+from megablock.config import ConfigError
 
 
 def import_megatron_datasets():
@@ -85,6 +88,82 @@ def check_prefix_exists(prefix: str) -> None:
             )
 
 
+class DatasetFileError(ValueError):
+    """A .bin/.idx file is truncated, corrupt or does not belong to its partner."""
+
+
+def open_indexed(prefix: str):
+    """megatron-core's IndexedDataset for `prefix`, after checking that .idx parses and that
+    .bin has exactly the bytes .idx describes.
+
+    megatron-core reads both files through mmap/frombuffer, so a truncated file otherwise fails
+    deep inside numpy without a file name (or, for a .bin longer than its .idx describes, reads
+    tokens of another dataset without any error)."""
+    _, _, idx_mod = import_megatron_datasets()
+    check_prefix_exists(prefix)
+    remake = f"re-create it with tools/preprocess_data.py --output-prefix {prefix}"
+    try:
+        ds = idx_mod.IndexedDataset(prefix)
+    except (AssertionError, ValueError, struct.error, OSError) as e:
+        raise DatasetFileError(f"dataset index {prefix}.idx is truncated or corrupt ({e}); {remake}") from None
+    index = ds.index
+    if len(index) == 0:
+        expected = 0
+    else:
+        itemsize = np.dtype(index.dtype).itemsize
+        ends = index.sequence_pointers.astype(np.int64) + index.sequence_lengths.astype(np.int64) * itemsize
+        expected = int(ends.max())
+    actual = os.path.getsize(prefix + ".bin")
+    if actual != expected:
+        what = "truncated" if actual < expected else "longer than its index describes (not the pair of this .idx)"
+        raise DatasetFileError(
+            f"dataset file {prefix}.bin has {actual:,} bytes but {prefix}.idx describes {expected:,}: "
+            f"the .bin is {what}; {remake}"
+        )
+    return ds
+
+
+SPLIT_NAMES = ("training", "validation", "test")
+
+
+def split_document_counts(num_documents: int, split: str) -> list[Optional[int]]:
+    """Documents megatron-core gives each split (train, valid, test) of a dataset with
+    `num_documents` sequences: None for a split with no share.  Same arithmetic as
+    BlendedMegatronDatasetBuilder (split matrix book-ends, rounded per dataset)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (
+        convert_split_vector_to_split_matrix, parse_and_normalize_split,
+    )
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return [
+        None if bounds is None
+        else int(round(bounds[1] * float(num_documents))) - int(round(bounds[0] * float(num_documents)))
+        for bounds in matrix
+    ]
+
+
+def check_split_documents(paths: list[str], split: str, wanted: list[bool]) -> None:
+    """Refuse a split that is asked for samples but gets no document of some dataset.
+
+    megatron-core builds such a split by looping over epochs until the split's tokens cover the
+    requested samples; with zero tokens that loop never ends (100% CPU in "Build ... indices")."""
+    for path in paths:
+        n = len(open_indexed(path))
+        counts = split_document_counts(n, split)
+        for name, count, asked in zip(SPLIT_NAMES, counts, wanted):
+            if asked and count == 0:
+                fixes = [f"give the {name} split a larger share in data.split (now {split!r})",
+                         "preprocess the text into more documents (tools/preprocess_data.py --text-split line "
+                         "makes one document per line)"]
+                if name == "validation":
+                    fixes.append("or set train.eval_interval=0 (no validation)")
+                raise ConfigError(
+                    f"data.split={split!r} gives the {name} split 0 of the {n} documents in {path} "
+                    f"(megatron-core splits a dataset by whole documents), so it has no tokens to "
+                    f"sample from; " + "; ".join(fixes)
+                )
+
+
 def build_gpt_datasets(
     prefix: Union[str, Sequence[Any]],
     *,
@@ -104,8 +183,11 @@ def build_gpt_datasets(
     weighted blends from sample counts).  Call on every rank when distributed."""
     builder_mod, gpt, _ = import_megatron_datasets()
     paths, weights = parse_blend(prefix)
-    for p in paths:
-        check_prefix_exists(p)
+    sizes = [train_samples, valid_samples, test_samples]
+    # A dataset is asked for samples of a split when the split's size is positive (for a weighted
+    # blend every dataset with weight > 0 gets a share of it); None builds one epoch, which
+    # megatron-core handles for an empty split (an empty dataset, no hang).
+    check_split_documents(paths, split, [bool(s) for s in sizes])
     config = gpt.GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_len,
@@ -119,7 +201,6 @@ def build_gpt_datasets(
         create_attention_mask=False,
         add_extra_token_to_sequence=False,
     )
-    sizes = [train_samples, valid_samples, test_samples]
     if weights is not None:  # megatron needs a size for every split of a weighted blend
         sizes = [0 if s is None else s for s in sizes]
     builder = builder_mod.BlendedMegatronDatasetBuilder(gpt.GPTDataset, sizes, lambda: True, config)
@@ -160,9 +241,7 @@ class TokenWindows:
 
 def _token_stream(prefix: str):
     """(memory-mapped token array of the whole .bin in stored order, IndexedDataset)."""
-    _, _, idx_mod = import_megatron_datasets()
-    check_prefix_exists(prefix)
-    ds = idx_mod.IndexedDataset(prefix)
+    ds = open_indexed(prefix)
     index = ds.index
     lengths = index.sequence_lengths.astype(np.int64)
     pointers = index.sequence_pointers.astype(np.int64)
@@ -193,16 +272,23 @@ def eval_windows(prefix: str, seq_len: int, max_tokens: Optional[int] = None) ->
 
 
 def check_vocabulary(
-    prefix: Union[str, Sequence[Any]], vocab_size: int, mask_token_id: Optional[int]
+    prefix: Union[str, Sequence[Any]], vocab_size: int, mask_token_id: Optional[int], require_mask: bool = True
 ) -> dict:
-    """Check that every dataset's tokens fit the model's vocabulary and that a usable mask token
-    exists; returns {"max_token_id", "tokens"}.  Scans the .bin files once (memory-mapped)."""
-    if mask_token_id is None:
+    """Check that every dataset's tokens fit the model's vocabulary and, with `require_mask`
+    (some stage masks tokens), that a usable mask token exists and never occurs in the data;
+    returns {"max_token_id", "tokens"}.  Scans the .bin files once (memory-mapped).
+
+    The token-range check runs at every block size: an id past the vocabulary is an IndexError in
+    the embedding, and an id in the padding rows (vocab_size <= id < padded size) gets a masked
+    logit, i.e. loss = inf."""
+    if not require_mask:
+        mask_token_id = None
+    elif mask_token_id is None:
         raise ValueError(
             "the model has no mask token id; convert it with tools/convert_hf.py --mask-token TEXT "
             "(adds the token to the tokenizer and the embedding)"
         )
-    if not 0 <= mask_token_id < vocab_size:
+    if mask_token_id is not None and not 0 <= mask_token_id < vocab_size:
         raise ValueError(
             f"mask token id {mask_token_id} is outside the model vocabulary (size {vocab_size}); "
             "re-convert the model with --mask-token so the embedding includes it"
@@ -216,7 +302,8 @@ def check_vocabulary(
         for start in range(0, stream.shape[0], chunk):
             part = np.asarray(stream[start : start + chunk])
             path_max = max(path_max, int(part.max()))
-            mask_count += int(np.count_nonzero(part == mask_token_id))
+            if mask_token_id is not None:
+                mask_count += int(np.count_nonzero(part == mask_token_id))
         if path_max >= vocab_size:
             raise ValueError(
                 f"dataset {path} contains token id {path_max} but the model vocabulary has "

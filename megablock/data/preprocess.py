@@ -11,7 +11,9 @@ is switched off (TOKENIZERS_PARALLELISM=false, unless the caller set it) so `wor
 whole parallelism.
 
 Failure leaves nothing behind: output goes to temporary names next to PREFIX and is renamed
-only after the index is complete; every input error names the file (and line) and the fix.
+only after the index is complete (old .idx removed first, then .bin, then .idx: an interruption
+leaves the old pair, the new pair, or no .idx, never a mismatched pair); every input error names
+the file (and line) and the fix.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ import numpy as np
 
 from megablock.data.datasets import import_megatron_datasets
 
-TEXT_SPLITS = ("blank-line", "file", "line")
+TEXT_SPLITS = ("auto", "blank-line", "file", "line")
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
 CHUNK_CHARS = 1 << 16  # ~64 KB of text per task: small enough to balance, big enough to amortize IPC
 CHUNK_DOCS = 1024
@@ -147,7 +149,11 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
         raise PreprocessError(f"cannot read {path}: {e}") from None
 
 
-def iter_documents(path: str, json_key: str = "text", text_split: str = "blank-line") -> Iterator[str]:
+def _has_blank_line(path: str) -> bool:
+    return any(not line.strip() for _, line in _lines(path))
+
+
+def iter_documents(path: str, json_key: str = "text", text_split: str = "auto") -> Iterator[str]:
     """Documents of one input file, in file order.
 
     `.jsonl`/`.json`/`.ndjson` (optionally `.gz`): one JSON object per line, text under `json_key`
@@ -155,10 +161,19 @@ def iter_documents(path: str, json_key: str = "text", text_split: str = "blank-l
       - ``blank-line``: a document per block of lines separated by blank lines (trailing newline
         of the block dropped);
       - ``line``: a document per non-blank line (newline dropped);
-      - ``file``: the whole file is one document, exactly as stored.
+      - ``file``: the whole file is one document, exactly as stored;
+      - ``auto`` (default): ``blank-line`` if the file has a blank line, else ``line``.  A text
+        without blank lines (one verse / sentence / record per line, like examples/data's KJV
+        sample) would otherwise become a single document, and a dataset of a few documents
+        leaves a Megatron split (e.g. the validation split) with none.
     Empty documents are skipped (they would be sequences of length 0 or a lone EOD)."""
     if text_split not in TEXT_SPLITS:
         raise PreprocessError(f"--text-split {text_split!r} is not one of {TEXT_SPLITS}")
+    if text_split == "auto" and not _is_json(path):
+        text_split = "blank-line" if _has_blank_line(path) else "line"
+        if text_split == "line":
+            print(f"note: {path} has no blank line: one document per line (--text-split auto); "
+                  "pass --text-split file to keep the whole file as one document", file=sys.stderr)
     if _is_json(path):
         for n, line in _lines(path):
             if not line.strip():
@@ -274,6 +289,20 @@ class _Throttle:
 # ----------------------------------------------------------------------------- driver
 
 
+def install_pair(tmp_bin: str, tmp_idx: str, prefix: str) -> None:
+    """Move a finished (.bin, .idx) pair to PREFIX.bin / PREFIX.idx so that no moment, however
+    the process is stopped, shows readers a .bin with the .idx of another dataset.
+
+    Two renames cannot be one atomic step, so the old .idx goes first: readers (megatron-core's
+    IndexedDataset, megablock's loaders) need both files, and from then on until the new .idx is
+    in place they find "PREFIX.idx not found" instead of an old index over new tokens."""
+    old_idx = prefix + ".idx"
+    if os.path.exists(old_idx):
+        os.remove(old_idx)
+    os.replace(tmp_bin, prefix + ".bin")
+    os.replace(tmp_idx, old_idx)
+
+
 @dataclass
 class PreprocessStats:
     documents: int
@@ -299,7 +328,7 @@ def preprocess(
     *,
     workers: int = 1,
     json_key: str = "text",
-    text_split: str = "blank-line",
+    text_split: str = "auto",
     append_eod: bool = True,
     progress: bool = True,
 ) -> PreprocessStats:
@@ -361,13 +390,16 @@ def preprocess(
             elapsed = time.perf_counter() - start
             bar.set_postfix_str(f"{tokens:,} tokens, {tokens / max(elapsed, 1e-9):,.0f} tokens/s", refresh=False)
         builder.finalize(tmp_idx)
-        os.replace(tmp_bin, prefix + ".bin")
-        os.replace(tmp_idx, prefix + ".idx")
+        install_pair(tmp_bin, tmp_idx, prefix)
     except BaseException:
         throttle.stop()
         if pool is not None:
             pool.terminate()
             pool = None
+        if not os.path.exists(tmp_bin) and os.path.exists(tmp_idx):
+            # Interrupted inside install_pair after the new .bin went in: finish, so the prefix
+            # holds the complete new pair rather than a .bin without its .idx.
+            os.replace(tmp_idx, prefix + ".idx")
         for p in (tmp_bin, tmp_idx):
             if os.path.exists(p):
                 os.remove(p)
@@ -396,8 +428,9 @@ def build_parser():
     p.add_argument("--workers", type=int, default=1, help="tokenizer processes (default 1)")
     p.add_argument("--json-key", default="text", help="field holding the text in .jsonl inputs")
     p.add_argument(
-        "--text-split", choices=TEXT_SPLITS, default="blank-line",
-        help="documents of .txt inputs: blank-line separated blocks (default), lines, or whole file",
+        "--text-split", choices=TEXT_SPLITS, default="auto",
+        help="documents of .txt inputs: blank-line separated blocks, lines, or the whole file; "
+        "auto (default): blank-line separated if the file has a blank line, else one per line",
     )
     p.add_argument(
         "--append-eod", action=argparse.BooleanOptionalAction, default=True,

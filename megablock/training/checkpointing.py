@@ -6,11 +6,18 @@ SAVE/step_0000100/
     lora/tp00_pp000.safetensors ...                      (LoRA runs: adapters, see below)
     deepspeed/                                          (optimizer, scheduler, ZeRO partitions)
     trainer_state.json                                   (step, consumed samples/tokens, stage)
-    rng/rank00000.pt, config.yaml
+    rng/rank00000.safetensors, config.yaml               (RNG states: tensors + JSON, no pickle)
 SAVE/latest                                              (names the newest complete step folder)
 
 A save is written into `step_X.tmp`, renamed when every rank has finished, and only then named
-in `latest` (itself replaced atomically): an interrupted save never becomes `latest`.
+in `latest` (itself replaced atomically): an interrupted save never becomes `latest`. A save that
+fails because the disk is full says so (DiskFullError) and removes its partial folder.
+
+Trust: megablock's own files (safetensors, JSON, YAML) cannot run code when read; the RNG states
+used to be a pickle (rng/rank*.pt), and such files from older checkpoints are read only with
+torch.load(weights_only=True) and the three numpy globals an RNG state needs. DeepSpeed's engine
+state in deepspeed/ is a pickle that DeepSpeed loads with weights_only=False: resuming trusts
+the checkpoint folder as much as running code from it.
 
 LoRA runs (lora.enabled): model/ keeps the complete frozen base (equal to model.init_from's
 weights, plus trained norms with lora.train_norms), so every reader of model/ finds a whole
@@ -24,6 +31,7 @@ loading (megablock.checkpoint.loading: merged) and tools/export_hf.py (merged, o
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -81,8 +89,76 @@ def _barrier():
         dist.barrier()
 
 
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+RNG_FILE = "rank{rank:05d}.safetensors"
+LEGACY_RNG_FILE = "rank{rank:05d}.pt"
+
+
+class DiskFullError(OSError):
+    """A checkpoint could not be written because its file system is full."""
+
+
+def save_rng_state(path: Path) -> None:
+    """This process's python, numpy and torch (CPU) RNG states, without pickle: the state arrays
+    as safetensors tensors, the few scalars as JSON in the file's metadata."""
+    from safetensors.torch import save_file
+
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    tensors = {
+        "python_state": torch.tensor(py_state, dtype=torch.int64),
+        "numpy_keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        "torch": torch.get_rng_state(),
+    }
+    scalars = {"python_version": py_version, "python_gauss": py_gauss, "numpy_kind": np_kind,
+               "numpy_pos": int(np_pos), "numpy_has_gauss": int(np_has_gauss), "numpy_gauss": float(np_gauss)}
+    save_file(tensors, str(path), metadata={"rng": json.dumps(scalars)})
+
+
+def load_rng_state(path: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        scalars = json.loads(f.metadata()["rng"])
+        py_state = tuple(int(x) for x in f.get_tensor("python_state").tolist())
+        np_keys = f.get_tensor("numpy_keys").numpy().astype(np.uint32)
+        torch_state = f.get_tensor("torch")
+    random.setstate((scalars["python_version"], py_state, scalars["python_gauss"]))
+    np.random.set_state((scalars["numpy_kind"], np_keys, scalars["numpy_pos"], scalars["numpy_has_gauss"],
+                         scalars["numpy_gauss"]))
+    torch.set_rng_state(torch_state)
+
+
+def load_legacy_rng_state(path: Path) -> None:
+    """rng/rank*.pt of checkpoints written before the safetensors format: unpickled with
+    weights_only=True, allowing only what numpy's RNG state array needs (a file that asks for
+    anything else, e.g. a planted os.system, is refused instead of run)."""
+    from numpy._core.multiarray import _reconstruct
+
+    allowed = [_reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+    try:
+        with torch.serialization.safe_globals(allowed):
+            rng = torch.load(path, weights_only=True)
+        random.setstate(rng["python"])
+        np.random.set_state(rng["numpy"])
+        torch.set_rng_state(rng["torch"])
+    except Exception as e:  # UnpicklingError names the forbidden global; bad structure is TypeError/KeyError
+        raise RuntimeError(
+            f"{path} is not a plain RNG state ({str(e).splitlines()[0][:200]}); refusing to unpickle it, since "
+            f"that could run code planted in the checkpoint. If you trust the folder, delete {path.parent} to "
+            f"resume without restoring the RNG (the run is then not bit-exact), or resume from another step"
+        ) from None
+
+
+def _disk_full(err: BaseException, save_dir: Path) -> bool:
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    # torch.save reports a short write as "unexpected pos" / "file write failed" without errno.
+    if isinstance(err, RuntimeError) and any(m in str(err) for m in ("unexpected pos", "file write failed", "No space left")):
+        try:
+            return shutil.disk_usage(save_dir).free < 256 * 2**20
+        except OSError:
+            return False
+    return False
 
 
 def save_training_checkpoint(
@@ -92,6 +168,36 @@ def save_training_checkpoint(
 ) -> Path:
     """Collective: every rank calls it. Returns the final step folder."""
     save_dir = Path(save_dir)
+    name = step_dir_name(state.step)
+    tmp = save_dir / (name + ".tmp")
+    try:
+        return _save_training_checkpoint(
+            engine=engine, stage_model=stage_model, info=info, save_dir=save_dir, state=state, run_config=run_config,
+            source_meta=source_meta, tokenizer_dir=tokenizer_dir, keep_last=keep_last, zero_stage=zero_stage,
+        )
+    except (OSError, RuntimeError) as err:
+        if not _disk_full(err, save_dir):
+            raise
+        if info.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays, and the space is back
+        latest = (save_dir / LATEST_FILE).read_text().strip() if (save_dir / LATEST_FILE).is_file() else None
+        try:
+            free = f"{shutil.disk_usage(save_dir).free / 2**20:,.0f} MiB free after removing the partial save"
+        except OSError:
+            free = "free space unknown"
+        raise DiskFullError(
+            errno.ENOSPC,
+            f"saving checkpoint {name} into {save_dir} failed: the disk is full ({free}; {type(err).__name__}: "
+            f"{str(err).splitlines()[0][:160]}). Free space or point checkpoint.save_dir at a larger disk "
+            f"(lower checkpoint.keep_last keeps fewer checkpoints), then resume with checkpoint.resume=true; "
+            + (f"'latest' still names the complete {latest}" if latest else "no checkpoint was completed yet"),
+        ) from err
+
+
+def _save_training_checkpoint(
+    *, engine, stage_model, info, save_dir: Path, state: TrainerState, run_config: dict,
+    source_meta: dict, tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
+) -> Path:
     name = step_dir_name(state.step)
     final, tmp = save_dir / name, save_dir / (name + ".tmp")
     if info.rank == 0:
@@ -113,7 +219,7 @@ def save_training_checkpoint(
             adapters.save_adapter_shard(tmp, info.tp_rank, info.pp_rank, adapter_weights)
     rng_dir = tmp / "rng"
     rng_dir.mkdir(exist_ok=True)
-    torch.save(_rng_state(), rng_dir / f"rank{info.rank:05d}.pt")
+    save_rng_state(rng_dir / RNG_FILE.format(rank=info.rank))
     _barrier()
 
     if info.rank == 0:
@@ -183,10 +289,9 @@ def load_training_state(engine, model, ckpt: Path, rank: int) -> TrainerState:
     if load_path is None:
         raise RuntimeError(f"DeepSpeed found no engine state in {ckpt}/deepspeed; the checkpoint is incomplete")
     state = TrainerState.from_dict(json.loads((ckpt / "trainer_state.json").read_text()))
-    rng_file = ckpt / "rng" / f"rank{rank:05d}.pt"
+    rng_file, legacy = ckpt / "rng" / RNG_FILE.format(rank=rank), ckpt / "rng" / LEGACY_RNG_FILE.format(rank=rank)
     if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
+        load_rng_state(rng_file)
+    elif legacy.is_file():
+        load_legacy_rng_state(legacy)
     return state

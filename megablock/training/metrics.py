@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -34,10 +35,17 @@ class MetricsWriter:
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(log_dir=str(Path(save_dir) / "tensorboard"))
+        self._first_write = True
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
+        if self._first_write:
+            # Whatever this launch starts from (a checkpoint, or step 0 after a kill before the
+            # first checkpoint), records of this step and later ones are from a run that was cut
+            # off and are redone now: drop them, and with them a partial last line.
+            self._first_write = False
+            self.truncate_after(record["step"] - 1)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         step = record["step"]
@@ -47,11 +55,25 @@ class MetricsWriter:
         self.tb.flush()
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop records of steps the checkpoint does not contain (they will be redone)."""
+        """Drop records of steps after `step` (on resume: steps the checkpoint does not contain;
+        they will be redone).  A line that does not parse (a kill in the middle of a write leaves
+        a partial last line) is dropped with a warning instead of failing the resume."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for n, line in enumerate(self.path.read_text(errors="replace").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record_step = json.loads(line)["step"]
+            except (ValueError, KeyError, TypeError):
+                logger.warning("%s line %d is not a complete record (a write cut off by a kill?); dropped", self.path, n)
+                continue
+            if record_step <= step:
+                kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)  # a kill now leaves the old file or the new one, never half of it
 
     def close(self) -> None:
         if self.tb is not None:

@@ -103,8 +103,8 @@ def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> tuple
     """Training and (if eval is on) validation batch streams for this rank."""
     if cfg.data.prefix is None:
         raise ConfigError("data.prefix is not set; point it at PREFIX from tools/preprocess_data.py")
-    if any(b > 1 for b in cfg.diffusion.block_sizes) or cfg.diffusion.attention == "full":
-        check_vocabulary(cfg.data.prefix, model_cfg.vocab_size, model_cfg.mask_token_id)
+    masks = any(b > 1 for b in cfg.diffusion.block_sizes) or cfg.diffusion.attention == "full"
+    check_vocabulary(cfg.data.prefix, model_cfg.vocab_size, model_cfg.mask_token_id, require_mask=masks)
     t = cfg.train
     train_samples = t.steps * t.global_batch_size
     valid_samples = max(1, t.eval_batches * t.micro_batch_size * info.dp) if t.eval_interval else None

@@ -22,6 +22,8 @@ from megablock.training.checkpointing import (
 from megablock.training.engine import build_engine
 from megablock.training.metrics import MetricsWriter, device_peak_flops
 from megablock.training.optim import follow_configured_schedule
+from megablock.training.resume_check import check_resume
+from megablock.training.run_dir import claim_save_dir
 from megablock.training.setup import build_data, build_model, resolve_and_check_model, tokenizer_dir_of
 
 logger = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class Trainer:
         self.model_cfg, self.source_meta, self.source_ckpt = resolve_and_check_model(cfg)
         self.info = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
         validate_parallel_layout(cfg, self.info.world_size)
+        self.run_lock = claim_save_dir(cfg, self.info)  # save_dir policy + lock, launcher watchdog
         seed_everything(cfg.train.seed)
         self.model = build_model(cfg, self.model_cfg, self.source_meta, self.source_ckpt, self.info)
         self.trainable_parameters, self.total_parameters = parameter_count(self.model_cfg, cfg.lora)
@@ -96,6 +99,7 @@ class Trainer:
         if ckpt is None:
             logger.info("checkpoint.resume: no checkpoint in %s yet; starting from step 0", self.cfg.checkpoint.save_dir)
             return
+        check_resume(ckpt, self.cfg.to_dict(), self.model_cfg)  # refuse config changes that break exactness
         scheduler = self.engine.ds.lr_scheduler
         configured_lrs = list(scheduler.base_lrs)
         self.state = load_training_state(self.engine.ds, self.model, ckpt, self.info.rank)

@@ -1,0 +1,87 @@
+"""`--force` of convert_hf.py / export_hf.py (issue 13): never deletes a folder that is, holds or
+is inside the source, and replaces only what the tool itself writes."""
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from megablock.checkpoint.convert import ConversionError, convert
+from megablock.checkpoint.export import export
+from megablock.testing import save_tiny_hf_model
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tools"))
+quiet = dict(progress=False, log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("force")
+    save_tiny_hf_model(root / "hf", "llama")
+    convert(root / "ckpt", hf_dir=root / "hf", **quiet)
+    return root
+
+
+def _tree(path: Path):
+    return sorted(str(p.relative_to(path)) for p in path.rglob("*"))
+
+
+def _training_run(models, tmp_path):
+    """runs/A as training leaves it: step folders, latest, metrics, TensorBoard."""
+    run = tmp_path / "runs" / "A"
+    shutil.copytree(models / "ckpt", run / "step_0000006")
+    (run / "latest").write_text("step_0000006\n")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "tensorboard").mkdir()
+    return run
+
+
+def test_export_never_replaces_its_source(models, tmp_path):
+    run = _training_run(models, tmp_path)
+    before = _tree(run)
+    for out in (run, run.parent, run / "step_0000006", run / "step_0000006" / "hf"):
+        with pytest.raises(ConversionError, match="the source"):
+            export(run, out, force=True, **quiet)
+    assert _tree(run) == before  # nothing deleted, nothing added
+
+    import export_hf
+
+    assert export_hf.main(["--ckpt", str(run), "--out", str(run), "--force", "--quiet"]) == 1
+    assert _tree(run) == before
+
+
+def test_convert_never_replaces_its_source(models, tmp_path):
+    hf = tmp_path / "hf"
+    shutil.copytree(models / "hf", hf)
+    before = _tree(hf)
+    for out in (hf, tmp_path, hf / "mb"):
+        with pytest.raises(ConversionError, match="the source"):
+            convert(out, hf_dir=hf, force=True, **quiet)
+    assert _tree(hf) == before
+
+    import convert_hf
+
+    assert convert_hf.main(["--hf-dir", str(hf), "--out", str(hf), "--force", "--quiet"]) == 1
+    assert _tree(hf) == before
+
+
+def test_force_replaces_only_what_the_tool_writes(models, tmp_path):
+    out = tmp_path / "out"
+    export(models / "ckpt", out, **quiet)
+    first = _tree(out)
+    export(models / "ckpt", out, force=True, **quiet)  # a previous export: replaced
+    assert _tree(out) == first
+    (out / "notes.md").write_text("my notes")
+    with pytest.raises(ConversionError, match=r"holds files this tool does not write \(notes.md\)"):
+        export(models / "ckpt", out, force=True, **quiet)
+    assert (out / "notes.md").read_text() == "my notes" and _tree(out) == sorted(first + ["notes.md"])
+
+    conv = tmp_path / "conv"
+    convert(conv, hf_dir=models / "hf", **quiet)
+    convert(conv, hf_dir=models / "hf", force=True, **quiet)
+    (conv / "deepspeed").mkdir()  # e.g. a training step folder given as --out by mistake
+    with pytest.raises(ConversionError, match="deepspeed"):
+        convert(conv, hf_dir=models / "hf", force=True, **quiet)
+    assert (conv / "deepspeed").is_dir() and (conv / "megablock.json").is_file()
+    assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob("*.old-*"))
