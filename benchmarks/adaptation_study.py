@@ -20,6 +20,9 @@ target block size (--block-size, default 4):
                       own targets inside a block), growth as (a)
   (e) full diffusion  naive adaptation: one bidirectional half, the whole sequence one block
   (f) LoRA rank 64    (a) with LoRA adapters (examples/configs/quickstart_lora_cpu.yaml settings)
+  (g) clipped         (a) with t ~ U[0.3, 0.8] (BD3-LM's fixed clipped schedule)
+  (h) adaptive        (a) with diffusion.schedule=adaptive (the clipped interval searched at the
+                      start of each stage; 95% of the training file trained on, 5% scores searches)
   base                the converted model, untrained (the AR reference)
 
 Data: the committed public-domain Shakespeare sample (examples/data); its last --heldout-frac of
@@ -37,6 +40,11 @@ lines (whole plays at the end of the file) is held out, never trained on. Evalua
     also the base row's own model, so that row's number is its sampling entropy, not a quality
     edge). (e) is skipped: its sampler would refine the whole sequence, which the block sampler
     does not do.
+
+For (a), (g), (h) the study also measures the schedule's loss variance: on the same held-out windows
+and noise draws, the variance across --variance-draws draws of each window's diffusion loss at the
+target block size under the schedule the variant trained with (for (h) its last chosen interval),
+averaged over windows: the quantity BD3-LM's search minimises.
 
 Outputs under --out (default study/): runs/<variant>/ (training, metrics.jsonl), eval/*.json,
 results.json, results.md (the table), adaptation_study.png. Re-running skips finished work.
@@ -64,7 +72,13 @@ VARIANTS = {
     "d": ("(d) block-causal", {"diffusion.attention": "block_causal", "diffusion.ar_loss_weight": 0.0}),
     "e": ("(e) full diffusion", {"diffusion.attention": "full", "diffusion.ar_loss_weight": 0.0, "growth": False}),
     "f": ("(f) LoRA r64", {"lora": True}),
+    # Noise schedules at the same budget ((a) is the linear one): BD3-LM's fixed clipped range, and
+    # the adaptive search, which scores its intervals on a validation split of the training file.
+    "g": ("(g) clipped [0.3, 0.8]", {"diffusion.schedule": "clipped", "diffusion.clip_min": 0.3,
+                                     "diffusion.clip_max": 0.8}),
+    "h": ("(h) adaptive schedule", {"diffusion.schedule": "adaptive", "data.split": "95,5,0"}),
 }
+SCHEDULE_VARIANTS = ("a", "g", "h")
 
 
 def parse_args(argv=None):
@@ -78,6 +92,7 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=4, help="target block size")
     p.add_argument("--heldout-frac", type=float, default=0.1)
     p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--variance-draws", type=int, default=8, help="noise draws per window for the schedule variance")
     p.add_argument("--samples", type=int, default=2, help="noise draws per held-out window")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1000], help="noise seeds of the NELBO evaluation")
     p.add_argument("--gen-prompts", type=int, default=24)
@@ -203,6 +218,52 @@ def generation_sweep(name: str, ckpt: Path, heldout: Path, block_size: int, args
     return points
 
 
+def schedule_variance(name: str, save: Path, heldout: Path, change: dict, args, out: Path) -> dict:
+    """Mean over held-out windows of the variance across noise draws of each window's diffusion
+    loss, under the schedule the run trained with (adaptive: the interval of its last search)."""
+    path = out / "eval" / f"{name}_variance.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    import statistics
+    from dataclasses import replace
+
+    import torch
+
+    from megablock.cli import launched_parallel
+    from megablock.config import Config
+    from megablock.data.datasets import eval_windows
+    from megablock.diffusion.batch import build_batch
+    from megablock.diffusion.loss import sample_diffusion_losses
+    from megablock.inference.loading import load
+    from megablock.training.schedule_search import draw_seed
+
+    torch.set_num_threads(args.threads)
+    step = (save / "latest").read_text().strip()
+    cfg = Config.from_dict(__import__("yaml").safe_load((save / step / "config.yaml").read_text()))
+    settings = cfg.diffusion
+    if settings.schedule == "adaptive":
+        state = json.loads((save / step / "trainer_state.json").read_text())
+        settings = replace(settings, schedule="clipped", clip_min=state["clip_min"], clip_max=state["clip_max"])
+    im = load(ckpt=str(save), parallel=launched_parallel())
+    windows = eval_windows(str(heldout), 128, min(args.eval_tokens, 64 * 128))
+    per_draw = []
+    with torch.no_grad():
+        for k in range(args.variance_draws):
+            losses = []
+            for start in range(0, len(windows), 8):
+                rows = windows[start:start + 8]
+                b = build_batch(rows, torch.arange(start, start + len(rows)), args.block_size, settings,
+                                mask_token_id=im.mask_token_id, seed=draw_seed(0, k))
+                logits = im.model(b.input_ids, b.position_ids, b.layout)
+                losses += sample_diffusion_losses(logits, b.targets, b.diff_weights, b.diff_normalizer).tolist()
+            per_draw.append(losses)
+    variance = statistics.fmean(statistics.variance(col) for col in zip(*per_draw))
+    result = {"schedule": settings.schedule, "clip": [settings.clip_min, settings.clip_max] if settings.schedule == "clipped"
+              else None, "loss_variance": variance, "windows": len(windows), "draws": args.variance_draws}
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def trainable(save: Path) -> int | None:
     meta = json.loads((save / (save / "latest").read_text().strip() / "megablock.json").read_text())
     return (meta.get("lora") or {}).get("trainable_parameters")
@@ -240,6 +301,8 @@ def main(argv=None) -> int:
         r = evaluate(key, save, heldout, args.block_size, args, out, env)
         if change.get("diffusion.attention") != "full":
             r["generation"] = generation_sweep(key, save, heldout, args.block_size, args, out, ref)
+        if key in SCHEDULE_VARIANTS:
+            r["schedule_variance"] = schedule_variance(key, save, heldout, change, args, out)
         metrics = [json.loads(x) for x in (save / "metrics.jsonl").read_text().splitlines()]
         rows.append({"key": key, "variant": label, "trained_tokens": metrics[-1]["consumed_tokens"],
                      "train_seconds": round(sum(m["consumed_tokens"] / m["step"] / m["tokens_per_s"] for m in metrics), 1),
@@ -254,7 +317,7 @@ def main(argv=None) -> int:
     ]
     rows = base_rows + rows
     (out / "results.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
-    table = report(rows, args)
+    table = report(rows, args) + schedule_report(rows, args)
     (out / "results.md").write_text(table + "\n")
     print(table)
     plot(rows, out / "adaptation_study.png", args.block_size)
@@ -289,6 +352,20 @@ def report(rows: list, args) -> str:
             f"{_fmt(nelbo)}{spread} | "
             f"{_fmt(r['ppl_bound'] if nelbo is not None else None, '{:.1f}')} | {r['ar_ppl']:.1f} | {gen} |"
         )
+    return "\n".join(lines)
+
+
+def schedule_report(rows: list, args) -> str:
+    """The noise-schedule comparison: held-out NELBO (unbiased t ~ U[eps, 1]) and loss variance."""
+    picked = [r for r in rows if r.get("schedule_variance")]
+    if not picked:
+        return ""
+    lines = ["", "", f"| schedule (B = {args.block_size}) | trained with | NELBO | loss variance across draws |",
+             "|---|---|---|---|"]
+    for r in picked:
+        v = r["schedule_variance"]
+        clip = f"U[{v['clip'][0]:.3g}, {v['clip'][1]:.3g}]" if v["clip"] else "U[eps, 1]"
+        lines.append(f"| {r['variant']} | {clip} | {r['nelbo']:.3f} ± {r['nelbo_spread']:.3f} | {v['loss_variance']:.4f} |")
     return "\n".join(lines)
 
 

@@ -25,7 +25,8 @@ import yaml
 
 Attention = Literal["context_causal", "block_causal", "full"]
 """context_causal (NBDiff) | block_causal (BD3-LM) | full (bidirectional, xt only)."""
-Schedule = Literal["linear", "clipped", "position"]
+Schedule = Literal["linear", "clipped", "position", "adaptive"]
+"""adaptive: clipped, with the interval chosen during training (megablock.training.schedule_search)."""
 LossWeighting = Literal["elbo", "uniform"]
 Decay = Literal["cosine", "linear", "constant"]
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -295,7 +296,8 @@ class DiffusionSection(Section):
     """Block-size curriculum [{block_size, tokens}, ...]; a stage lasts `tokens` consumed
     tokens, the last may omit it."""
     schedule: Schedule = "linear"
-    """Mask-ratio schedule: linear | clipped | position."""
+    """Mask-ratio schedule: linear | clipped | position | adaptive (BD3-LM's data-driven clipped
+    interval: searched at the start of each block-size stage and every schedule_search_interval steps)."""
     eps: float = 1e-3
     """Lower bound of t for the linear and position schedules; also floors complement
     probabilities in the loss weights."""
@@ -317,6 +319,18 @@ class DiffusionSection(Section):
     position_strength: float = 0.5
     """Tilt of the `position` schedule in [0, 1]: how much more often later block positions are
     masked at low mask ratios (<= 1 keeps every probability <= 1)."""
+    schedule_search_interval: int = 0
+    """adaptive: search the interval again every this many steps (0: only when a stage starts)."""
+    schedule_search_widths: list = field(default_factory=lambda: [0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    """adaptive: interval widths omega - beta of the grid (BD3-LM's clip-search widths, plus the full range)."""
+    schedule_search_step: float = 0.1
+    """adaptive: spacing of the grid's interval starts beta = 0, step, 2 step, ... (beta = 0 means eps)."""
+    schedule_search_batches: int = 1
+    """adaptive: held-out global batches (train.global_batch_size samples each, from the validation
+    split) a search scores; split over data-parallel ranks like a training step, so every layout
+    scores the same samples."""
+    schedule_search_draws: int = 4
+    """adaptive: noise draws per held-out sample; the variance is across these draws."""
 
     def check(self) -> None:
         self.stages = parse_stages(self.stages)
@@ -328,6 +342,14 @@ class DiffusionSection(Section):
                 "(BD3-LM uses clip_min=0.3, clip_max=0.8)"
             )
         self._require(0 <= self.position_strength <= 1, "position_strength", "must be in [0, 1] (keeps p <= 1)")
+        self._require(self.schedule_search_interval >= 0, "schedule_search_interval", "must be >= 0")
+        self._require(bool(self.schedule_search_widths) and all(
+            isinstance(w, (int, float)) and 0 < w <= 1 for w in self.schedule_search_widths),
+            "schedule_search_widths", "must list widths in (0, 1], e.g. [0.5, 0.7, 0.9, 1.0]")
+        self._require(0 < self.schedule_search_step <= 1, "schedule_search_step", "must be in (0, 1]")
+        self._require(self.schedule_search_batches >= 1, "schedule_search_batches", "must be >= 1")
+        self._require(self.schedule_search_draws >= 2, "schedule_search_draws",
+                      "must be >= 2 (a variance across draws needs two)")
         self._require(self.ar_loss_weight >= 0, "ar_loss_weight", "must be >= 0")
         if self.attention == "block_causal" and self.ar_loss_weight and any(s.block_size > 1 for s in self.stages):
             # With block-causal attention a clean-half position sees the rest of its block, next token

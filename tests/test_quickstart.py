@@ -106,8 +106,7 @@ def test_quickstart_script_is_valid_bash():
 
 def test_plot_metrics_reads_resumed_and_partial_files(tmp_path):
     """A resumed run can log a step twice (the redo wins) and a killed run can leave half a line."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import plot_metrics
+    from megablock.commands import plot_metrics
 
     rec = lambda step, b, **kw: json.dumps({"step": step, "block_size": b, "loss": 1.0 / step, **kw})  # noqa: E731
     path = tmp_path / "metrics.jsonl"
@@ -117,6 +116,10 @@ def test_plot_metrics_reads_resumed_and_partial_files(tmp_path):
     assert plot_metrics.stage_changes(records) == [(2, 2), (3, 4)]
     assert plot_metrics.main([str(path), "--out", str(tmp_path / "plots")]) == 0
     assert (tmp_path / "plots" / "metrics.png").is_file()
-    assert plot_metrics.main([str(tmp_path / "missing")]) == 2
+    assert plot_metrics.main([str(tmp_path / "missing")]) == 1  # megablock.cli's exit-code convention
     path.write_text("not json\n" + rec(1, 1))
-    assert plot_metrics.main([str(path)]) == 2
+    assert plot_metrics.main([str(path)]) == 1
+    # An adaptive-schedule run gets a panel with the searched interval and its variance.
+    path.write_text("\n".join([rec(1, 1, clip_min=0.3, clip_max=0.8, loss_variance=0.5), rec(2, 4, clip_min=0.5, clip_max=1.0)]))
+    assert plot_metrics.main([str(path), "--out", str(tmp_path / "adaptive")]) == 0
+    assert (tmp_path / "adaptive" / "schedule.png").read_bytes()[:4] == b"\x89PNG"

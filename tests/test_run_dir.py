@@ -243,9 +243,10 @@ def test_resume_does_not_run_a_planted_rng_pickle(tmp_path):
     ckpt = _training_ckpt(tmp_path)
     marker = tmp_path / "PWNED"
     torch.save({"python": _Planted(marker), "numpy": None, "torch": None}, ckpt / "rng" / "rank00000.pt")
-    engine = SimpleNamespace(module=torch.nn.Linear(2, 2), load_checkpoint=lambda *a, **k: (str(ckpt), {}))
+    engine = SimpleNamespace(load_checkpoint=lambda *a, **k: (str(ckpt), {}))
+    model = SimpleNamespace(lora=None)
     with pytest.raises(RuntimeError, match="refusing to unpickle"):
-        ck.load_training_state(engine, ckpt, 0)
+        ck.load_training_state(engine, model, ckpt, 0)
     assert not marker.exists(), "resume ran a command planted in the checkpoint"
 
 
@@ -266,7 +267,7 @@ def test_disk_full_save_says_so(tmp_path, monkeypatch, failure):
     engine = SimpleNamespace(save_checkpoint=save_checkpoint)
     info = SimpleNamespace(rank=0, dp_rank=0, tp_rank=0, pp_rank=0)
     with pytest.raises(ck.DiskFullError) as err:
-        ck.save_training_checkpoint(engine=engine, stage_model=torch.nn.Linear(2, 2), info=info, save_dir=str(save),
+        ck.save_training_checkpoint(engine=engine, model=SimpleNamespace(lora=None), info=info, save_dir=str(save),
                                     state=ck.TrainerState(step=4), run_config={}, source_meta={}, tokenizer_dir=None,
                                     keep_last=2, zero_stage=0)
     msg = str(err.value)

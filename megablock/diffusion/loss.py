@@ -120,3 +120,14 @@ def selected_block_diffusion_loss(
         # would not be the AR loss, so it is not reported.
         ar = torch.zeros_like(diffusion)
     return LossParts(diffusion + ar_loss_weight * ar, diffusion, ar)
+
+
+def sample_diffusion_losses(
+    logits_local: torch.Tensor, targets: torch.Tensor, diff_weights: torch.Tensor, diff_normalizer: float,
+) -> torch.Tensor:
+    """[rows] each row's L_diff on the same per-token scale as the batch's (its weighted CE over
+    its share of the normalizer): the per-sample loss whose variance across noise draws BD3-LM's
+    schedule search minimises. Their mean is the batch's L_diff."""
+    ce = token_cross_entropy(logits_local, targets)
+    rows = ce.shape[0]
+    return (ce * diff_weights).sum(-1) / (diff_normalizer / rows)

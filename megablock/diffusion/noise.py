@@ -65,6 +65,9 @@ def sample_generator(seed: int, sample_index: int) -> torch.Generator:
 
 def schedule_range(settings: DiffusionSection) -> tuple[float, float]:
     """[lo, hi] of the mask ratio t (the section validated the values when it was built)."""
+    if settings.schedule == "adaptive":
+        raise ValueError("schedule 'adaptive' has no fixed range: the trainer resolves it to a clipped "
+                         "interval (megablock.training.schedule_search) before drawing noise")
     if settings.schedule == "clipped":
         return float(settings.clip_min), float(settings.clip_max)
     return float(settings.eps), 1.0

@@ -64,6 +64,11 @@ class TrainerState:
     consumed_tokens: int = 0
     curriculum_stage: int = 0
     block_size: int = 1
+    clip_min: Optional[float] = None
+    clip_max: Optional[float] = None
+    """diffusion.schedule=adaptive: the interval the last search chose (None before any)."""
+    searched_stage: Optional[int] = None
+    """diffusion.schedule=adaptive: the curriculum stage the last search was made in."""
 
     def advance(self, samples: int, tokens: int, curriculum_stage: int, block_size: int) -> None:
         """Account for one finished optimizer step."""
@@ -172,8 +177,9 @@ def save_training_checkpoint(
     tmp = save_dir / (name + ".tmp")
     try:
         return _save_training_checkpoint(
-            engine=engine, stage_model=stage_model, info=info, save_dir=save_dir, state=state, run_config=run_config,
+            engine=engine, model=model, info=info, save_dir=save_dir, state=state, run_config=run_config,
             source_meta=source_meta, tokenizer_dir=tokenizer_dir, keep_last=keep_last, zero_stage=zero_stage,
+            trainable_parameters=trainable_parameters,
         )
     except (OSError, RuntimeError) as err:
         if not _disk_full(err, save_dir):
@@ -195,8 +201,9 @@ def save_training_checkpoint(
 
 
 def _save_training_checkpoint(
-    *, engine, stage_model, info, save_dir: Path, state: TrainerState, run_config: dict,
+    *, engine, model, info, save_dir: Path, state: TrainerState, run_config: dict,
     source_meta: dict, tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
+    trainable_parameters: Optional[int],
 ) -> Path:
     name = step_dir_name(state.step)
     final, tmp = save_dir / name, save_dir / (name + ".tmp")

@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 
 from megablock.config import Config
 from megablock.diffusion.batch import DiffusionBatch
-from megablock.diffusion.loss import selected_block_diffusion_loss
+from megablock.diffusion.loss import sample_diffusion_losses, selected_block_diffusion_loss
 from megablock.model.transformer import BlockDiffusionLM
 from megablock.parallel.state import MegatronMPU, ParallelInfo
 from megablock.training.optim import build_optimizer, build_scheduler
@@ -35,6 +35,11 @@ class Engine:
 
     def eval_step(self, batches: list[DiffusionBatch]) -> float:
         """Mean diffusion loss (the NELBO estimate) over the whole data-parallel group."""
+        raise NotImplementedError
+
+    def sample_losses(self, batches: list[DiffusionBatch]) -> Optional[torch.Tensor]:
+        """[samples of this rank] per-sample diffusion losses, no gradients (None on a rank that
+        computes no loss). For the schedule search's variance estimate."""
         raise NotImplementedError
 
     def global_mean(self, local: Optional[torch.Tensor], width: int) -> torch.Tensor:
@@ -62,7 +67,10 @@ class DiffusionObjective(torch.nn.Module):
         self.ar_loss_weight = ar_loss_weight
         self.chunk_tokens = chunk_tokens
 
-    def forward(self, batch: DiffusionBatch):
+    def forward(self, batch: DiffusionBatch, per_sample: bool = False):
+        if per_sample:  # evaluation only (no_grad): logits of every position, as the search measures them
+            logits = self.model(batch.input_ids, batch.position_ids, batch.layout)
+            return sample_diffusion_losses(logits, batch.targets, batch.diff_weights, batch.diff_normalizer)
         hidden = self.model.run_layers(self.model.embed(batch.input_ids), batch.position_ids, batch.layout)
         parts = selected_block_diffusion_loss(
             hidden, self.model.head, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer,
@@ -88,6 +96,13 @@ class SingleStageEngine(Engine):
         self.ds.train()
         return float(self.global_mean(torch.stack(values).mean().reshape(1), 1)[0])
 
+    @torch.no_grad()
+    def sample_losses(self, batches):
+        self.ds.eval()
+        values = [self.ds(b.to(self.info.device), per_sample=True).float().cpu() for b in batches]
+        self.ds.train()
+        return torch.cat(values)
+
 
 class PipelineLoss:
     """Loss function of the last pipeline stage; keeps each micro-batch's parts for logging.
@@ -99,9 +114,13 @@ class PipelineLoss:
         self.chunk_tokens = chunk_tokens
         self.records: list[torch.Tensor] = []
         self.evaluating = False
+        self.per_sample: Optional[list[torch.Tensor]] = None  # a list while collecting per-sample losses
 
     def __call__(self, pending, labels):
         targets, diff_w, ar_w, normalizer = labels
+        if self.per_sample is not None:
+            logits = pending.logits_fn(pending.normed)
+            self.per_sample.append(sample_diffusion_losses(logits, targets, diff_w, normalizer.float()).detach().cpu())
         parts = selected_block_diffusion_loss(pending.normed, pending.logits_fn, targets, diff_w, ar_w,
                                               normalizer.float(), self.ar_loss_weight, self.chunk_tokens)
         self.records.append(torch.stack([parts.loss, parts.diffusion_loss, parts.ar_loss]).detach())
@@ -138,6 +157,14 @@ class PipelineEngine(Engine):
             return float(self.ds.eval_batch(data_iter=self._items(batches), num_micro_batches=len(batches)))
         finally:
             self.loss.evaluating = False
+
+    def sample_losses(self, batches):
+        self.loss.per_sample = []
+        try:
+            self.eval_step(batches)
+            return torch.cat(self.loss.per_sample).float() if self.loss.per_sample else None
+        finally:
+            self.loss.per_sample = None
 
     def global_mean(self, local, width):
         # Losses live on the last stage: average there, then broadcast along the pipeline.

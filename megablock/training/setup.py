@@ -81,8 +81,9 @@ def eod_token_id(model_cfg: ModelConfig) -> int:
 
 
 @dataclass
-class ValidationData:
-    """Fixed validation samples, noised at whatever block size training is at."""
+class HeldOutData:
+    """Fixed held-out samples (from the validation split), noised at whatever block size training
+    is at: the validation NELBO, and the samples a noise-schedule search scores."""
 
     windows: TokenWindows
     sampler: DataParallelSampler
@@ -91,23 +92,39 @@ class ValidationData:
     seed: int
     eod_token_id: Optional[int]
 
-    def batches(self, block_size: int) -> list[DiffusionBatch]:
+    def batches(self, block_size: int, settings: Optional[DiffusionSection] = None,
+                seed: Optional[int] = None) -> list[DiffusionBatch]:
+        """This rank's micro-batches, noised with `settings` and `seed` (default: its own)."""
         return [
-            build_batch(self.windows.get(indices), indices, block_size, self.settings,
-                        mask_token_id=self.mask_token_id, seed=self.seed, eod_token_id=self.eod_token_id)
+            build_batch(self.windows.get(indices), indices, block_size, settings or self.settings,
+                        mask_token_id=self.mask_token_id, seed=self.seed if seed is None else seed,
+                        eod_token_id=self.eod_token_id)
             for indices in self.sampler.micro_batches(0)
         ]
 
 
-def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> tuple[StepBatcher, Optional[ValidationData]]:
-    """Training and (if eval is on) validation batch streams for this rank."""
+@dataclass
+class RunData:
+    train: StepBatcher
+    validation: Optional[HeldOutData]
+    """Validation NELBO batches (train.eval_interval > 0)."""
+    search: Optional[HeldOutData]
+    """Held-out batches of the noise-schedule search (diffusion.schedule = adaptive)."""
+
+
+def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> RunData:
+    """Training, validation (if eval is on) and schedule-search (if adaptive) batches of this rank;
+    the last two come from the validation split, which training never consumes."""
     if cfg.data.prefix is None:
         raise ConfigError("data.prefix is not set; point it at PREFIX from tools/preprocess_data.py")
     masks = any(b > 1 for b in cfg.diffusion.block_sizes) or cfg.diffusion.attention == "full"
     check_vocabulary(cfg.data.prefix, model_cfg.vocab_size, model_cfg.mask_token_id, require_mask=masks)
     t = cfg.train
     train_samples = t.steps * t.global_batch_size
-    valid_samples = max(1, t.eval_batches * t.micro_batch_size * info.dp) if t.eval_interval else None
+    eval_samples = t.eval_batches * t.micro_batch_size * info.dp if t.eval_interval else 0
+    adaptive = cfg.diffusion.schedule == "adaptive"
+    search_samples = cfg.diffusion.schedule_search_batches * t.global_batch_size if adaptive else 0
+    valid_samples = max(eval_samples, search_samples) or None
     train_ds, valid_ds, _ = build_gpt_datasets(
         cfg.data.prefix, seq_len=cfg.data.seq_len, vocab_size=model_cfg.vocab_size,
         eod_token_id=eod_token_id(model_cfg), train_samples=train_samples, valid_samples=valid_samples,
@@ -115,13 +132,22 @@ def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> tuple
     )
     sampler = DataParallelSampler(t.global_batch_size, t.micro_batch_size, info.dp_rank, info.dp)
     common = dict(mask_token_id=model_cfg.mask_token_id, seed=t.seed, eod_token_id=eod_token_id(model_cfg))
-    train = StepBatcher(TokenWindows(train_ds, cfg.data.seq_len), sampler, cfg.diffusion, **common)
-    valid = None
-    if t.eval_interval:
-        if valid_ds is None:
-            raise ConfigError(f"train.eval_interval is set but data.split={cfg.data.split!r} leaves no validation split")
-        # Evaluation NELBO: t ~ U[eps, 1], unweighted by training tricks (DESIGN.md).
-        unbiased = replace(cfg.diffusion, schedule="linear", antithetic=False, complementary=False, loss_weighting="elbo")
-        eval_sampler = DataParallelSampler(t.eval_batches * t.micro_batch_size * info.dp, t.micro_batch_size, info.dp_rank, info.dp)
-        valid = ValidationData(TokenWindows(valid_ds, cfg.data.seq_len), eval_sampler, unbiased, **common)
-    return train, valid
+    # An adaptive schedule trains with the clipped interval its searches choose (set by the trainer).
+    train_settings = replace(cfg.diffusion, schedule="clipped") if adaptive else cfg.diffusion
+    train = StepBatcher(TokenWindows(train_ds, cfg.data.seq_len), sampler, train_settings, **common)
+    if valid_samples and valid_ds is None:
+        why = "train.eval_interval is set" if eval_samples else "diffusion.schedule=adaptive searches on held-out samples"
+        raise ConfigError(f"{why} but data.split={cfg.data.split!r} leaves no validation split; give it a "
+                          "validation share (e.g. data.split='98,2,0')")
+
+    def held_out(samples: int, settings: DiffusionSection) -> HeldOutData:
+        held_sampler = DataParallelSampler(samples, t.micro_batch_size, info.dp_rank, info.dp)
+        return HeldOutData(TokenWindows(valid_ds, cfg.data.seq_len), held_sampler, settings, **common)
+
+    # Evaluation NELBO: t ~ U[eps, 1], unweighted by training tricks (DESIGN.md).
+    unbiased = replace(cfg.diffusion, schedule="linear", antithetic=False, complementary=False, loss_weighting="elbo")
+    return RunData(
+        train=train,
+        validation=held_out(eval_samples, unbiased) if eval_samples else None,
+        search=held_out(search_samples, train_settings) if search_samples else None,
+    )

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -24,6 +24,7 @@ from megablock.training.metrics import MetricsWriter, device_peak_flops
 from megablock.training.optim import follow_configured_schedule
 from megablock.training.resume_check import check_resume
 from megablock.training.run_dir import claim_save_dir
+from megablock.training.schedule_search import SearchLog, SearchResult, search_interval
 from megablock.training.setup import build_data, build_model, resolve_and_check_model, tokenizer_dir_of
 
 logger = logging.getLogger(__name__)
@@ -83,12 +84,14 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.model = build_model(cfg, self.model_cfg, self.source_meta, self.source_ckpt, self.info)
         self.trainable_parameters, self.total_parameters = parameter_count(self.model_cfg, cfg.lora)
-        self.train_data, self.valid_data = build_data(cfg, self.model_cfg, self.info)
+        data = build_data(cfg, self.model_cfg, self.info)
+        self.train_data, self.valid_data, self.search_data = data.train, data.validation, data.search
         self.engine = build_engine(self.model, cfg, self.info, deepspeed_config(cfg, self.info.world_size))
         self.optimizer = self.engine.optimizer
         self.state = TrainerState()
         self.is_logger = self.info.rank == 0
         self.metrics = MetricsWriter(cfg.checkpoint.save_dir, self.is_logger)
+        self.search_log = SearchLog(cfg.checkpoint.save_dir, self.is_logger and self.search_data is not None)
         self._stop_signal = False
 
     # ------------------------------------------------------------------ resume and save
@@ -105,6 +108,9 @@ class Trainer:
         self.state = load_training_state(self.engine.ds, self.model, ckpt, self.info.rank)
         lrs = follow_configured_schedule(scheduler, configured_lrs)
         self.metrics.truncate_after(self.state.step)
+        self.search_log.truncate_from(self.state.step)
+        if self.state.clip_min is not None:
+            self._train_with_interval(self.state.clip_min, self.state.clip_max)
         logger.info("resumed from %s at step %d (%d tokens consumed); step %d lr %.3g (train.lr %g, train.steps %d)",
                     ckpt, self.state.step, self.state.consumed_tokens, self.state.step + 1, lrs[0],
                     self.cfg.train.lr, self.cfg.train.steps)
@@ -132,6 +138,32 @@ class Trainer:
         return bool(flag.item())
 
     # ------------------------------------------------------------------ loop
+    def _train_with_interval(self, clip_min: float, clip_max: float) -> None:
+        self.train_data.settings = replace(self.train_data.settings, clip_min=clip_min, clip_max=clip_max)
+
+    def maybe_search_schedule(self) -> Optional[SearchResult]:
+        """diffusion.schedule=adaptive: before the coming step, search the clipped interval if a
+        block-size stage starts or the search interval has passed (a stage at B = 1 masks
+        nothing and is not searched). The choice goes into the trainer state, so a resumed run
+        trains with it and repeats later searches exactly."""
+        if self.search_data is None:
+            return None
+        d = self.cfg.diffusion
+        stage, block_size = self.train_data.curriculum.stage_at(self.state.consumed_tokens)
+        due = stage != self.state.searched_stage or (
+            d.schedule_search_interval and self.state.step % d.schedule_search_interval == 0)
+        if not due:
+            return None
+        self.state.searched_stage = stage
+        if block_size == 1:
+            return None
+        result = search_interval(self.engine, self.search_data, block_size, self.train_data.settings,
+                                 self.cfg.train.seed, self.state.step)
+        self.state.clip_min, self.state.clip_max = result.interval
+        self._train_with_interval(*result.interval)
+        self.search_log.write(result)
+        return result
+
     def evaluate(self, block_size: int) -> float:
         """Validation NELBO per token at the current block size."""
         return self.engine.eval_step(self.valid_data.batches(block_size))
@@ -160,6 +192,7 @@ class Trainer:
         bar = tqdm(total=t.steps, initial=self.state.step, disable=not self.is_logger, dynamic_ncols=True, desc="train")
         steps_this_launch = 0
         while self.state.step < t.steps:
+            searched = self.maybe_search_schedule()
             start = time.perf_counter()
             step_batches = self.train_data.step(self.state.consumed_samples)
             if (step_batches.block_size, step_batches.curriculum_stage) != (self.state.block_size, self.state.curriculum_stage):
@@ -174,6 +207,10 @@ class Trainer:
             nonfinite.observe(self.state.step, self.optimizer.last_step_skipped or not torch.isfinite(losses).all())
 
             record = self._record(losses, lr, tokens, elapsed, step_batches.micro_batches[0].layout.two_halves, peak)
+            if self.search_data is not None:
+                record.update(clip_min=self.train_data.settings.clip_min, clip_max=self.train_data.settings.clip_max)
+                if searched is not None:
+                    record["loss_variance"] = searched.variance
             if t.eval_interval and self.state.step % t.eval_interval == 0:
                 record["val_nelbo"] = self.evaluate(self.state.block_size)
             if self.is_logger and (self.state.step % t.log_interval == 0 or "val_nelbo" in record):
