@@ -102,6 +102,7 @@ def parse_args(argv=None):
                    help="generation sweep: fixed tokens committed per refinement forward")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--no-generation", action="store_true", help="skip the generation sweep (likelihood and variance only)")
     return p.parse_args(argv)
 
 
@@ -299,7 +300,7 @@ def main(argv=None) -> int:
                 out / "runs" / f"{key}.log", env)
         print(f"[{time.perf_counter() - t0:5.0f} s] evaluating {label}", flush=True)
         r = evaluate(key, save, heldout, args.block_size, args, out, env)
-        if change.get("diffusion.attention") != "full":
+        if change.get("diffusion.attention") != "full" and not args.no_generation:
             r["generation"] = generation_sweep(key, save, heldout, args.block_size, args, out, ref)
         if key in SCHEDULE_VARIANTS:
             r["schedule_variance"] = schedule_variance(key, save, heldout, change, args, out)
@@ -311,7 +312,7 @@ def main(argv=None) -> int:
     base_rows = [
         {"key": "base", "variant": "base AR (untrained)", "trained_tokens": 0,
          **evaluate("base_b1", base, heldout, 1, args, out, env),
-         "generation": generation_sweep("base_b1", base, heldout, 1, args, out, ref)},
+         "generation": [] if args.no_generation else generation_sweep("base_b1", base, heldout, 1, args, out, ref)},
         {"key": "base_b", "variant": f"base, untrained, at B={args.block_size}", "trained_tokens": 0,
          **evaluate(f"base_b{args.block_size}", base, heldout, args.block_size, args, out, env)},
     ]
@@ -340,7 +341,7 @@ def report(rows: list, args) -> str:
         nelbo = None if r["key"] == "base" else r["nelbo"]  # the B = 1 row's NELBO is its AR NLL
         by_setting = {g["decoding"]: g for g in r.get("generation", [])}
         if r["key"] == "base":  # AR decoding: one token per forward, in every column
-            by_setting = {d: r["generation"][0] for d in settings}
+            by_setting = {d: r["generation"][0] for d in settings} if r["generation"] else {}
         gen = " | ".join(
             f"{g['tokens_per_forward']:.2f}, {g['gen_ppl']:.1f}" if g else "–"
             for g in (by_setting.get(d) for d in settings)

@@ -21,6 +21,15 @@ stand-in mask id is used, the block outputs are meaningless and its confidences 
 grid only measures the mechanics (cost of a refinement step over B slots, commits per step). Run it
 with --hf-dir / --ckpt on a trained block-diffusion model for real numbers.
 
+`--mode speculative` benchmarks lossless self-speculative decoding instead
+(megablock.inference.speculative) on a model with a mask token (the default SmolLM2 is converted
+once with tools/convert_hf.py, which adds one): batch 1 and batch 8 (eight different prompts),
+B in --block-sizes, each draft layout (one pass per block with the next block's first slot
+masked or overlapping, or a separate draft pass): mean accepted drafts per block, tokens per
+forward, tokens/s (median and best of --repeats, interleaved) and the ratio to Hugging Face
+`generate` at the same batch in the same run, and whether the greedy tokens equal the model's own
+AR decoding (B = 1 of the sampler).
+
 Prints a table, then one JSON object on the last line.
 """
 from __future__ import annotations
@@ -38,6 +47,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
+
+from megablock.config import DecodeMode, WeightDtype, options  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
@@ -97,6 +108,149 @@ def hf_runner(folder: Path, ids: list, n: int):
     return run
 
 
+PROMPTS = [
+    PROMPT,
+    "The river rises in the mountains of the north and flows south through a wide valley, where",
+    "In mathematics, a prime number is a natural number greater than one that",
+    "The committee met on Tuesday to discuss the budget for the next year, and after a long debate",
+    "Photosynthesis is the process by which green plants use sunlight to",
+    "She opened the old wooden box and found, beneath a layer of dust, a letter that",
+    "The city was founded by traders in the twelfth century and grew quickly because",
+    "A computer program is a sequence of instructions that",
+]
+
+
+def timed_runs(fns: dict, repeats: int, clock=time.perf_counter) -> dict:
+    """{name: (all times, last result)}, interleaved after one warm-up each (as best_of)."""
+    times = {k: [] for k in fns}
+    result = {k: fn() for k, fn in fns.items()}
+    for i in range(repeats):
+        for k, fn in fns.items():
+            t = clock()
+            result[k] = fn()
+            times[k].append(clock() - t)
+        print(f"repeat {i + 1}/{repeats} done", file=sys.stderr, flush=True)
+    return {k: (times[k], result[k]) for k in fns}
+
+
+def hf_batch_runner(model, prompts: list, n: int):
+    """HF greedy `generate` for a batch (left-padded), exactly n new tokens per row."""
+    width = max(len(p) for p in prompts)
+    x = torch.tensor([[0] * (width - len(p)) + list(p) for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                                 pad_token_id=0)
+        return [row[width:].tolist() for row in out]
+
+    return run
+
+
+LAYOUTS = {"one-pass masked": dict(fused=True, next_draft="masked"),
+           "one-pass overlap": dict(fused=True, next_draft="overlap"),
+           "two-pass": dict(fused=False)}
+
+
+def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
+    import statistics
+
+    from megablock.inference.sampler import GenerateConfig
+    from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
+
+    n, ar_sampler, spec = args.max_new_tokens, im.sampler(), speculative_sampler(im)
+    hf_model = None
+    if hf_folder is not None and not args.no_hf:
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32,
+                                                        attn_implementation="sdpa").eval()
+    clock = time.perf_counter if args.clock == "wall" else time.process_time
+    rows, checks = [], []
+    for batch in args.batches:
+        prompts = [im.tokenizer(p)["input_ids"] for p in (PROMPTS * batch)[:batch]]
+        fns = {"ar": lambda prompts=prompts: ar_sampler.generate(prompts, GenerateConfig(block_size=1, max_new_tokens=n))}
+        if hf_model is not None:
+            fns["hf"] = hf_batch_runner(hf_model, prompts, n)
+        for B in args.block_sizes:
+            for name in args.layouts:
+                cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, **LAYOUTS[name])
+                if cfg.drafts_per_block < 1:
+                    continue
+                fns[(B, name)] = lambda prompts=prompts, cfg=cfg: spec.generate(prompts, cfg)
+        timed = timed_runs(fns, args.repeats, clock)
+        total = batch * n
+        ar_times, ar_out = timed["ar"]
+        hf_times = timed["hf"][0] if "hf" in timed else None
+        # HF's min_new_tokens forbids EOS while our runs ignore it (they may emit one and go on),
+        # so each row is compared up to (not including) the first EOS of our AR run.
+        def same_before_eos(ours, theirs):
+            k = next((i for i, t in enumerate(ours) if t in eos_ids), len(ours))
+            return ours[:k] == theirs[:k]
+
+        checks.append(dict(batch=batch, ar_tokens_equal_hf="hf" in timed and all(
+            same_before_eos(a, h) for a, h in zip(ar_out.tokens, timed["hf"][1]))))
+        for key, (times, res) in timed.items():
+            if key == "hf":
+                continue
+            B, name = (1, "AR (B=1)") if key == "ar" else key
+            best, med = total / min(times), total / statistics.median(times)
+            row = dict(batch=batch, block_size=B, layout=name, forwards=res.forwards,
+                       tokens_per_forward=total / res.forwards, tokens_per_s_best=best, tokens_per_s_median=med,
+                       same_as_ar=res.tokens == ar_out.tokens)
+            if key != "ar":
+                row.update(mean_accepted=res.mean_accepted, drafts_per_block=SpeculativeConfig(
+                    block_size=B, **LAYOUTS[name]).drafts_per_block, acceptance_rate=res.acceptance_rate,
+                    accepted_histogram=res.histogram())
+            if hf_times:
+                row.update(vs_hf_best=min(hf_times) / min(times),
+                           vs_hf_median=statistics.median(hf_times) / statistics.median(times))
+            rows.append(row)
+        if hf_times:
+            rows.append(dict(batch=batch, block_size=1, layout="HF generate", forwards=n,
+                             tokens_per_forward=batch, tokens_per_s_best=total / min(hf_times),
+                             tokens_per_s_median=total / statistics.median(hf_times), vs_hf_best=1.0, vs_hf_median=1.0))
+
+    name = args.ckpt or str(hf_folder)
+    load = os.getloadavg()
+    print(f"model: {name}  ({sum(p.numel() for p in im.model.parameters()) / 1e6:.1f}M params, {args.dtype}, "
+          f"{torch.get_num_threads()} threads, {args.clock} clock), {n} new tokens per row, greedy, EOS ignored; "
+          f"load average at the end {load[0]:.2f} / {load[1]:.2f}")
+    for c in checks:
+        print(f"batch {c['batch']}: megablock AR (B=1) tokens == HF generate tokens (before the first EOS): "
+              f"{c['ar_tokens_equal_hf']}")
+    print(f"{'batch':>5} {'B':>3} {'layout':<17} {'acc/blk':>9} {'fwd':>5} {'tok/fwd':>8} {'tok/s med':>10} "
+          f"{'tok/s best':>10} {'vs HF med':>9} {'vs HF best':>10} {'=AR':>4}")
+    for r in rows:
+        acc = f"{r['mean_accepted']:.2f}/{r['drafts_per_block']}" if "mean_accepted" in r else "-"
+        vs = lambda k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
+        print(f"{r['batch']:>5} {r['block_size']:>3} {r['layout']:<17} {acc:>9} {r['forwards']:>5} "
+              f"{r['tokens_per_forward']:>8.2f} {r['tokens_per_s_median']:>10.1f} {r['tokens_per_s_best']:>10.1f} "
+              f"{vs('vs_hf_median'):>9} {vs('vs_hf_best'):>10} {str(r.get('same_as_ar', '-')):>4}")
+
+    def clean(v):
+        if isinstance(v, float):
+            return round(v, 4)
+        if isinstance(v, dict):
+            return {str(k): x for k, x in v.items()}
+        return v
+
+    print(json.dumps({"model": name, "mode": "speculative", "max_new_tokens": n, "threads": torch.get_num_threads(),
+                      "clock": args.clock, "repeats": args.repeats, "load_average": [round(x, 2) for x in load],
+                      "checks": checks, "rows": [{k: clean(v) for k, v in r.items()} for r in rows]}))
+
+
+def speculative_checkpoint(hf_folder: Path, cache_dir: Path) -> Path:
+    """The default model converted once with a mask token (as scripts/quickstart.sh does)."""
+    out = cache_dir / "smollm2-135m-ckpt"
+    if not (out / "megablock.json").is_file():
+        from megablock.checkpoint.convert import convert
+
+        convert(out, hf_dir=hf_folder, tp=1, progress=False)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description="block-diffusion sampling speed")
     src = p.add_mutually_exclusive_group()
@@ -108,7 +262,11 @@ def main(argv=None) -> None:
     p.add_argument("--block-sizes", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--thresholds", type=float, nargs="+", default=[0.7, 0.9])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--mode", choices=options(DecodeMode), default="threshold")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="speculative mode: batch sizes")
+    p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
+                   help="speculative mode: draft layouts")
+    p.add_argument("--dtype", default="fp32", choices=options(WeightDtype))
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -124,7 +282,19 @@ def main(argv=None) -> None:
     hf_folder = None
     if args.ckpt is None:
         hf_folder = Path(args.hf_dir) if args.hf_dir else smollm2_folder(Path(args.cache_dir))
-    im = load(ckpt=args.ckpt, hf_dir=None if args.ckpt else hf_folder, dtype=args.dtype, parallel=launched_parallel())
+    parallel = launched_parallel()
+    if args.mode == "speculative":
+        ckpt = args.ckpt
+        if ckpt is None and args.hf_dir is None:
+            ckpt = str(speculative_checkpoint(hf_folder, Path(args.cache_dir)))
+        im = load(ckpt=ckpt, hf_dir=None if ckpt else hf_folder, dtype=args.dtype, parallel=parallel)
+        if im.mask_token_id is None:
+            sys.exit(f"{hf_folder}: speculative decoding drafts with the mask token and this model has none; "
+                     "convert it with tools/convert_hf.py (and train it) first")
+        eos_ids = set(im.eos_token_ids)
+        im.eos_token_ids = []  # exactly max_new_tokens per row
+        return speculative_main(args, im, hf_folder, eos_ids)
+    im = load(ckpt=args.ckpt, hf_dir=None if args.ckpt else hf_folder, dtype=args.dtype, parallel=parallel)
     stand_in_mask = im.mask_token_id is None
     if stand_in_mask:  # an AR model: any token id serves to time the mechanics
         im.mask_token_id = im.model.cfg.vocab_size - 1

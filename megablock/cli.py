@@ -31,12 +31,15 @@ def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
 
 
 def as_flags(message: str, parser: Optional[argparse.ArgumentParser]) -> str:
-    """Rewrite `dest=value` mentions of the parser's arguments as `--flag value`."""
+    """Rewrite `dest=value` mentions of the parser's arguments as `--flag value` (a switch's
+    `dest=True` as just `--flag`)."""
     if parser is None:
         return message
     for action in parser._actions:
         longs = [o for o in action.option_strings if o.startswith("--")]
         if longs and action.dest not in ("help",):
+            if isinstance(action, argparse._StoreTrueAction):
+                message = re.sub(rf"(?<![\w-]){re.escape(action.dest)}=True\b", longs[0], message)
             message = re.sub(rf"(?<![\w-]){re.escape(action.dest)}=\s*", longs[0] + " ", message)
     return message
 

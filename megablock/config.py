@@ -35,6 +35,10 @@ ZeroStage = Literal[0, 1, 2, 3]
 LoraTarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 Recompute = Literal["none", "selective", "full"]
 """Activation recompute: none | selective (the attention core) | full (each decoder layer)."""
+DecodeMode = Literal["threshold", "speculative"]
+"""threshold: confidence-thresholded parallel decoding; speculative: lossless draft-and-verify."""
+NextDraft = Literal["masked", "overlap"]
+"""Speculative one-pass mode: layout of the next block's draft (megablock.inference.speculative)."""
 WeightDtype = Literal["fp32", "bf16"]
 """dtypes of checkpoint shards, exports and inference weights."""
 

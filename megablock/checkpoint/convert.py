@@ -110,7 +110,7 @@ class FolderSource:
     def open(folder) -> Source:
         folder = Path(folder)
         if not folder.is_dir():
-            raise ConversionError(f"--hf-dir {folder} does not exist; pass a Hugging Face model folder")
+            raise ConversionError(f"hf_dir={folder} does not exist; pass a Hugging Face model folder")
         config_path = folder / "config.json"
         if not config_path.is_file():
             raise ConversionError(f"no config.json in {folder}; pass a Hugging Face model folder (save_pretrained output)")
@@ -162,7 +162,7 @@ class GGUFSource(Source):
         super().__init__()
         path = Path(path)
         if not path.is_file():
-            raise ConversionError(f"--gguf {path} does not exist; pass a .gguf file")
+            raise ConversionError(f"gguf={path} does not exist; pass a .gguf file")
         try:
             import accelerate  # noqa: F401  (transformers 5 requires it for GGUF)
             import gguf  # noqa: F401
@@ -201,8 +201,8 @@ def apply_mask_token(tokenizer, cfg: ModelConfig, mask_token: Optional[str], exp
         return []
     if tokenizer is None:
         if explicit:
-            raise ConversionError(f"--mask-token {mask_token!r} needs a tokenizer, and the source has none; "
-                                  "add the tokenizer files or use --no-mask-token")
+            raise ConversionError(f"mask_token={mask_token!r} needs a tokenizer, and the source has none; "
+                                  "add the tokenizer files, or convert without a mask token")
         warn(f"warning: the source has no tokenizer; mask token id {cfg.vocab_size} added to the embedding only")
         cfg.mask_token_id, cfg.vocab_size = cfg.vocab_size, cfg.vocab_size + 1
         return [cfg.mask_token_id]
@@ -217,7 +217,7 @@ def apply_mask_token(tokenizer, cfg: ModelConfig, mask_token: Optional[str], exp
     if explicit:
         raise ConversionError(
             f"mask token {mask_token!r} is not in the tokenizer's vocabulary; pick an existing token, "
-            f"omit --mask-token to add {DEFAULT_MASK_TOKEN}, or use --no-mask-token"
+            f"let conversion add {DEFAULT_MASK_TOKEN}, or convert without a mask token"
         )
     tokenizer.add_special_tokens({"mask_token": mask_token})
     tid = tokenizer.convert_tokens_to_ids(mask_token)
@@ -271,14 +271,14 @@ def prepare_out(out, force: bool, sources=(), owned=lambda name: name in CONVERT
         relation = _overlap(out, source)
         if relation:
             raise ConversionError(
-                f"--out {out} {relation} the source {source}; writing there would delete or mix with what is "
-                f"being read (even with --force): choose an --out outside {source}"
+                f"out={out} {relation} the source {source}; writing there would delete or mix with what is "
+                f"being read (even with force=True): choose an output folder outside {source}"
             )
     if out.exists() and not out.is_dir():
-        raise ConversionError(f"--out {out} exists and is not a folder; choose another path")
+        raise ConversionError(f"out={out} exists and is not a folder; choose another path")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise ConversionError(f"--out {out} is not empty; choose an empty folder or pass --force to replace it")
+            raise ConversionError(f"out={out} is not empty; choose an empty folder or pass force=True to replace it")
         _check_only_owned(out, owned)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     return out, tmp
@@ -289,8 +289,8 @@ def _check_only_owned(out: Path, owned) -> None:
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ConversionError(
-            f"--out {out} holds files this tool does not write ({shown}); --force replaces only a previous "
-            f"output of this tool. Move them away or choose another --out"
+            f"out={out} holds files this tool does not write ({shown}); force=True replaces only a previous "
+            f"output of this tool. Move them away or choose another output folder"
         )
 
 
@@ -342,9 +342,9 @@ def convert(out, hf_dir=None, gguf=None, tp: int = 1, pp: int = 1, mask_token: O
     """
     start = time.time()
     if (hf_dir is None) == (gguf is None):
-        raise ConversionError("pass exactly one of --hf-dir or --gguf")
+        raise ConversionError("pass exactly one of hf_dir or gguf")
     if tp < 1 or pp < 1:
-        raise ConversionError(f"--tp and --pp must be >= 1 (got tp={tp}, pp={pp})")
+        raise ConversionError(f"tp={tp} and pp={pp} must both be >= 1")
     if dtype not in fmt.DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not supported; use one of {', '.join(fmt.DTYPES)}")
     out, tmp = prepare_out(out, force, sources=[hf_dir, gguf])

@@ -10,7 +10,8 @@ per block, seeded by window index) and the per-token NELBO averaged; exp(NELBO) 
 perplexity. At B = 1 the NELBO is the AR NLL. The AR-mode NLL (one causal pass) is always reported.
 `--hf-dir` reads a plain HF folder (Llama / Qwen2 / Qwen3 / Mistral, or an export_hf.py export) in
 memory; a model without a mask token evaluates only at B = 1. `--generate` decodes continuations of
-prompts taken from the data with the block sampler (tokens per forward, tokens/s) and, with
+prompts taken from the data with the block sampler (tokens per forward, tokens/s; `--gen-mode
+speculative`: the lossless speculative sampler, with accepted drafts per block) and, with
 `--ref-hf-dir`, scores them with a reference HF causal LM (generative perplexity).
 With `--json` the last line of stdout is one JSON object (nelbo, ppl_bound, ar_nll, ar_ppl, tokens,
 windows, block_size, samples, and gen_* keys with --generate). Logic: megablock.inference.evaluation.
@@ -22,7 +23,7 @@ import json
 import sys
 
 from megablock.cli import add_common_flags, is_rank_zero, launched_parallel, run_tool
-from megablock.config import WeightDtype, options
+from megablock.config import DecodeMode, WeightDtype, options
 from megablock.data.datasets import eval_windows
 from megablock.inference.evaluation import EvaluationError, check_block_size, evaluate
 from megablock.inference.loading import load
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--gen-prompt-len", type=int, default=32, help="prompt tokens (the start of a window)")
     gen.add_argument("--gen-tokens", type=int, default=64, help="new tokens per prompt")
     gen.add_argument("--gen-threshold", type=float, default=0.9, help="commit confidence threshold")
+    gen.add_argument("--gen-mode", choices=options(DecodeMode), default="threshold",
+                     help="speculative: lossless draft-and-verify decoding; reports accepted drafts per block")
     gen.add_argument("--gen-temperature", type=float, default=1.0,
                      help="sampling temperature (default 1: greedy text makes generative perplexity meaningless)")
     gen.add_argument("--gen-top-p", type=float, default=None)
@@ -75,6 +78,10 @@ def report(r: dict) -> str:
     if "gen_tokens_per_forward" in r:
         lines.append(f"generation: {r['gen_new_tokens']} tokens in {r['gen_forwards']} forwards "
                      f"({r['gen_tokens_per_forward']:.2f} tokens/forward, {r['gen_tokens_per_s']:.1f} tokens/s)")
+    if "gen_mean_accepted" in r:
+        lines.append(f"speculative: {r['gen_verified_blocks']} verified blocks, accepted drafts per block mean "
+                     f"{r['gen_mean_accepted']:.2f} (rate {r['gen_acceptance_rate']:.2f}), "
+                     f"histogram {r['gen_accepted_histogram']}")
     if "gen_ppl" in r:
         lines.append(f"generative perplexity {r['gen_ppl']:.3f} ({r['gen_ref_tokens']} reference tokens)")
     if "gen_sample" in r:
@@ -105,7 +112,7 @@ def run(args) -> int:
         batch_size=args.batch_size, progress=rank0 and not args.quiet, generate=args.generate,
         gen_prompts=args.gen_prompts, gen_prompt_len=args.gen_prompt_len, gen_tokens=args.gen_tokens,
         gen_threshold=args.gen_threshold, gen_temperature=args.gen_temperature, gen_top_p=args.gen_top_p,
-        ref_hf_dir=args.ref_hf_dir,
+        ref_hf_dir=args.ref_hf_dir, gen_mode=args.gen_mode,
     )
     if rank0:
         print(report(result))

@@ -1,12 +1,15 @@
 """Block-diffusion sampling with a KV cache and parallel decoding (thin CLI).
 
     python tools/generate.py (--ckpt DIR | --hf-dir DIR) --prompt TEXT --max-new-tokens N \
-        --block-size B [--threshold P | --tokens-per-step K] [--json]
+        --block-size B [--threshold P | --tokens-per-step K] [--mode threshold|speculative] [--json]
 
 One process runs TP = 1; under torchrun / deepspeed every launched process is a TP rank
 (`torchrun --nproc_per_node 2 tools/generate.py ...`). `--prompt-file` takes one prompt per line
 and decodes them as one batch. Prints each prompt's continuation; with `--json` the last line is one
 JSON object: text (texts for several prompts), new_tokens, forwards, tokens_per_forward, seconds.
+`--mode speculative` decodes losslessly (exactly the model's AR output when greedy): the noised
+half drafts each block, the clean causal pass verifies it (megablock.inference.speculative); its
+JSON adds the accepted drafts per block (mean, histogram) and tokens/s.
 The sampler itself is megablock.inference (see its docstrings for the choices it makes).
 """
 from __future__ import annotations
@@ -18,10 +21,11 @@ import sys
 
 
 from megablock.cli import add_common_flags, is_rank_zero, launched_parallel, run_tool
-from megablock.config import WeightDtype, options
+from megablock.config import DecodeMode, NextDraft, WeightDtype, options
 from megablock.inference.loading import load
 from megablock.inference.sampler import GenerateConfig
 from megablock.inference.sampling import SamplingParams
+from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
 
 
 class UsageError(ValueError):
@@ -41,6 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="commit masked tokens whose confidence is above P, at least one per step (default 0.9)")
     p.add_argument("--tokens-per-step", type=int, default=None, help="commit exactly K tokens per step instead")
+    p.add_argument("--mode", choices=options(DecodeMode), default="threshold",
+                   help="threshold: parallel decoding (default); speculative: lossless draft-and-verify")
+    p.add_argument("--two-pass", action="store_true",
+                   help="speculative: draft in a forward of its own before each verify (default: the verify "
+                        "pass also drafts the next block, one forward per block)")
+    p.add_argument("--next-draft", choices=options(NextDraft), default="masked",
+                   help="speculative, one pass: layout of the next block's draft (see megablock.inference.speculative)")
+    p.add_argument("--draft-steps", type=int, default=1, help="speculative --two-pass: refinement forwards per draft")
+    p.add_argument("--draft-threshold", type=float, default=None,
+                   help="speculative --two-pass: refine drafts with this commit threshold instead")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -65,6 +79,17 @@ def read_prompts(args) -> list[str]:
 def generate_config(args):
     if args.threshold is not None and args.tokens_per_step is not None:
         raise UsageError("pass --threshold or --tokens-per-step, not both")
+    if args.mode == "speculative":
+        if args.threshold is not None or args.tokens_per_step is not None:
+            raise UsageError("--threshold / --tokens-per-step belong to --mode threshold; "
+                             "speculative mode has --draft-steps / --draft-threshold")
+        cfg = SpeculativeConfig(
+            block_size=args.block_size, max_new_tokens=args.max_new_tokens, fused=not args.two_pass,
+            next_draft=args.next_draft, draft_steps=args.draft_steps, draft_threshold=args.draft_threshold,
+            sampling=SamplingParams(args.temperature, args.top_k, args.top_p), seed=args.seed,
+        )
+        cfg.validate(mask_token_id=0)
+        return cfg
     cfg = GenerateConfig(
         block_size=args.block_size, max_new_tokens=args.max_new_tokens,
         threshold=0.9 if args.threshold is None else args.threshold, tokens_per_step=args.tokens_per_step,
@@ -87,17 +112,25 @@ def run(args) -> int:
     ids = [im.tokenizer(p)["input_ids"] for p in prompts]
     if any(not x for x in ids):
         raise UsageError("a prompt encodes to no tokens; give a non-empty prompt")
-    result = im.sampler().generate(ids, cfg)
+    sampler = speculative_sampler(im) if args.mode == "speculative" else im.sampler()
+    result = sampler.generate(ids, cfg)
     texts = [im.tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens]
     if is_rank_zero():
         for i, t in enumerate(texts):
             if len(texts) > 1:
                 print(f"--- [{i}] {prompts[i]}")
             print(t)
+        if args.mode == "speculative":
+            print(f"speculative: {result.new_tokens} tokens in {result.forwards} forwards "
+                  f"({result.tokens_per_forward:.2f} tokens/forward, {result.new_tokens / max(result.seconds, 1e-9):.1f} "
+                  f"tokens/s); accepted drafts per block: mean {result.mean_accepted:.2f}, "
+                  f"histogram {result.histogram()}", file=sys.stderr)
         if args.json:
             obj = {"text": texts[0]} if len(texts) == 1 else {"texts": texts}
             obj.update(new_tokens=result.new_tokens, forwards=result.forwards,
                        tokens_per_forward=round(result.tokens_per_forward, 4), seconds=round(result.seconds, 4))
+            if args.mode == "speculative":
+                obj.update(result.report(), tokens_per_s=round(result.new_tokens / max(result.seconds, 1e-9), 2))
             print(json.dumps(obj))
     return 0
 

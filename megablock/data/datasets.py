@@ -259,14 +259,14 @@ def eval_windows(prefix: str, seq_len: int, max_tokens: Optional[int] = None) ->
     tokens exactly as stored (EODs included, nothing added), covering at most `max_tokens` tokens;
     a last partial window is dropped."""
     if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        raise ValueError(f"seq_len={seq_len} must be >= 1")
     stream, _ = _token_stream(prefix)
     total = stream.shape[0] if max_tokens is None else min(stream.shape[0], int(max_tokens))
     n = total // seq_len
     if n == 0:
         raise ValueError(
             f"{prefix} offers {total} tokens (dataset has {stream.shape[0]}), fewer than one "
-            f"window of {seq_len}; lower --seq-len or raise --max-tokens"
+            f"window of seq_len={seq_len}; lower seq_len= or raise max_tokens= (now {max_tokens})"
         )
     return torch.from_numpy(np.asarray(stream[: n * seq_len], dtype=np.int64)).view(n, seq_len)
 

@@ -34,6 +34,7 @@ from megablock.diffusion.loss import token_cross_entropy
 from .loading import InferenceModel
 from .sampler import GenerateConfig
 from .sampling import SamplingParams
+from .speculative import SpeculativeConfig, speculative_sampler
 
 # Logits of one forward are capped at about this many fp32 entries when the batch size is chosen
 # automatically (the cross-entropy makes one more copy): ~1 GiB.
@@ -142,20 +143,31 @@ def generation_prompts(windows: torch.Tensor, count: int, length: int) -> list[l
 
 def generate_samples(em: InferenceModel, prompts: list[list[int]], block_size: int, max_new_tokens: int, *,
                      threshold: float = 0.9, temperature: float = 1.0, top_p: Optional[float] = None,
-                     seed: int = 0, tokens_per_step: Optional[int] = None):
+                     seed: int = 0, tokens_per_step: Optional[int] = None, mode: str = "threshold",
+                     acceptance: Optional[dict] = None):
     """Decode each prompt on its own with the KV-cached block sampler; returns (new tokens per
     prompt, forwards, seconds). One at a time because the sampler counts the forwards of a whole
-    batch: batched, B = 1 would report (batch size) tokens per forward, not 1."""
-    sampler = em.sampler()
+    batch: batched, B = 1 would report (batch size) tokens per forward, not 1.
+    mode "speculative" uses the lossless speculative sampler (threshold unused); its drafts
+    checked / kept per block are appended to `acceptance["drafted"]` / `["accepted"]` if given."""
+    speculative = mode == "speculative"
+    sampler = speculative_sampler(em) if speculative else em.sampler()
     tokens, forwards, seconds = [], 0, 0.0
     for i, prompt in enumerate(prompts):
-        cfg = GenerateConfig(block_size=block_size, max_new_tokens=max_new_tokens, threshold=threshold,
-                             tokens_per_step=tokens_per_step, shift=em.shift,
-                             sampling=SamplingParams(temperature, None, top_p), seed=seed + i)
+        sampling = SamplingParams(temperature, None, top_p)
+        if speculative:
+            cfg = SpeculativeConfig(block_size=block_size, max_new_tokens=max_new_tokens, shift=em.shift,
+                                    sampling=sampling, seed=seed + i)
+        else:
+            cfg = GenerateConfig(block_size=block_size, max_new_tokens=max_new_tokens, threshold=threshold,
+                                 tokens_per_step=tokens_per_step, shift=em.shift, sampling=sampling, seed=seed + i)
         out = sampler.generate([prompt], cfg)
         tokens.append(out.tokens[0])
         forwards += out.forwards
         seconds += out.seconds
+        if speculative and acceptance is not None:
+            acceptance.setdefault("drafted", []).extend(out.drafted)
+            acceptance.setdefault("accepted", []).extend(out.accepted)
     return tokens, forwards, seconds
 
 
@@ -196,7 +208,7 @@ def evaluate(
     eps: float = 1e-3, batch_size: Optional[int] = None, progress: bool = True,
     generate: bool = False, gen_prompts: int = 4, gen_prompt_len: int = 32, gen_tokens: int = 64,
     gen_threshold: float = 0.9, gen_temperature: float = 1.0, gen_top_p: Optional[float] = None,
-    ref_hf_dir=None,
+    ref_hf_dir=None, gen_mode: str = "threshold",
 ) -> dict:
     """All numbers of tools/evaluate.py for one model, data and block size (see module docstring)."""
     from tqdm import tqdm
@@ -235,24 +247,33 @@ def evaluate(
 
     if generate:
         result.update(_generation_metrics(em, windows, block_size, gen_prompts, gen_prompt_len, gen_tokens,
-                                          gen_threshold, gen_temperature, gen_top_p, seed, ref_hf_dir, progress))
+                                          gen_threshold, gen_temperature, gen_top_p, seed, ref_hf_dir, progress,
+                                          gen_mode))
     return result
 
 
 def _generation_metrics(em, windows, block_size, n_prompts, prompt_len, new_tokens, threshold, temperature,
-                        top_p, seed, ref_hf_dir, progress) -> dict:
+                        top_p, seed, ref_hf_dir, progress, mode="threshold") -> dict:
     from tqdm import tqdm
 
     prompts = generation_prompts(windows, n_prompts, prompt_len)
+    acceptance: dict = {}
     samples, forwards, seconds = generate_samples(em, prompts, block_size, new_tokens, threshold=threshold,
-                                                  temperature=temperature, top_p=top_p, seed=seed)
+                                                  temperature=temperature, top_p=top_p, seed=seed, mode=mode,
+                                                  acceptance=acceptance)
     n_new = sum(len(t) for t in samples)
     metrics = {
         "gen_prompts": len(prompts), "gen_new_tokens": n_new, "gen_forwards": forwards,
         "gen_tokens_per_forward": round(n_new / max(forwards, 1), 4),
         "gen_tokens_per_s": round(n_new / max(seconds, 1e-9), 2),
-        "gen_seconds": round(seconds, 3),
+        "gen_seconds": round(seconds, 3), "gen_mode": mode,
     }
+    if mode == "speculative":  # acceptance next to the generative perplexity it comes with
+        drafted, accepted = acceptance.get("drafted", []), acceptance.get("accepted", [])
+        metrics["gen_verified_blocks"] = len(accepted)
+        metrics["gen_mean_accepted"] = round(sum(accepted) / max(len(accepted), 1), 4)
+        metrics["gen_acceptance_rate"] = round(sum(accepted) / max(sum(drafted), 1), 4)
+        metrics["gen_accepted_histogram"] = {str(k): accepted.count(k) for k in sorted(set(accepted))}
     if em.tokenizer is not None:
         decode = lambda ids: em.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         prompt_texts = [decode(p) for p in prompts]

@@ -1,0 +1,48 @@
+"""megablock.cli: the tools' shared conventions (exit codes, one-line errors, flags in messages)."""
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+from megablock.cli import EXIT_ERROR, add_common_flags, as_flags, run_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _parser():
+    p = argparse.ArgumentParser()
+    p.add_argument("--block-size", type=int)
+    p.add_argument("--seq-len", type=int)
+    p.add_argument("--force", action="store_true")
+    return add_common_flags(p)
+
+
+def test_library_argument_names_become_flags():
+    msg = "block_size=3 does not divide seq_len=32; pass force=True, or a smaller block_size"
+    assert as_flags(msg, _parser()) == "--block-size 3 does not divide --seq-len 32; pass --force, or a smaller block_size"
+
+
+def test_errors_are_one_line_and_exit_1(capsys):
+    def run(args):
+        raise ValueError("block_size=3 does not divide seq_len=32")
+
+    assert run_tool(run, _parser().parse_args([]), _parser(), teardown=False) == EXIT_ERROR
+    assert capsys.readouterr().err == "error: --block-size 3 does not divide --seq-len 32\n"
+
+    def crash(args):
+        raise KeyError("boom")
+
+    assert run_tool(crash, _parser().parse_args([]), _parser(), teardown=False) == EXIT_ERROR
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "error: KeyError: 'boom'" and "--debug" in err[1]
+    assert run_tool(crash, _parser().parse_args(["--debug"]), _parser(), teardown=False) == EXIT_ERROR
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_every_tool_speaks_flags_and_exits_1(tmp_path):
+    proc = subprocess.run([sys.executable, "tools/convert_hf.py", "--hf-dir", str(tmp_path / "nope"), "--out",
+                           str(tmp_path / "out"), "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == f"error: --hf-dir {tmp_path / 'nope'} does not exist; pass a Hugging Face model folder"
+    usage = subprocess.run([sys.executable, "tools/export_hf.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 2 and "--ckpt" in usage.stderr  # argparse: a malformed command line
