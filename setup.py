@@ -18,7 +18,7 @@ setup(
     install_requires=requirements,
     entry_points={"console_scripts": [
         f"megablock-{name.replace('_', '-')}=megablock.commands.{name}:main"
-        for name in ("convert_hf", "export_hf", "generate", "evaluate", "pretrain", "plot_metrics", "distill_data",
-                     "preprocess_data")
+        for name in ("convert_hf", "export_hf", "generate", "evaluate", "pretrain", "plot_metrics",
+                     "estimate_memory", "distill_data", "preprocess_data")
     ]},
 )

@@ -74,6 +74,18 @@ def parse_args(argv=None):
     p.add_argument("--no-memory", action="store_true", help="skip the per-config memory subprocesses")
     p.add_argument("--no-breakdown", action="store_true", help="skip the attention / head+loss timings")
     p.add_argument("--profile", action="store_true", help="torch.profiler op table for (a) and (b) at the largest L")
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+                   help="which steps to run (the AR step is always run: the ratios need it)")
+    p.add_argument("--loss", choices=["selected", "full"], default="selected",
+                   help="selected: the head and CE only at loss positions, in chunks (training's path); "
+                        "full: logits of all positions (the reference, and the path before issue 17)")
+    p.add_argument("--loss-chunk-tokens", type=int, default=8192, help="train.loss_chunk_tokens (0: one piece)")
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none", help="train.recompute")
+    p.add_argument("--ar-loss-weight", type=float, default=1.0,
+                   help="lambda (0: the clean half reaches the head only where it predicts a block's first token)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: bf16 weights, compiled FlexAttention, peak memory from torch.cuda, MFU")
+    p.add_argument("--vocab", type=int, default=VOCAB)
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--worker-length", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -86,33 +98,44 @@ def build_model(args):
 
     torch.manual_seed(0)
     cfg = ModelConfig(
-        vocab_size=VOCAB, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_layers=args.layers, num_attention_heads=args.heads, num_kv_heads=args.kv_heads,
-        mask_token_id=MASK_ID, max_position_embeddings=max(args.lengths + [args.worker_length or 0]),
+        mask_token_id=args.vocab - 1, max_position_embeddings=max(args.lengths + [args.worker_length or 0]),
     )
+    if args.device == "cuda":
+        return BlockDiffusionLM(cfg, dtype=torch.bfloat16).cuda()
     return BlockDiffusionLM(cfg)
 
 
-def make_batch(config: str, L: int, block_size: int):
+def make_batch(config: str, L: int, block_size: int, args=None):
     import torch
     from megablock.diffusion.batch import build_batch
 
+    vocab = args.vocab if args is not None else VOCAB
     g = torch.Generator().manual_seed(L)
-    x0 = torch.randint(0, MASK_ID, (1, L), generator=g)
-    return build_batch(x0, [0], 1 if config == "ar" else block_size, mask_token_id=MASK_ID,
-                       attention="context_causal", seed=1)
+    x0 = torch.randint(0, vocab - 1, (1, L), generator=g)
+    batch = build_batch(x0, [0], 1 if config == "ar" else block_size, mask_token_id=vocab - 1,
+                        attention="context_causal", seed=1)
+    return batch.to("cuda") if args is not None and args.device == "cuda" else batch
 
 
-def step_fn(model, config: str, batch):
-    from megablock.diffusion.loss import block_diffusion_loss
+def step_fn(model, config: str, batch, args):
+    from megablock.diffusion.loss import block_diffusion_loss, selected_block_diffusion_loss
 
-    impl = "dense" if config == "dense" else "sdpa"
+    impl = "dense" if config == "dense" else ("auto" if args.device == "cuda" else "sdpa")
+    lam = args.ar_loss_weight
 
     def step():
         model.set_attention_impl(impl)
-        logits = model(batch.input_ids, batch.position_ids, batch.layout)
-        parts = block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights,
-                                     batch.diff_normalizer, 1.0)
+        model.set_recompute(args.recompute)
+        if args.loss == "full":
+            logits = model(batch.input_ids, batch.position_ids, batch.layout)
+            parts = block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights,
+                                         batch.diff_normalizer, lam)
+        else:
+            hidden = model.run_layers(model.embed(batch.input_ids), batch.position_ids, batch.layout)
+            parts = selected_block_diffusion_loss(hidden, model.head, batch.targets, batch.diff_weights,
+                                                  batch.ar_weights, batch.diff_normalizer, lam, args.loss_chunk_tokens)
         parts.loss.backward()
         return parts.loss.item()
 
@@ -151,20 +174,26 @@ def attention_fn(cfg, config: str, batch):
     return run
 
 
-def head_loss_fn(model, batch):
-    """fwd+bwd of final norm + vocabulary projection + block_diffusion_loss."""
+def head_loss_fn(model, batch, args):
+    """fwd+bwd of final norm + vocabulary projection + the loss (as the step computes it)."""
     import torch
-    from megablock.diffusion.loss import block_diffusion_loss
+    from megablock.diffusion.loss import block_diffusion_loss, selected_block_diffusion_loss
 
     S = batch.layout.total_len
-    hidden = torch.randn(1, S, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0),
-                         requires_grad=True)
+    w = model.final_layernorm.weight
+    hidden = torch.randn(1, S, model.cfg.hidden_size, generator=torch.Generator().manual_seed(0))
+    hidden = hidden.to(w.device, w.dtype).requires_grad_()
+    lam = args.ar_loss_weight
 
     def run():
         hidden.grad = None
-        logits = model.head(hidden)
-        block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights,
-                             batch.diff_normalizer, 1.0).loss.backward()
+        if args.loss == "full":
+            parts = block_diffusion_loss(model.head(hidden), batch.targets, batch.diff_weights, batch.ar_weights,
+                                         batch.diff_normalizer, lam)
+        else:
+            parts = selected_block_diffusion_loss(hidden, model.head, batch.targets, batch.diff_weights,
+                                                  batch.ar_weights, batch.diff_normalizer, lam, args.loss_chunk_tokens)
+        parts.loss.backward()
 
     return run
 
@@ -178,8 +207,8 @@ def worker(args) -> dict:
     init_single_process()
     model = build_model(args)
     L = args.worker_length
-    batch = make_batch(args.worker, L, args.block_size)
-    step = step_fn(model, args.worker, batch)
+    batch = make_batch(args.worker, L, args.block_size, args)
+    step = step_fn(model, args.worker, batch, args)
     step()  # warm-up: code, thread pools and the layout's cached plan are resident afterwards
     zero_grad(model)()
     rss = rss_peak_delta(step)
@@ -192,8 +221,24 @@ def measure_memory(args, config: str, L: int) -> dict:
     argv = [os.path.abspath(__file__), "--worker", config, "--worker-length", L,
             "--layers", args.layers, "--hidden", args.hidden, "--intermediate", args.intermediate,
             "--heads", args.heads, "--kv-heads", args.kv_heads, "--block-size", args.block_size,
-            "--threads", args.threads, "--lengths", *args.lengths]
+            "--threads", args.threads, "--lengths", *args.lengths, "--loss", args.loss,
+            "--loss-chunk-tokens", args.loss_chunk_tokens, "--recompute", args.recompute,
+            "--ar-loss-weight", args.ar_loss_weight]
     return run_worker(argv)
+
+
+def cuda_memory(model, step) -> dict:
+    """Peak CUDA bytes allocated during one step above what was allocated before it."""
+    import torch
+
+    zero_grad(model)()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return {"tensor_peak_mib": (torch.cuda.max_memory_allocated() - before) / MiB, "rss_delta_mib": float("nan"),
+            "rss_peak_mib": float("nan")}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,27 +288,37 @@ def main(argv=None) -> int:
     init_single_process()
     model = build_model(args)
     cfg = model.cfg
+    peak = None
+    if args.device == "cuda":
+        from megablock.model.params import training_flops
+        from megablock.training.metrics import device_peak_flops
+
+        peak = device_peak_flops()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {cfg.num_layers} layers, hidden {cfg.hidden_size}, intermediate {cfg.intermediate_size}, "
           f"{cfg.num_attention_heads}/{cfg.num_kv_heads} heads, vocab {cfg.vocab_size}, "
-          f"{n_params / 1e6:.1f}M params, fp32, batch 1, B = {args.block_size}")
+          f"{n_params / 1e6:.1f}M params, {'bf16 on ' + args.device if args.device == 'cuda' else 'fp32'}, batch 1, "
+          f"B = {args.block_size}")
     print(f"machine: {machine_note()}; warm-up 1 + {args.repeats} interleaved repeats")
 
+    configs = ["ar"] + [c for c in CONFIGS if c in args.configs and c != "ar"]
+    print(f"loss: {args.loss} (chunk {args.loss_chunk_tokens}), recompute: {args.recompute}, "
+          f"lambda {args.ar_loss_weight}")
     results, ratios, rows, brows = {}, {}, [], []
     for L in args.lengths:
-        batches = {c: make_batch(c, L, args.block_size) for c in CONFIGS}
-        steps = {c: step_fn(model, c, batches[c]) for c in CONFIGS}
+        batches = {c: make_batch(c, L, args.block_size, args) for c in configs}
+        steps = {c: step_fn(model, c, batches[c], args) for c in configs}
         cpu = {}
         times = interleaved(steps, args.repeats, warmup=1, before=zero_grad(model), cpu=cpu)
-        res = {c: {"tokens": batches[c].layout.total_len, **stats(times[c], cpu[c])} for c in CONFIGS}
+        res = {c: {"tokens": batches[c].layout.total_len, **stats(times[c], cpu[c])} for c in configs}
 
         if not args.no_breakdown:
             parts = {}
-            for c in CONFIGS:
+            for c in configs:
                 parts[f"attn_{c}"] = attention_fn(cfg, c, batches[c])
-                parts[f"head_{c}"] = head_loss_fn(model, batches[c])
+                parts[f"head_{c}"] = head_loss_fn(model, batches[c], args)
             pt = interleaved(parts, args.repeats, warmup=1, before=zero_grad(model))
-            for c in CONFIGS:
+            for c in configs:
                 attn = min(pt[f"attn_{c}"]) * cfg.num_layers
                 head = min(pt[f"head_{c}"])
                 res[c].update(attention_s=attn, head_loss_s=head, rest_s=res[c]["min_s"] - attn - head)
@@ -273,8 +328,17 @@ def main(argv=None) -> int:
                               "head_x": head / res["ar"]["head_loss_s"] if "head_loss_s" in res["ar"] else None,
                               "rest_x": res[c]["rest_s"] / res["ar"]["rest_s"] if "rest_s" in res["ar"] else None})
 
-        if not args.no_memory:
-            for c in CONFIGS:
+        if args.device == "cuda":
+            for c in configs:
+                res[c].update(cuda_memory(model, steps[c]))
+                flops = training_flops(cfg, batches[c].layout.total_len, L, batches[c].layout.two_halves)
+                res[c]["tokens_per_s"] = L / res[c]["min_s"]
+                res[c]["mfu"] = flops / res[c]["min_s"] / peak if peak else None
+                print(f"  L={L} {c}: {res[c]['min_s'] * 1e3:.1f} ms, {res[c]['tokens_per_s']:.0f} clean tokens/s, "
+                      f"MFU {res[c]['mfu'] if res[c]['mfu'] is None else round(res[c]['mfu'], 3)}, "
+                      f"peak {res[c]['tensor_peak_mib']:.0f} MiB above weights", flush=True)
+        elif not args.no_memory:
+            for c in configs:
                 mem = measure_memory(args, c, L)
                 res[c].update(tensor_peak_mib=mem["tensor_peak_mib"], rss_delta_mib=mem["rss_delta_mib"],
                               rss_peak_mib=mem["rss_peak_mib"])
@@ -282,12 +346,14 @@ def main(argv=None) -> int:
         a = res["ar"]
         ratios[L] = {}
         for c, tag in (("sdpa", "b/a"), ("dense", "c/a")):
+            if c not in res:
+                continue
             ratios[L][f"{tag}_time"] = res[c]["min_s"] / a["min_s"]
             ratios[L][f"{tag}_time_median"] = res[c]["median_s"] / a["median_s"]
             if "tensor_peak_mib" in a:
                 ratios[L][f"{tag}_memory"] = res[c]["tensor_peak_mib"] / a["tensor_peak_mib"]
                 ratios[L][f"{tag}_rss"] = res[c]["rss_delta_mib"] / a["rss_delta_mib"]
-        for c in CONFIGS:
+        for c in configs:
             r = res[c]
             rows.append({"L": L, "config": LABEL[c], "tokens": r["tokens"], "min": r["min_s"],
                          "median": r["median_s"], "cores": r["cores"],
@@ -314,7 +380,7 @@ def main(argv=None) -> int:
     L_max = max(args.lengths)
     if args.profile:
         batches = {c: make_batch(c, L_max, args.block_size) for c in ("ar", "sdpa")}
-        prof_steps = {c: (step_fn(model, c, batches[c]), zero_grad(model)) for c in ("ar", "sdpa")}
+        prof_steps = {c: (step_fn(model, c, batches[c], args), zero_grad(model)) for c in ("ar", "sdpa")}
         for s, b in prof_steps.values():  # warm
             b()
             s()
@@ -339,6 +405,8 @@ def main(argv=None) -> int:
                   "heads": cfg.num_attention_heads, "kv_heads": cfg.num_kv_heads, "vocab": cfg.vocab_size,
                   "params": n_params},
         "block_size": args.block_size, "repeats": args.repeats, "threads": args.threads,
+        "loss": args.loss, "loss_chunk_tokens": args.loss_chunk_tokens, "recompute": args.recompute,
+        "ar_loss_weight": args.ar_loss_weight,
         "results": {str(L): v for L, v in results.items()},
         "ratios": {str(L): v for L, v in ratios.items()},
         "target": target,

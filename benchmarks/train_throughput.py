@@ -73,6 +73,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed rounds at the short L (after one warm-up)")
     p.add_argument("--repeats-long", type=int, default=3, help="timed rounds at the long L (no warm-up)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--loss", choices=["selected", "full"], default="selected",
+                   help="megablock's loss: head at loss positions only (training's path) or at all positions")
+    p.add_argument("--loss-chunk-tokens", type=int, default=8192)
+    p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     args = p.parse_args(argv)
     args.layers = args.layers or (4 if args.quick else SMOLLM2_135M["num_hidden_layers"])
     args.short = args.short or (128 if args.quick else 256)
@@ -129,14 +133,25 @@ def additive_dense_mask(layout):
 # training steps (each returns the loss)
 
 
-def megablock_step(model, opt, batch):
-    from megablock.diffusion.loss import block_diffusion_loss
+def megablock_step(model, opt, batch, args=None):
+    """--loss selected (default): the training objective's path (head and CE at loss positions
+    only, in --loss-chunk-tokens chunks); full: logits at every position (the older path)."""
+    from megablock.diffusion.loss import block_diffusion_loss, selected_block_diffusion_loss
+
+    selected = args is None or args.loss == "selected"
+    chunk = 8192 if args is None else args.loss_chunk_tokens
+    model.set_recompute("none" if args is None else args.recompute)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        logits = model(batch.input_ids, batch.position_ids, batch.layout)
-        loss = block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights,
-                                    batch.diff_normalizer, 1.0).loss
+        if selected:
+            hidden = model.run_layers(model.embed(batch.input_ids), batch.position_ids, batch.layout)
+            loss = selected_block_diffusion_loss(hidden, model.head, batch.targets, batch.diff_weights,
+                                                 batch.ar_weights, batch.diff_normalizer, 1.0, chunk).loss
+        else:
+            logits = model(batch.input_ids, batch.position_ids, batch.layout)
+            loss = block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights,
+                                        batch.diff_normalizer, 1.0).loss
         loss.backward()
         opt.step()
         return loss.item()
@@ -214,7 +229,7 @@ def main(argv=None) -> int:
             batch = make_batch(L, B, mask_id)
             assert torch.equal(batch.input_ids[:, L:], x0)
             mask4d = additive_dense_mask(batch.layout)
-            for name, fn in ((f"megablock B={B}", megablock_step(mb, opt_mb, batch)),
+            for name, fn in ((f"megablock B={B}", megablock_step(mb, opt_mb, batch, args)),
                              (f"HF dense B={B}", hf_dense_step(hf, opt_hf, batch, mask4d))):
                 losses[name] = []
                 fns[name] = recording(fn, losses[name])

@@ -33,6 +33,8 @@ Precision = Literal["fp32", "bf16", "fp16"]
 AttentionImpl = Literal["auto", "sdpa", "flex", "dense"]
 ZeroStage = Literal[0, 1, 2, 3]
 LoraTarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+Recompute = Literal["none", "selective", "full"]
+"""Activation recompute: none | selective (the attention core) | full (each decoder layer)."""
 DecodeMode = Literal["threshold", "speculative"]
 """threshold: confidence-thresholded parallel decoding; speculative: lossless draft-and-verify."""
 NextDraft = Literal["masked", "overlap"]
@@ -206,12 +208,20 @@ class TrainSection(Section):
     interval; for job schedulers with time limits and for testing resume)."""
     deepspeed_config: Optional[str] = None
     """A DeepSpeed JSON to use instead of the derived one (batch sizes must still agree)."""
+    recompute: Recompute = "none"
+    """Activation recompute in backward: none | selective (the attention core: softmax
+    probabilities and score workspaces are not kept; Megatron's "selective") | full (each
+    decoder layer keeps only its input and reruns its forward in backward)."""
+    loss_chunk_tokens: int = 8192
+    """The head + cross-entropy run over at most this many loss positions at a time (each chunk
+    recomputed in backward), so the [tokens, vocab / TP] logits never exist for all positions at
+    once; 0 runs them in one piece."""
 
     def check(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "steps", "max_nonfinite_steps",
                      "log_interval", "eval_batches"):
             self._require(getattr(self, name) >= 1, name, "must be >= 1")
-        for name in ("warmup_steps", "eval_interval", "weight_decay", "grad_clip", "min_lr"):
+        for name in ("warmup_steps", "eval_interval", "weight_decay", "grad_clip", "min_lr", "loss_chunk_tokens"):
             self._require(getattr(self, name) >= 0, name, "must be >= 0")
         self._require(self.lr > 0, "lr", "must be > 0 (the peak learning rate)")
         self._require(self.min_lr <= self.lr, "min_lr", f"must be <= train.lr={self.lr}")

@@ -10,7 +10,7 @@ import torch
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 
 from megablock.diffusion.batch import build_batch  # noqa: E402
-from megablock.diffusion.loss import block_diffusion_loss  # noqa: E402
+from megablock.diffusion.loss import block_diffusion_loss, with_confidence  # noqa: E402
 from megablock.parallel.state import initialize_parallel  # noqa: E402
 from megablock.testing import run_distributed  # noqa: E402
 
@@ -42,14 +42,18 @@ def _direct(batch, logits):
     z = logits[sel]
     correct = z.argmax(-1) == batch.targets[sel]
     # Only the finite columns (real tokens but the mask): the rest have probability exactly 0.
-    logp = torch.log_softmax(z[correct][:, : REAL - 1], -1)
+    rows = z[correct]
+    logp = torch.log_softmax(rows[:, torch.isfinite(rows).all(0)], -1)
     ent = -(logp.exp() * logp).sum(-1)
     return ent.mean(), int(correct.sum())
 
 
 def _loss(batch, logits, gamma):
-    return block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer,
-                                0.5, gamma, batch.noised_targets if gamma else None)
+    parts = block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, 0.5)
+    if not gamma:
+        return parts
+    sel = batch.noised_targets
+    return with_confidence(parts, gamma, logits[sel], batch.targets[sel])
 
 
 def test_value_and_gradient_match_a_direct_computation():
@@ -71,18 +75,44 @@ def test_value_and_gradient_match_a_direct_computation():
     torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_off_is_exactly_todays_loss():
-    batch, logits = _case(1)
-    a = logits.clone().requires_grad_(True)
-    b = logits.clone().requires_grad_(True)
-    off = block_diffusion_loss(a, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, 0.5,
-                               0.0, batch.noised_targets)
-    today = block_diffusion_loss(b, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, 0.5)
-    assert off.confidence_loss is None
-    assert torch.equal(off.loss, today.loss)
-    off.loss.backward()
-    today.loss.backward()
-    assert torch.equal(a.grad, b.grad)
+def _objective_case():
+    from megablock.inference.loading import from_hf_model
+    from megablock.testing import tiny_hf_model
+
+    model = from_hf_model(tiny_hf_model("llama", seed=0), mask_token_id=319).model
+    x0 = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    return model, build_batch(x0, [0, 1], 4, mask_token_id=319, seed=0)
+
+
+def test_training_objective_off_is_todays_and_on_matches_the_reference():
+    """The engine's objective (head on gathered rows only): gamma = 0 is exactly the objective
+    without the term; gamma > 0 equals the full-logits reference plus gamma x the direct entropy."""
+    from megablock.training.engine import DiffusionObjective
+
+    model, batch = _objective_case()
+    grads = []
+    for objective in (DiffusionObjective(model, 0.5, 8192), DiffusionObjective(model, 0.5, 8192, 0.0)):
+        model.zero_grad()
+        loss = objective(batch)[0]
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(grads[0][1], grads[1][1]))
+
+    gamma = 0.5
+    # A random model predicts nothing right: make half the noised targets its own argmax, so the
+    # term has correct rows to read (and incorrect ones to skip).
+    with torch.no_grad():
+        top = model(batch.input_ids, batch.position_ids, batch.layout).argmax(-1)
+    rows = batch.noised_targets.nonzero()[::2]
+    batch.targets[rows[:, 0], rows[:, 1]] = top[rows[:, 0], rows[:, 1]]
+    model.zero_grad()
+    on = DiffusionObjective(model, 0.5, 8192, gamma)(batch)[0]
+    logits = model(batch.input_ids, batch.position_ids, batch.layout)
+    ref = _loss(batch, logits, 0.0).loss
+    expected, count = _direct(batch, logits.detach())
+    assert count > 0
+    torch.testing.assert_close(on, ref + gamma * expected, rtol=1e-5, atol=1e-5)
 
 
 def test_ar_mode_has_no_noised_targets():

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig, tensor_parallel
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from megablock.diffusion.attention import attend
 from megablock.diffusion.layout import AttentionLayout
@@ -114,6 +115,8 @@ class ParallelAttention(nn.Module):
         mark_tensor_parallel(self.linear_qkv, 0)
         mark_tensor_parallel(self.linear_proj, 1)
         self.attention_impl = "auto"
+        self.recompute_core = False
+        """Selective recompute: keep only q, k, v of the attention core and rerun it in backward."""
 
     def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
         b, s, _ = x.shape
@@ -128,6 +131,10 @@ class ParallelAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             out = kv_cache.attend(self.layer_index, q, k, v)
+        elif self.recompute_core and torch.is_grad_enabled():
+            # The core's saved state (probabilities, score tiles, per-block pieces) is the largest
+            # per-layer activation at long L and the cheapest to recompute: no weights, no comms.
+            out = checkpoint(attend, q, k, v, layout, impl=self.attention_impl, use_reentrant=False)
         else:
             out = attend(q, k, v, layout, impl=self.attention_impl)
         out = out.transpose(1, 2).reshape(b, s, -1)
@@ -167,7 +174,21 @@ class DecoderLayer(nn.Module):
         self.self_attention = ParallelAttention(cfg, mcfg, layer_index, tp_group)
         self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = ParallelMLP(cfg, mcfg, tp_group)
+        self.recompute = "none"
+        """none | selective | full (megablock.config.Recompute); set with set_recompute."""
+
+    def set_recompute(self, mode: str) -> None:
+        self.recompute = mode
+        self.self_attention.recompute_core = mode == "selective"
 
     def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
+        if self.recompute == "full" and kv_cache is None and torch.is_grad_enabled():
+            # Keep only the layer's input; backward reruns the layer (its TP collectives too, in
+            # the same order on every rank). The CPU/CUDA RNG state is saved and restored, so
+            # dropout (LoRA's) draws the same mask again.
+            return checkpoint(self._forward, x, cos, sin, layout, None, use_reentrant=False)
+        return self._forward(x, cos, sin, layout, kv_cache)
+
+    def _forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, layout, kv_cache)
         return x + self.mlp(self.pre_mlp_layernorm(x))

@@ -132,6 +132,11 @@ class BlockDiffusionLM(nn.Module):
                 )
         self.load_state_dict(shard, strict=False)
 
+    def set_recompute(self, mode: str) -> None:
+        """Activation recompute of every decoder layer: none | selective | full (config.Recompute)."""
+        for layer in self.layers.values():
+            layer.set_recompute(mode)
+
     def set_attention_impl(self, impl: str) -> None:
         """`auto` (FlexAttention on GPU, exact SDPA path on CPU), `sdpa`, `flex` or `dense`."""
         for layer in self.layers.values():

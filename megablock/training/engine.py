@@ -13,7 +13,7 @@ from megatron.core import parallel_state
 
 from megablock.config import Config
 from megablock.diffusion.batch import DiffusionBatch
-from megablock.diffusion.loss import block_diffusion_loss, sample_diffusion_losses
+from megablock.diffusion.loss import sample_diffusion_losses, selected_block_diffusion_loss, with_confidence
 from megablock.model.transformer import BlockDiffusionLM
 from megablock.parallel.state import MegatronMPU, ParallelInfo
 from megablock.training.optim import build_optimizer, build_scheduler
@@ -58,23 +58,29 @@ class Engine:
 
 
 class DiffusionObjective(torch.nn.Module):
-    """The single-stage module DeepSpeed wraps: model forward plus the NBDiff loss."""
+    """The single-stage module DeepSpeed wraps: model forward plus the NBDiff loss, the head run
+    only on the positions that carry a loss (megablock.diffusion.loss)."""
 
-    def __init__(self, model: BlockDiffusionLM, ar_loss_weight: float, confidence_loss_weight: float = 0.0):
+    def __init__(self, model: BlockDiffusionLM, ar_loss_weight: float, chunk_tokens: int = 8192,
+                 confidence_loss_weight: float = 0.0):
         super().__init__()
         self.model = model
         self.ar_loss_weight = ar_loss_weight
+        self.chunk_tokens = chunk_tokens
         self.confidence_loss_weight = confidence_loss_weight
 
     def forward(self, batch: DiffusionBatch, per_sample: bool = False):
-        logits = self.model(batch.input_ids, batch.position_ids, batch.layout)
-        if per_sample:
+        if per_sample:  # evaluation only (no_grad): logits of every position, as the search measures them
+            logits = self.model(batch.input_ids, batch.position_ids, batch.layout)
             return sample_diffusion_losses(logits, batch.targets, batch.diff_weights, batch.diff_normalizer)
-        gamma = self.confidence_loss_weight
-        parts = block_diffusion_loss(
-            logits, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, self.ar_loss_weight,
-            gamma, batch.noised_targets if gamma else None,
+        hidden = self.model.run_layers(self.model.embed(batch.input_ids), batch.position_ids, batch.layout)
+        parts = selected_block_diffusion_loss(
+            hidden, self.model.head, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer,
+            self.ar_loss_weight, self.chunk_tokens,
         )
+        if self.confidence_loss_weight:  # the head on the noised targets' rows only
+            sel = batch.noised_targets
+            parts = with_confidence(parts, self.confidence_loss_weight, self.model.head(hidden[sel]), batch.targets[sel])
         return parts.loss, parts.diffusion_loss.detach(), parts.ar_loss.detach()
 
 
@@ -104,21 +110,28 @@ class SingleStageEngine(Engine):
 
 
 class PipelineLoss:
-    """Loss function of the last pipeline stage; keeps each micro-batch's parts for logging."""
+    """Loss function of the last pipeline stage; keeps each micro-batch's parts for logging.
+    The stage's last layer hands over the normed hidden states and its head (`PendingLogits`),
+    so the head runs here, on the loss positions only."""
 
-    def __init__(self, ar_loss_weight: float, confidence_loss_weight: float = 0.0):
+    def __init__(self, ar_loss_weight: float, chunk_tokens: int = 8192, confidence_loss_weight: float = 0.0):
         self.ar_loss_weight = ar_loss_weight
+        self.chunk_tokens = chunk_tokens
         self.confidence_loss_weight = confidence_loss_weight
         self.records: list[torch.Tensor] = []
         self.evaluating = False
         self.per_sample: Optional[list[torch.Tensor]] = None  # a list while collecting per-sample losses
 
-    def __call__(self, logits, labels):
+    def __call__(self, pending, labels):
         targets, diff_w, ar_w, normalizer, *noised = labels  # noised targets only with the confidence term
         if self.per_sample is not None:
+            logits = pending.logits_fn(pending.normed)
             self.per_sample.append(sample_diffusion_losses(logits, targets, diff_w, normalizer.float()).detach().cpu())
-        parts = block_diffusion_loss(logits, targets, diff_w, ar_w, normalizer.float(), self.ar_loss_weight,
-                                     self.confidence_loss_weight, noised[0] > 0 if noised else None)
+        parts = selected_block_diffusion_loss(pending.normed, pending.logits_fn, targets, diff_w, ar_w,
+                                              normalizer.float(), self.ar_loss_weight, self.chunk_tokens)
+        if noised:
+            sel = noised[0] > 0
+            parts = with_confidence(parts, self.confidence_loss_weight, pending.logits_fn(pending.normed[sel]), targets[sel])
         self.records.append(torch.stack([parts.loss, parts.diffusion_loss, parts.ar_loss]).detach())
         return parts.diffusion_loss if self.evaluating else parts.loss
 
@@ -181,11 +194,12 @@ def build_engine(model: BlockDiffusionLM, cfg: Config, info: ParallelInfo, ds_co
     """Wrap `model` (this rank's stage) in the DeepSpeed engine its layout needs."""
     import deepspeed  # deferred: importing DeepSpeed costs seconds, and only training needs it
 
-    lam, gamma = cfg.diffusion.ar_loss_weight, cfg.diffusion.confidence_loss_weight
+    lam, chunk = cfg.diffusion.ar_loss_weight, cfg.train.loss_chunk_tokens
+    gamma = cfg.diffusion.confidence_loss_weight
     if info.pp == 1:
-        module, mpu, loss = DiffusionObjective(model, lam, gamma), MegatronMPU, None
+        module, mpu, loss = DiffusionObjective(model, lam, chunk, gamma), MegatronMPU, None
     else:
-        loss = PipelineLoss(lam, gamma)
+        loss = PipelineLoss(lam, chunk, gamma)
         module = build_pipeline(model, info.pp, info.tp, info.dp, cfg.parallel.layers_per_stage, loss)
         mpu = None  # the PipelineModule brings its own grid
     own_clipping = cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and not cfg.train.deepspeed_config

@@ -75,8 +75,17 @@ class FinalNormPipe(nn.Module):
         return self.final_layernorm(inputs[0])
 
 
+class PendingLogits:
+    """What the last stage's head layer returns: the normed hidden states and the function that
+    makes this rank's vocabulary logits from them. The loss function applies it to the positions
+    that carry a loss only (the last stage sends nothing onward, so this need not be a tensor)."""
+
+    def __init__(self, normed: torch.Tensor, logits_fn):
+        self.normed, self.logits_fn = normed, logits_fn
+
+
 class HeadPipe(nn.Module):
-    """Untied output layer."""
+    """Untied output layer (its weight is registered here; the loss function calls it)."""
 
     def __init__(self, stage: BlockDiffusionLM):
         super().__init__()
@@ -84,11 +93,11 @@ class HeadPipe(nn.Module):
         self.ref = _StageRef(stage)
 
     def forward(self, normed):
-        return self.ref.stage.logits(normed)
+        return PendingLogits(normed, self.ref.stage.logits)
 
 
 def _tied_head(embedding_pipe: EmbeddingPipe, normed):
-    return embedding_pipe.ref.stage.logits(normed)
+    return PendingLogits(normed, embedding_pipe.ref.stage.logits)
 
 
 class BlockDiffusionPipe(PipelineModule):

@@ -54,6 +54,7 @@ def build_model(cfg: Config, model_cfg: ModelConfig, meta: dict, ckpt: Optional[
     lps = cfg.parallel.layers_per_stage
     model = BlockDiffusionLM(model_cfg, info, layers_per_stage=lps, initialize=ckpt is None)
     model.set_attention_impl(cfg.model.attention_impl)
+    model.set_recompute(cfg.train.recompute)
     if ckpt is not None:
         model.load_weights({k: v.float() for k, v in stage_shard(ckpt, meta, info, lps).items()})
     if cfg.lora.enabled:  # after loading: the base weights keep their names and stay frozen

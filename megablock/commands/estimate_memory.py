@@ -1,0 +1,97 @@
+"""Per-rank memory of a training config: weights, gradients, optimizer state, activations, logits.
+
+    python tools/estimate_memory.py --config X.yaml [--set key=value ...] [--hf-config config.json]
+        [--data-parallel N] [--block-size B] [--device-memory-gb 80] [--json]
+
+The architecture comes from --hf-config (a Hugging Face config.json, e.g. the model you will
+convert), else from model.init_from's megablock.json when that checkpoint exists, else from
+model.architecture (`--set model.architecture='{hidden_size: ..., ...}'`). --data-parallel is the
+number of model replicas (ZeRO partitions over it; default 1). The block size defaults to the
+curriculum's largest (the most expensive step). Prints a table per pipeline stage and the
+largest micro-batch whose peak fits --device-memory-gb with 10% kept free; the model is
+megablock/training/memory.py's (what it counts and what it leaves out is written there).
+"""
+import argparse
+import json
+from pathlib import Path
+
+from megablock.checkpoint.format import model_config, read_metadata, resolve_checkpoint
+from megablock.checkpoint.mappings import family_for_hf_config
+from megablock.cli import add_common_flags, run_tool
+from megablock.config import ConfigError, load_config
+from megablock.model.config import ModelConfig
+from megablock.training.memory import GiB, estimate, format_table, largest_micro_batch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="training YAML")
+    p.add_argument("--set", nargs="+", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides, as for pretrain_nbdiff.py")
+    p.add_argument("--hf-config", help="a Hugging Face config.json giving the architecture")
+    p.add_argument("--data-parallel", type=int, default=1, help="model replicas (ZeRO partitions over them)")
+    p.add_argument("--block-size", type=int, help="block size of the step (default: the curriculum's largest)")
+    p.add_argument("--device-memory-gb", type=float, help="device memory (GB = 1e9 bytes) for the fit")
+    p.add_argument("--json", action="store_true", help="one JSON object on the last line")
+    return add_common_flags(p)
+
+
+def architecture_from_hf(path: str) -> ModelConfig:
+    """ModelConfig of an HF config.json, with a mask token added as conversion adds one."""
+    from transformers import AutoConfig  # deferred: transformers costs seconds to import
+
+    raw = json.loads(Path(path).read_text())
+    hf = AutoConfig.for_model(raw["model_type"], **{k: v for k, v in raw.items() if k != "model_type"})
+    cfg = family_for_hf_config(raw).model_config(hf, raw)
+    if cfg.mask_token_id is None:
+        cfg.mask_token_id, cfg.vocab_size = cfg.vocab_size, cfg.vocab_size + 1
+    return cfg
+
+
+def resolve_architecture(cfg, hf_config) -> ModelConfig:
+    if hf_config:
+        return architecture_from_hf(hf_config)
+    if cfg.model.init_from and Path(cfg.model.init_from).exists():
+        return model_config(read_metadata(resolve_checkpoint(cfg.model.init_from)))
+    if cfg.model.architecture:
+        try:
+            return ModelConfig(**cfg.model.architecture)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"model.architecture: {err}") from None
+    raise ConfigError(
+        f"no architecture: model.init_from={cfg.model.init_from!r} does not exist here; pass --hf-config "
+        "CONFIG.json (the HF model's config) or --set model.architecture='{hidden_size: ..., num_layers: ...}'"
+    )
+
+
+def run(args) -> int:
+    cfg = load_config(args.config, [a for group in args.set for a in group])
+    m = resolve_architecture(cfg, args.hf_config)
+    dp = args.data_parallel
+    stages = estimate(cfg, m, dp, block_size=args.block_size)
+    p, t = cfg.parallel, cfg.train
+    B = args.block_size or max(cfg.diffusion.block_sizes)
+    print(f"{m.arch}: {m.num_layers} layers, hidden {m.hidden_size}, intermediate {m.intermediate_size}, "
+          f"{m.num_attention_heads}/{m.num_kv_heads} heads, vocab {m.vocab_size}")
+    print(f"layout TP {p.tensor} x PP {p.pipeline} x DP {dp}, ZeRO {p.zero_stage}, {t.precision}, "
+          f"recompute {t.recompute}, micro-batch {t.micro_batch_size}, L = {cfg.data.seq_len}, B = {B}, "
+          f"loss chunk {t.loss_chunk_tokens} tokens")
+    print(format_table(stages))
+    out = {"stages": [{"stage": s.stage, "layers": s.layers, "weights": s.weights, "gradients": s.gradients,
+                       "optimizer": s.optimizer, "activations": s.activations, "logits": s.logits,
+                       "transient": s.transient, "peak": s.peak} for s in stages],
+           "peak_bytes": max(s.peak for s in stages)}
+    if args.device_memory_gb:
+        fit = largest_micro_batch(cfg, m, dp, args.device_memory_gb * 1e9)
+        out.update(device_memory_gb=args.device_memory_gb, largest_micro_batch=fit)
+        print(f"largest micro-batch within {args.device_memory_gb:g} GB (10% kept free): {fit}"
+              + ("" if fit else "  (even 1 does not fit: raise TP / PP / ZeRO or recompute)"))
+    print(f"peak of the busiest rank: {out['peak_bytes'] / GiB:.2f} GiB")
+    if args.json:
+        print(json.dumps(out))
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    return run_tool(run, parser.parse_args(argv), parser)
