@@ -78,6 +78,9 @@ VARIANTS = {
                                      "diffusion.clip_max": 0.8}),
     "h": ("(h) adaptive schedule", {"diffusion.schedule": "adaptive", "data.split": "95,5,0"}),
 }
+# --search-grid small: a 6-interval grid with 2 draws per sample (a CPU budget), instead of the 21 x 4 default.
+SMALL_SEARCH = {"diffusion.schedule_search_widths": "[0.5, 0.7, 1.0]", "diffusion.schedule_search_step": 0.25,
+                "diffusion.schedule_search_draws": 2}
 SCHEDULE_VARIANTS = ("a", "g", "h")
 
 
@@ -103,6 +106,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--report-only", action="store_true")
     p.add_argument("--no-generation", action="store_true", help="skip the generation sweep (likelihood and variance only)")
+    p.add_argument("--search-grid", choices=["default", "small"], default="default",
+                   help="(h): the config's default search grid, or a 6-interval one with 2 draws (for a loaded CPU)")
     return p.parse_args(argv)
 
 
@@ -155,6 +160,8 @@ def overrides(key: str, args, base: Path, train: Path, save: Path, cache: Path) 
         "diffusion.stages": json.dumps(stages),
     }
     sets.update({k: v for k, v in change.items() if "." in k})
+    if change.get("diffusion.schedule") == "adaptive" and args.search_grid == "small":
+        sets.update(SMALL_SEARCH)
     return config, [f"{k}={v}" for k, v in sets.items()]
 
 
