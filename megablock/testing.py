@@ -143,7 +143,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any) -> list:
         mp.spawn(_worker, args=(world_size, free_port(), fn, args, out_dir), nprocs=world_size, join=True)
         results = []
         for rank in range(world_size):
-            blob = torch.load(os.path.join(out_dir, f"{rank}.pt"), weights_only=False)
+            blob = torch.load(os.path.join(out_dir, f"{rank}.pt"), weights_only=True)
             if not blob["ok"]:
                 raise RuntimeError(f"rank {rank} failed:\n{blob['error']}")
             results.append(blob["result"])

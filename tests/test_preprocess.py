@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megablock.data.preprocess import PreprocessError, main, preprocess
+from megablock.commands.preprocess_data import main
+from megablock.data.preprocess import PreprocessError, preprocess
 from megablock.testing import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
