@@ -107,6 +107,15 @@ def tiny_hf_model(family: str, seed: int = 0, vocab_size: int = 320, **overrides
     return model.eval()
 
 
+def peaked_model(family: str = "llama", seed: int = 0, scale: float = 40.0, **overrides):
+    """A tiny HF model whose head is scaled up, so its predictions are confident (greedy decoding
+    then has clear winners and sampling tests see peaked distributions)."""
+    hf = tiny_hf_model(family, seed=seed, **overrides)
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(scale)
+    return hf
+
+
 def save_tiny_hf_model(path, family: str, seed: int = 0, with_tokenizer: bool = True, **overrides):
     """Save a tiny HF model (and a matching tiny tokenizer) to `path`; returns the model."""
     path = Path(path)

@@ -23,7 +23,7 @@ from megablock.inference.loading import from_hf_model  # noqa: E402
 from megablock.inference.sampler import GenerateConfig  # noqa: E402
 from megablock.inference.sampling import SamplingParams, choose_tokens, select_commits  # noqa: E402
 from megablock.parallel.state import initialize_parallel  # noqa: E402
-from megablock.testing import run_distributed, save_tiny_hf_model, tiny_hf_model  # noqa: E402
+from megablock.testing import peaked_model, run_distributed, save_tiny_hf_model, tiny_hf_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK = 319  # an ordinary token of the tiny vocabulary, used as the mask for untrained models
@@ -32,13 +32,6 @@ MASK = 319  # an ordinary token of the tiny vocabulary, used as the mask for unt
 @pytest.fixture(autouse=True)
 def _parallel():
     initialize_parallel(1, 1)
-
-
-def peaked_model(family="llama", seed=0, scale=40.0, **overrides):
-    hf = tiny_hf_model(family, seed=seed, **overrides)
-    with torch.no_grad():
-        hf.lm_head.weight.mul_(scale)
-    return hf
 
 
 def sampler_for(hf, mask=MASK, eos=None, parallel=None):

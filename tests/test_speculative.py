@@ -29,7 +29,7 @@ from megablock.inference.sampling import SamplingParams, filter_logits  # noqa: 
 from megablock.inference.speculative import (RowKVCache, SpeculativeConfig, SpeculativeSampler,  # noqa: E402
                                              speculative_sampler)
 from megablock.parallel.state import initialize_parallel  # noqa: E402
-from megablock.testing import run_distributed, save_tiny_hf_model, tiny_hf_model  # noqa: E402
+from megablock.testing import peaked_model, run_distributed, save_tiny_hf_model, tiny_hf_model  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK = 319  # an ordinary token of the tiny vocabulary, used as the mask for untrained models
@@ -42,13 +42,6 @@ MODES = [(False, "masked"), (True, "masked"), (True, "overlap")]
 @pytest.fixture(autouse=True)
 def _parallel():
     initialize_parallel(1, 1)
-
-
-def peaked_model(family="llama", seed=0, scale=40.0, **overrides):
-    hf = tiny_hf_model(family, seed=seed, **overrides)
-    with torch.no_grad():
-        hf.lm_head.weight.mul_(scale)
-    return hf
 
 
 def hf_greedy(hf, prompt, n, eos):
