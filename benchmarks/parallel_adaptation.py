@@ -77,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--variant", default="", help="a second training run on the same data and base (e.g. with "
                    "--confidence 0.1): its run, curve, evaluations and results get this suffix")
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--until", choices=["data", "train"], default=None,
+                   help="stop after this phase (e.g. distil now, train once the machine is free)")
+    p.add_argument("--first-slot-mask", type=float, default=0.0,
+                   help="diffusion.first_slot_mask_prob (the one-forward-per-block draft layout in training)")
     return p.parse_args(argv)
 
 
@@ -197,6 +201,8 @@ def train_settings(args, base: Path, data: Path, save: Path, out: Path) -> list:
         "diffusion.stages": json.dumps(stages(args.tokens)),
         "diffusion.confidence_loss_weight": args.confidence, "diffusion.ar_loss_weight": 0.5,
     }
+    if args.first_slot_mask:
+        sets["diffusion.first_slot_mask_prob"] = args.first_slot_mask
     return [f"{k}={v}" for k, v in sets.items()]
 
 
@@ -446,9 +452,13 @@ def main(argv=None) -> int:
     train_prompts, heldout = make_prompts(args, out, base)
     data = distill_and_preprocess(args, out, base, train_prompts, env)
     held_text = heldout_text(args, out, base, env)
+    if args.until == "data":
+        return 0
     save, trained = out / f"run{args.suffix}", f"trained{args.suffix}"
     if not args.report_only:
         save = train(args, out, base, data, heldout, env)
+    if args.until == "train":
+        return 0
     results = {"args": vars(args)}
     results["ar_base"] = ar_perplexity(base, held_text, out, "base", env)
     results[f"ar_{trained}"] = ar_perplexity(save, held_text, out, trained, env)

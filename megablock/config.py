@@ -346,6 +346,12 @@ class DiffusionSection(Section):
     scores the same samples."""
     schedule_search_draws: int = 4
     """adaptive: noise draws per held-out sample; the variance is across these draws."""
+    first_slot_mask_prob: float = 0.0
+    """With token shift, the probability that a noised block's first slot is also hidden (a mask
+    token in the input; still not a target: the clean half predicts it). It trains the layout of
+    one-forward-per-block speculative decoding (`--next-draft masked`), where the next block is
+    drafted before its first token is known. Drawn per (sample, block) from a stream of its own,
+    so 0 (default) leaves every batch exactly as without the option."""
     confidence_loss_weight: float = 0.0
     """gamma in L = L_diff + lambda * L_AR + gamma * L_conf: L_conf is the mean entropy of the
     noised half's predictions at target positions the model already predicts correctly (argmax
@@ -373,6 +379,13 @@ class DiffusionSection(Section):
                       "must be >= 2 (a variance across draws needs two)")
         self._require(self.ar_loss_weight >= 0, "ar_loss_weight", "must be >= 0")
         self._require(self.confidence_loss_weight >= 0, "confidence_loss_weight", "must be >= 0 (0 disables it)")
+        self._require(0 <= self.first_slot_mask_prob <= 1, "first_slot_mask_prob", "must be in [0, 1]")
+        if self.first_slot_mask_prob and (not self.shift or self.attention == "full"):
+            raise ConfigError(
+                f"diffusion.first_slot_mask_prob={self.first_slot_mask_prob} needs token shift and a two-half "
+                "attention (context_causal or block_causal): without them a block's first slot is an ordinary "
+                "maskable position; set it to 0"
+            )
         if self.attention == "block_causal" and self.ar_loss_weight and any(s.block_size > 1 for s in self.stages):
             # With block-causal attention a clean-half position sees the rest of its block, next token
             # included, so the AR loss would be solved by copying instead of predicting.

@@ -26,6 +26,10 @@ so L_diff is a per-response-token NELBO. `doc_ids` ([b, L]) gives the packed con
 boundaries directly (an EOS can occur inside a conversation, e.g. at each chat turn's end).
 Without them (pretraining text) every token is eligible, and the result is exactly as before.
 
+`first_slot_mask_prob` (with shift): some blocks also get their first slot hidden in the input
+(a mask token), with no change to targets or weights; it trains drafting a block before its first
+token is known (one-forward-per-block speculative decoding).
+
 Special cases:
   - B = 1 with shift: nothing can be masked, so the batch is mode "ar": input x0 only (S = L),
     diff_weights = ar_weights; the same objective at half the cost.  (`complementary` is ignored
@@ -49,7 +53,7 @@ import torch
 
 from megablock.config import DiffusionSection
 from megablock.diffusion.layout import AttentionLayout
-from megablock.diffusion.noise import Noise, draw_noise
+from megablock.diffusion.noise import Noise, draw_noise, hidden_first_slots
 
 
 @dataclass
@@ -215,6 +219,15 @@ def build_batch(
         b = 2 * b
 
     xt = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
+    if cfg.first_slot_mask_prob and not full:
+        # Only the input changes: the hidden first slot is still predicted by the clean half, and
+        # the targets below follow `masked`, which never holds a block start.
+        hidden = hidden_first_slots(idx, L, block_size, cfg.first_slot_mask_prob, seed)
+        if resp is not None:
+            hidden = hidden & resp  # a prompt token stays visible
+        if cfg.complementary:
+            hidden = torch.cat([hidden, hidden])
+        xt = torch.where(hidden, torch.full_like(xt, mask_token_id), xt)
     if cfg.shift:
         # xt output i predicts x0[i+1]; block starts are never masked, so a block's last output
         # (whose i+1 starts the next block) gets no weight automatically.

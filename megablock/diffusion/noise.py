@@ -63,6 +63,20 @@ def sample_generator(seed: int, sample_index: int) -> torch.Generator:
     return g
 
 
+def hidden_first_slots(sample_indices, seq_len: int, block_size: int, prob: float, seed: int = 0) -> torch.Tensor:
+    """bool [b, L]: block starts whose input is hidden (`diffusion.first_slot_mask_prob`), one coin
+    per (sample, block). The stream is its own (a derived seed), so turning the option on leaves
+    every sample's masks exactly as they were."""
+    indices = [int(i) for i in torch.as_tensor(sample_indices).flatten().tolist()]
+    nb = seq_len // block_size
+    hidden = torch.zeros(len(indices), seq_len, dtype=torch.bool)
+    derived = _splitmix64(int(seed) & _MASK64) ^ 0x46495253545F534C  # "FIRST_SL": not the noise's seed
+    for row, idx in enumerate(indices):
+        coins = torch.rand(nb, generator=sample_generator(derived, idx), dtype=torch.float64) < prob
+        hidden[row, ::block_size] = coins
+    return hidden
+
+
 def schedule_range(settings: DiffusionSection) -> tuple[float, float]:
     """[lo, hi] of the mask ratio t (the section validated the values when it was built)."""
     if settings.schedule == "adaptive":
