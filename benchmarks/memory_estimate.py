@@ -37,6 +37,8 @@ CASES = [
     ("none, AR stage (B=1)", 1, {"train.recompute": "none", "diffusion.stages": [{"block_size": 1}]}),
     ("none, TP=2", 2, {"train.recompute": "none"}),
     ("full, TP=2", 2, {"train.recompute": "full"}),
+    ("none, TP=2 + SP", 2, {"train.recompute": "none", "parallel.sequence_parallel": True}),
+    ("full, TP=2 + SP", 2, {"train.recompute": "full", "parallel.sequence_parallel": True}),
 ]
 QUICK = [CASES[0], CASES[2]]
 
@@ -75,6 +77,8 @@ def _measure(rank, world, overrides, seq_len, micro_batch):
     torch.manual_seed(0)
     model = BlockDiffusionLM(m, info)
     model.set_recompute(cfg.train.recompute)
+    if world > 1:
+        model.set_sequence_parallel(cfg.parallel.sequence_parallel)
     objective = DiffusionObjective(model, cfg.diffusion.ar_loss_weight, cfg.train.loss_chunk_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x0 = torch.randint(0, m.mask_token_id, (micro_batch, seq_len), generator=torch.Generator().manual_seed(1))

@@ -157,9 +157,14 @@ class ParallelSection(Section):
     """DeepSpeed ZeRO stage 0-3 (at most 1 with pipeline parallelism)."""
     layers_per_stage: Optional[list] = None
     """Explicit layer counts per pipeline stage; None splits evenly."""
+    sequence_parallel: bool = False
+    """Megatron-style sequence parallelism with TP > 1: norms and residuals sharded along the
+    sequence, all-gather / reduce-scatter around the parallel linears (megablock.parallel.sequence)."""
 
     def check(self) -> None:
         self._require(self.tensor >= 1, "tensor", "must be >= 1")
+        self._require(not self.sequence_parallel or self.tensor > 1, "sequence_parallel",
+                      "shards the sequence over the tensor-parallel ranks, so it needs parallel.tensor > 1")
         self._require(self.pipeline >= 1, "pipeline", "must be >= 1")
         if self.pipeline > 1 and self.zero_stage > 1:
             raise ConfigError(
@@ -474,6 +479,17 @@ class Config:
     def __post_init__(self):
         # What spans sections; each section checked its own fields when it was built.
         check_stages(self.diffusion.stages, self.data.seq_len)
+        if self.parallel.sequence_parallel:
+            if self.data.seq_len % self.parallel.tensor:
+                raise ConfigError(
+                    f"parallel.sequence_parallel with data.seq_len={self.data.seq_len}: the sequence is split over "
+                    f"parallel.tensor={self.parallel.tensor} ranks, so seq_len must be a multiple of it"
+                )
+            if self.lora.enabled:
+                raise ConfigError(
+                    "parallel.sequence_parallel with lora.enabled: sequence parallelism is not implemented for "
+                    "LoRA adapters; set one of them to false"
+                )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -616,6 +632,13 @@ def validate_model(cfg: Config, model_cfg) -> None:
         )
 
 
+# DeepSpeed's pipeline splits each tensor it sends between stages over the TP ranks and caches
+# the split sizes; a curriculum changes the sequence length (S = L at block size 1, 2L after),
+# and the cached sizes then break the all-gather (TP x PP runs failed at the first stage change).
+# Stages send whole tensors instead; with sequence parallelism they are already 1 / t shards.
+PIPELINE_TRANSFERS = {"pipe_partitioned": False, "grad_partitioned": False}
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed JSON this run implies (or the user's, checked against the batch sizes)."""
     accumulation = validate_parallel_layout(cfg, world_size)
@@ -632,6 +655,8 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
                 f"{t.deepspeed_config}: train_batch_size/train_micro_batch_size_per_gpu disagree "
                 f"with train.global_batch_size/train.micro_batch_size; make them equal"
             )
+        for key, value in PIPELINE_TRANSFERS.items():
+            ds.setdefault("pipeline", {}).setdefault(key, value)
         return ds
     ds = {
         "train_batch_size": t.global_batch_size,
@@ -643,6 +668,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        "pipeline": PIPELINE_TRANSFERS,
     }
     if t.precision == "bf16":
         ds["bf16"] = {"enabled": True}

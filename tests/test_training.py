@@ -57,8 +57,9 @@ def _metrics(save_dir):
     return [json.loads(line) for line in (Path(save_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
-def _deepspeed():
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", "2", "--master_port", str(free_port())]
+def _deepspeed(procs: int = 2):
+    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(procs),
+            "--master_port", str(free_port())]
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +96,15 @@ def test_two_process_layouts_match_single_process(assets, reference, layout, tmp
     ("parallel.zero_stage=3", "train.recompute=full"),
     ("parallel.pipeline=2", "train.recompute=selective", "train.loss_chunk_tokens=16"),
     ("parallel.tensor=2", "train.recompute=full", "train.loss_chunk_tokens=16"),
+    ("parallel.tensor=2", "parallel.sequence_parallel=true", "train.recompute=selective"),
+    ("parallel.tensor=2", "parallel.pipeline=2", "parallel.sequence_parallel=true"),
 ])
 def test_recompute_and_loss_chunks_match_single_process(assets, reference, layout, tmp_path):
-    """Recompute with ZeRO-3 / PP / TP, and the chunked loss (16 of the 2 x 2 x 64 positions per
-    chunk) on the pipeline's last stage and under TP: the reference run's losses and grad norms."""
-    _train(assets, tmp_path / "run", *layout, launcher=_deepspeed())
+    """Recompute with ZeRO-3 / PP / TP, the chunked loss (16 of the 2 x 2 x 64 positions per
+    chunk) on the pipeline's last stage and under TP, and sequence parallelism (with a pipeline:
+    its stages pass sequence shards): the reference run's losses and grad norms."""
+    procs = 4 if "parallel.pipeline=2" in layout and "parallel.tensor=2" in layout else 2
+    _train(assets, tmp_path / "run", *layout, launcher=_deepspeed(procs))
     got = _metrics(tmp_path / "run")
     assert [m["step"] for m in got] == [m["step"] for m in reference]
     for a, b in zip(reference, got):

@@ -5,6 +5,14 @@ Sharding (TP size t): linear_qkv is column-parallel over whole KV groups (Megatr
 with no communication; linear_proj is row-parallel and all-reduces once. linear_fc1 is
 column-parallel with each rank holding [its gate slice; its up slice]; linear_fc2 row-parallel.
 Norms are replicated.
+
+Sequence parallelism (`set_sequence_parallel`, megablock.parallel.sequence): the layer's input
+and output are this rank's [S / t, b, H] shard of the residual stream (sequence first, as in
+megatron-core); the column-parallel linears gather the sequence, the row-parallel ones
+reduce-scatter it, and attention runs on the gathered sequence in the usual [b, S, ...] layout.
+The norms then see a shard of the positions, so their replicated weights get partial gradients
+that are summed over the TP group in backward. Only the full-sequence (training) forward is
+sequence-parallel; a forward with a KV cache (decoding) is plain tensor-parallel.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from megablock.diffusion.attention import attend
 from megablock.diffusion.layout import AttentionLayout
 from megablock.model.config import ModelConfig
 from megablock.model.rope import apply_rope
+from megablock.parallel.sequence import column_parallel_linear, row_parallel_linear
 
 
 def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
@@ -33,7 +42,8 @@ def copy_to_tp_region(x: torch.Tensor, group) -> torch.Tensor:
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back, as HF Llama/Qwen/Mistral do.
 
-    `sees_head_shard`: the norm runs on this TP rank's heads only (Qwen3's q/k norms), so its
+    `sees_head_shard`: the norm runs on this TP rank's heads only (Qwen3's q/k norms), and
+    `sequence_sharded`: on this rank's positions only (sequence parallelism). Either way its
     replicated weight gets a partial gradient on each rank; summing it over the TP group in
     backward keeps the replicas equal to the TP = 1 gradient.
     """
@@ -43,6 +53,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
         self.sees_head_shard = sees_head_shard
+        self.sequence_sharded = False
         self.tp_group = tp_group
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,7 +61,7 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         weight = self.weight
-        if self.sees_head_shard:
+        if self.sees_head_shard or self.sequence_sharded:
             weight = copy_to_tp_region(weight, self.tp_group)
         return weight * h.to(dtype)
 
@@ -93,6 +104,8 @@ class ParallelAttention(nn.Module):
         super().__init__()
         tp = mcfg.tensor_model_parallel_size
         self.layer_index = layer_index
+        self.tp_group = tp_group
+        self.sequence_parallel = False
         self.head_dim = cfg.head_dim
         self.heads_per_group = cfg.heads_per_group
         self.local_groups = cfg.num_kv_heads // tp
@@ -119,10 +132,14 @@ class ParallelAttention(nn.Module):
         """Selective recompute: keep only q, k, v of the attention core and rerun it in backward."""
 
     def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
-        b, s, _ = x.shape
-        qkv, _ = self.linear_qkv(x)
+        sp = self.sequence_parallel and kv_cache is None
+        if sp:  # [S / t, b, H] -> [b, S, qkv / t]
+            qkv = column_parallel_linear(x, self.linear_qkv.weight, self.linear_qkv.bias, self.tp_group).transpose(0, 1)
+        else:
+            qkv, _ = self.linear_qkv(x)
+        b, s, _ = qkv.shape
         hpg = self.heads_per_group
-        qkv = qkv.view(b, s, self.local_groups, hpg + 2, self.head_dim)
+        qkv = qkv.reshape(b, s, self.local_groups, hpg + 2, self.head_dim)
         q = qkv[:, :, :, :hpg].reshape(b, s, self.local_groups * hpg, self.head_dim)
         k, v = qkv[:, :, :, hpg], qkv[:, :, :, hpg + 1]
         if self.q_layernorm is not None:
@@ -138,6 +155,8 @@ class ParallelAttention(nn.Module):
         else:
             out = attend(q, k, v, layout, impl=self.attention_impl)
         out = out.transpose(1, 2).reshape(b, s, -1)
+        if sp:  # [S, b, heads / t] -> the summed output's [S / t, b, H] shard
+            return row_parallel_linear(out.transpose(0, 1), self.linear_proj.weight, self.tp_group)
         out, _ = self.linear_proj(out)
         return out
 
@@ -145,6 +164,8 @@ class ParallelAttention(nn.Module):
 class ParallelMLP(nn.Module):
     def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, tp_group=None):
         super().__init__()
+        self.tp_group = tp_group
+        self.sequence_parallel = False
         self.linear_fc1 = tensor_parallel.ColumnParallelLinear(
             cfg.hidden_size, 2 * cfg.intermediate_size, config=mcfg,
             init_method=normal_init(cfg.init_std), bias=False, gather_output=False, tp_group=tp_group,
@@ -157,9 +178,14 @@ class ParallelMLP(nn.Module):
         mark_tensor_parallel(self.linear_fc1, 0)
         mark_tensor_parallel(self.linear_fc2, 1)
 
-    def forward(self, x):
-        h, _ = self.linear_fc1(x)
+    def forward(self, x, sequence_parallel: bool = False):
+        if sequence_parallel:
+            h = column_parallel_linear(x, self.linear_fc1.weight, None, self.tp_group)
+        else:
+            h, _ = self.linear_fc1(x)
         gate, up = h.chunk(2, dim=-1)
+        if sequence_parallel:
+            return row_parallel_linear(F.silu(gate) * up, self.linear_fc2.weight, self.tp_group)
         out, _ = self.linear_fc2(F.silu(gate) * up)
         return out
 
@@ -170,9 +196,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, mcfg: ModelParallelConfig, layer_index: int, tp_group=None):
         super().__init__()
         self.layer_index = layer_index
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, tp_group=tp_group)
         self.self_attention = ParallelAttention(cfg, mcfg, layer_index, tp_group)
-        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.pre_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, tp_group=tp_group)
         self.mlp = ParallelMLP(cfg, mcfg, tp_group)
         self.recompute = "none"
         """none | selective | full (megablock.config.Recompute); set with set_recompute."""
@@ -180,6 +206,10 @@ class DecoderLayer(nn.Module):
     def set_recompute(self, mode: str) -> None:
         self.recompute = mode
         self.self_attention.recompute_core = mode == "selective"
+
+    def set_sequence_parallel(self, enabled: bool) -> None:
+        self.self_attention.sequence_parallel = self.mlp.sequence_parallel = enabled
+        self.input_layernorm.sequence_sharded = self.pre_mlp_layernorm.sequence_sharded = enabled
 
     def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
         if self.recompute == "full" and kv_cache is None and torch.is_grad_enabled():
@@ -191,4 +221,4 @@ class DecoderLayer(nn.Module):
 
     def _forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
         x = x + self.self_attention(self.input_layernorm(x), cos, sin, layout, kv_cache)
-        return x + self.mlp(self.pre_mlp_layernorm(x))
+        return x + self.mlp(self.pre_mlp_layernorm(x), self.mlp.sequence_parallel and kv_cache is None)

@@ -25,6 +25,7 @@ from megablock.model.layers import (
     DecoderLayer, RMSNorm, copy_to_tp_region, mark_tensor_parallel, megatron_config, normal_init,
 )
 from megablock.model.rope import rope_cos_sin
+from megablock.parallel.sequence import gather_from_sequence, scatter_to_sequence
 from megablock.parallel.state import ParallelInfo
 
 
@@ -67,6 +68,8 @@ class BlockDiffusionLM(nn.Module):
                 mark_tensor_parallel(self.output_layer, 0)
         self.lora = None
         """The LoraSection applied by megablock.model.lora.apply_lora, or None."""
+        self.sequence_parallel = False
+        """Set with set_sequence_parallel."""
         self.to(dtype)
 
     # The pieces are separate methods so pipeline stages can call them one by one.
@@ -75,9 +78,21 @@ class BlockDiffusionLM(nn.Module):
 
     def run_layers(self, hidden, position_ids, layout: AttentionLayout, kv_cache=None):
         cos, sin = rope_cos_sin(self.cfg, position_ids, hidden.dtype)
+        sp = self.sequence_parallel and kv_cache is None
+        if sp:
+            hidden = self.shard_sequence(hidden)
         for layer in self.layers.values():
             hidden = layer(hidden, cos, sin, layout, kv_cache)
-        return hidden
+        return self.unshard_sequence(hidden) if sp else hidden
+
+    def shard_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[b, S, H] (the same on every TP rank) -> this rank's [S / t, b, H] shard."""
+        return scatter_to_sequence(hidden.transpose(0, 1), self.tp_group)
+
+    def unshard_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
+        """This rank's [S / t, b, H] shard -> [b, S, H] on every TP rank (for the final norm and
+        the head, whose input gradient is complete on every rank: so backward just splits it)."""
+        return gather_from_sequence(hidden, self.tp_group).transpose(0, 1)
 
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.logits(self.final_layernorm(hidden))
@@ -136,6 +151,17 @@ class BlockDiffusionLM(nn.Module):
         """Activation recompute of every decoder layer: none | selective | full (config.Recompute)."""
         for layer in self.layers.values():
             layer.set_recompute(mode)
+
+    def set_sequence_parallel(self, enabled: bool) -> None:
+        """Sequence parallelism of the training forward (megablock.model.layers docstring)."""
+        if enabled and self.tp == 1:
+            raise ValueError("sequence parallelism needs tensor parallelism (parallel.tensor > 1)")
+        if enabled and self.lora is not None:
+            raise ValueError("sequence parallelism is not implemented for LoRA adapters; "
+                             "set parallel.sequence_parallel=false or lora.enabled=false")
+        self.sequence_parallel = enabled
+        for layer in self.layers.values():
+            layer.set_sequence_parallel(enabled)
 
     def set_attention_impl(self, impl: str) -> None:
         """`auto` (FlexAttention on GPU, exact SDPA path on CPU), `sdpa`, `flex` or `dense`."""

@@ -14,7 +14,8 @@ What is counted (bytes on the busiest rank of a TP x PP x DP layout):
   its fc1 output, silu(gate) and the product. `selective` drops the core's out and lse; `full`
   keeps each layer's input only and recomputes one layer at a time in backward. Tokens are
   micro_batch x S (S = 2L for a two-half block-diffusion step, L for the AR stage), times the
-  micro-batches a pipeline stage holds in flight (1F1B: P - stage);
+  micro-batches a pipeline stage holds in flight (1F1B: P - stage); with sequence parallelism
+  the norms' tensors, the column-parallel linears' inputs and `full`'s layer inputs are 1 / TP;
 - logits: the loss positions gathered before the head (expected number under the noise
   schedule, or given), and the [chunk, V / TP] head output with its fp32 copy for one chunk.
 
@@ -79,15 +80,18 @@ def expected_loss_tokens(cfg: Config, block_size: int) -> float:
     return diffusion + ar
 
 
-def layer_activation_bytes_per_token(m: ModelConfig, tp: int, a: int, recompute: str) -> float:
+def layer_activation_bytes_per_token(m: ModelConfig, tp: int, a: int, recompute: str,
+                                     sequence_parallel: bool = False) -> float:
     """Bytes autograd keeps per token of one decoder layer (module docstring)."""
     h, d = m.hidden_size, m.head_dim
     qw, kw = m.num_attention_heads * d / tp, m.num_kv_heads * d / tp
     f = m.intermediate_size / tp
+    seq = tp if sequence_parallel else 1  # what lives on the residual stream is a 1 / t shard
     if recompute == "full":
-        return a * h  # the layer's input, held by the checkpoint
-    norms = 2 * (4 * h + a * h + 4)  # fp32 copy of the input (the input itself in fp32), normed, 1/rms
-    linear_inputs = 2 * a * h + a * qw  # qkv and fc1 inputs (the normed tensors), proj input
+        return a * h / seq  # the layer's input, held by the checkpoint
+    norms = 2 * (4 * h + a * h + 4) / seq  # fp32 copy of the input (the input itself in fp32), normed, 1/rms
+    # qkv and fc1 inputs (the normed tensors; sequence-parallel linears keep only the shard), proj input
+    linear_inputs = 2 * a * h / seq + a * qw
     qkv_out = a * (qw + 2 * kw)  # k and v are views of it: the whole output stays
     rope = a * (qw + kw)  # roped q, k (x * cos keeps only cos: cos needs no gradient)
     core = a * qw + 4 * m.num_attention_heads / tp  # out and fp32 lse
@@ -166,7 +170,7 @@ def estimate(cfg: Config, m: ModelConfig, dp: int = 1, block_size: Optional[int]
         opt_step_tmp = 4 * (n_train / (dp if zero >= 1 else 1) if foreach_optimizer else largest * trainable_frac)
 
         in_flight = min(pp - stage, max(1, t.global_batch_size // (mb * dp))) if pp > 1 else 1
-        per_layer = layer_activation_bytes_per_token(m, tp, a, t.recompute)
+        per_layer = layer_activation_bytes_per_token(m, tp, a, t.recompute, p.sequence_parallel)
         acts = in_flight * tokens * len(layers) * per_layer
         acts += in_flight * tokens * 2 * a * m.head_dim  # RoPE cos / sin, shared by the layers
         logits = transient_logits = head_grads = 0.0
@@ -181,7 +185,7 @@ def estimate(cfg: Config, m: ModelConfig, dp: int = 1, block_size: Optional[int]
             head_grads = (vocab_params if stage == 0 or not m.tie_word_embeddings else vocab_params / 2) * a
         workspace = tokens * _layer_workspace_per_token(m, tp, a)
         if t.recompute == "full":
-            workspace += tokens * layer_activation_bytes_per_token(m, tp, a, "none")
+            workspace += tokens * layer_activation_bytes_per_token(m, tp, a, "none", p.sequence_parallel)
         transient = max(transient_logits, workspace, opt_step_tmp)  # for the table; peak splits them
         out.append(StageMemory(
             stage=stage, layers=len(layers), weights=weights, gradients=grads, optimizer=opt_state,

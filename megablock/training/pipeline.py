@@ -50,7 +50,11 @@ class EmbeddingPipe(nn.Module):
 
     def forward(self, inputs):
         input_ids, position_ids, layout_ints, docs = inputs
-        return self.embedding(input_ids), position_ids, layout_ints, docs
+        hidden = self.embedding(input_ids)
+        stage = self.ref.stage
+        if stage.sequence_parallel:  # stages then pass their [S / t, b, H] shards along
+            hidden = stage.shard_sequence(hidden)
+        return hidden, position_ids, layout_ints, docs
 
 
 class DecoderLayerPipe(nn.Module):
@@ -70,9 +74,13 @@ class FinalNormPipe(nn.Module):
     def __init__(self, stage: BlockDiffusionLM):
         super().__init__()
         self.final_layernorm = stage.final_layernorm
+        self.ref = _StageRef(stage)
 
     def forward(self, inputs):
-        return self.final_layernorm(inputs[0])
+        hidden = inputs[0]
+        if self.ref.stage.sequence_parallel:
+            hidden = self.ref.stage.unshard_sequence(hidden)
+        return self.final_layernorm(hidden)
 
 
 class PendingLogits:

@@ -59,6 +59,7 @@ def build_model(cfg: Config, model_cfg: ModelConfig, meta: dict, ckpt: Optional[
         model.load_weights({k: v.float() for k, v in stage_shard(ckpt, meta, info, lps).items()})
     if cfg.lora.enabled:  # after loading: the base weights keep their names and stay frozen
         apply_lora(model, cfg.lora, seed=cfg.train.seed)
+    model.set_sequence_parallel(cfg.parallel.sequence_parallel)
     log_parameter_counts(model_cfg, cfg)
     return model.to(info.device)
 
