@@ -84,7 +84,7 @@ def parse_args(argv=None):
     p.add_argument("--loss-chunk-tokens", type=int, default=8192)
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     p.add_argument("--profile", action="store_true",
-                   help="torch.profiler op table (self CPU seconds) of one megablock and one HF dense step at each L")
+                   help="torch.profiler op table (self CPU seconds) of one megablock and one HF dense step at the short L")
     p.add_argument("--no-memory", action="store_true",
                    help="skip the extra step per contender that measures its tensor peak")
     args = p.parse_args(argv)
@@ -256,7 +256,7 @@ def main(argv=None) -> int:
             for name, fn in fns.items():
                 gc.collect()
                 res[name]["tensor_peak_mib"] = peak_tensor_bytes(fn) / MiB
-        if args.profile:
+        if args.profile and L == args.short:  # one profiled step at the long L costs a minute per contender
             from train_step import profile_ops
 
             B = blocks[-1]

@@ -79,9 +79,16 @@ def test_curriculum_switches_at_configured_tokens(reference):
     assert (reference[0]["loss"] == pytest.approx(1.5 * reference[0]["ar_loss"]))  # lambda = 0.5
 
 
+def _shm_buffers() -> set:
+    return set(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_{os.getuid()}_*")) if Path("/dev/shm").is_dir() else set()
+
+
 @pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2", "parallel.zero_stage=1"])
 def test_two_process_layouts_match_single_process(assets, reference, layout, tmp_path):
+    before = _shm_buffers()
     _train(assets, tmp_path / "run", layout, launcher=_deepspeed())
+    # DeepSpeed's shared-memory all-reduce segments (64 MiB per rank) are removed at exit.
+    assert _shm_buffers() <= before
     got = _metrics(tmp_path / "run")
     assert [m["step"] for m in got] == [m["step"] for m in reference]
     for a, b in zip(reference, got):

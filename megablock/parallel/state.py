@@ -6,6 +6,7 @@ DeepSpeed pipeline and megatron-core tensor parallelism can share one world.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import random
@@ -82,6 +83,24 @@ def init_process_group(device: torch.device | None = None, timeout_minutes: int 
     import deepspeed
 
     deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+    _remove_shm_buffer_at_exit()
+
+
+def _remove_shm_buffer_at_exit() -> None:
+    """DeepSpeed's CPU all-reduce over shared memory (all ranks on one host, as under the
+    `deepspeed` launcher) creates a 64 MiB /dev/shm segment per rank and never unlinks it, so
+    every run leaves RAM behind until reboot. Unlinking at exit is safe: ranks that are still
+    running keep their mappings, and every rank opened every segment during initialisation."""
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+
+    def remove() -> None:
+        try:
+            os.unlink(name)
+        except FileNotFoundError:
+            pass
+
+    atexit.register(remove)
 
 
 def initialize_parallel(tp: int = 1, pp: int = 1, device: torch.device | None = None) -> ParallelInfo:
