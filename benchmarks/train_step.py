@@ -86,6 +86,8 @@ def parse_args(argv=None):
                         "full: logits of all positions (the reference, and the path before issue 17)")
     p.add_argument("--loss-chunk-tokens", type=int, default=8192, help="train.loss_chunk_tokens (0: one piece)")
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="none", help="train.recompute")
+    p.add_argument("--keep-unmasked-blocks", action="store_true",
+                   help="train.drop_unmasked_blocks=false: (b) and (c) carry every noised block")
     p.add_argument("--ar-loss-weight", type=float, default=1.0,
                    help="lambda (0: the clean half reaches the head only where it predicts a block's first token)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
@@ -125,10 +127,12 @@ def make_batch(config: str, L: int, block_size: int, args=None):
 
 
 def step_fn(model, config: str, batch, args):
-    from megablock.diffusion.loss import block_diffusion_loss, selected_block_diffusion_loss
+    from megablock.diffusion.loss import block_diffusion_loss
+    from megablock.training.engine import DiffusionObjective
 
     impl = "dense" if config == "dense" else ("auto" if args.device == "cuda" else "sdpa")
     lam = args.ar_loss_weight
+    objective = DiffusionObjective(model, lam, args.loss_chunk_tokens, drop_unmasked=not args.keep_unmasked_blocks)
 
     def step():
         model.set_attention_impl(impl)
@@ -137,12 +141,11 @@ def step_fn(model, config: str, batch, args):
             logits = model(batch.input_ids, batch.position_ids, batch.layout)
             parts = block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights,
                                          batch.diff_normalizer, lam)
+            loss = parts.loss
         else:
-            hidden = model.run_layers(model.embed(batch.input_ids), batch.position_ids, batch.layout)
-            parts = selected_block_diffusion_loss(hidden, model.head, batch.targets, batch.diff_weights,
-                                                  batch.ar_weights, batch.diff_normalizer, lam, args.loss_chunk_tokens)
-        parts.loss.backward()
-        return parts.loss.item()
+            loss = objective(batch)[0]
+        loss.backward()
+        return loss.item()
 
     return step
 
@@ -229,6 +232,8 @@ def measure_memory(args, config: str, L: int) -> dict:
             "--threads", args.threads, "--lengths", *args.lengths, "--loss", args.loss,
             "--loss-chunk-tokens", args.loss_chunk_tokens, "--recompute", args.recompute,
             "--ar-loss-weight", args.ar_loss_weight, "--vocab", args.vocab]
+    if args.keep_unmasked_blocks:
+        argv.append("--keep-unmasked-blocks")
     return run_worker(argv)
 
 
@@ -308,7 +313,8 @@ def main(argv=None) -> int:
 
     configs = ["ar"] + [c for c in CONFIGS if c in args.configs and c != "ar"]
     print(f"loss: {args.loss} (chunk {args.loss_chunk_tokens}), recompute: {args.recompute}, "
-          f"lambda {args.ar_loss_weight}")
+          f"lambda {args.ar_loss_weight}, noised blocks without a mask "
+          f"{'kept' if args.keep_unmasked_blocks or args.loss == 'full' else 'dropped'}")
     results, ratios, rows, brows = {}, {}, [], []
     for L in args.lengths:
         batches = {c: make_batch(c, L, args.block_size, args) for c in configs}
@@ -415,6 +421,7 @@ def main(argv=None) -> int:
                   "params": n_params},
         "block_size": args.block_size, "repeats": args.repeats, "threads": args.threads,
         "loss": args.loss, "loss_chunk_tokens": args.loss_chunk_tokens, "recompute": args.recompute,
+        "drop_unmasked_blocks": not args.keep_unmasked_blocks,
         "ar_loss_weight": args.ar_loss_weight,
         "results": {str(L): v for L, v in results.items()},
         "ratios": {str(L): v for L, v in ratios.items()},

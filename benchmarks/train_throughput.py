@@ -82,6 +82,8 @@ def parse_args(argv=None):
     p.add_argument("--loss", choices=["selected", "full"], default="selected",
                    help="megablock's loss: head at loss positions only (training's path) or at all positions")
     p.add_argument("--loss-chunk-tokens", type=int, default=8192)
+    p.add_argument("--keep-unmasked-blocks", action="store_true",
+                   help="train.drop_unmasked_blocks=false: megablock carries every noised block")
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler op table (self CPU seconds) of one megablock and one HF dense step at the short L")
@@ -144,20 +146,21 @@ def additive_dense_mask(layout):
 
 
 def megablock_step(model, opt, batch, args=None):
-    """--loss selected (default): the training objective's path (head and CE at loss positions
-    only, in --loss-chunk-tokens chunks); full: logits at every position (the older path)."""
-    from megablock.diffusion.loss import block_diffusion_loss, selected_block_diffusion_loss
+    """--loss selected (default): the training objective (DiffusionObjective: head and CE at loss
+    positions only, in --loss-chunk-tokens chunks, and the noised blocks without a masked token
+    left out unless --keep-unmasked-blocks); full: logits at every position (the older path)."""
+    from megablock.diffusion.loss import block_diffusion_loss
+    from megablock.training.engine import DiffusionObjective
 
     selected = args is None or args.loss == "selected"
     chunk = 8192 if args is None else args.loss_chunk_tokens
     model.set_recompute("none" if args is None else args.recompute)
+    objective = DiffusionObjective(model, 1.0, chunk, drop_unmasked=args is None or not args.keep_unmasked_blocks)
 
     def step():
         opt.zero_grad(set_to_none=True)
         if selected:
-            hidden = model.run_layers(model.embed(batch.input_ids), batch.position_ids, batch.layout)
-            loss = selected_block_diffusion_loss(hidden, model.head, batch.targets, batch.diff_weights,
-                                                 batch.ar_weights, batch.diff_normalizer, 1.0, chunk).loss
+            loss = objective(batch)[0]
         else:
             logits = model(batch.input_ids, batch.position_ids, batch.layout)
             loss = block_diffusion_loss(logits, batch.targets, batch.diff_weights, batch.ar_weights,
@@ -261,7 +264,7 @@ def main(argv=None) -> int:
 
             B = blocks[-1]
             pair = {name: (fns[name], gc.collect) for name in (f"megablock B={B}", f"HF dense B={B}")}
-            profiles[L] = profile_ops(None, pair, top=16)
+            profiles[L] = profile_ops(None, pair, top=int(os.environ.get("PROFILE_TOP", 16)))
         for B in blocks:
             m, h = res[f"megablock B={B}"], res[f"HF dense B={B}"]
             m["speedup_vs_hf_dense"] = m["tokens_per_s"] / h["tokens_per_s"]

@@ -221,6 +221,11 @@ class TrainSection(Section):
     """The head + cross-entropy run over at most this many loss positions at a time (each chunk
     recomputed in backward), so the [tokens, vocab / TP] logits never exist for all positions at
     once; 0 runs them in one piece."""
+    drop_unmasked_blocks: bool = True
+    """Leave out of the forward the noised blocks in which nothing is masked: they carry no loss
+    and no other position attends to them (about 1 in B of the noised blocks), so loss and
+    gradients are unchanged (megablock.diffusion.batch.drop_unmasked_blocks). Pipeline-parallel
+    runs carry the full sequence (their stages exchange fixed shapes)."""
 
     def check(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "steps", "max_nonfinite_steps",

@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import List, Optional
 
 import torch
@@ -44,6 +44,8 @@ def attend(
     key/value head h // (hq // hkv)); S = layout.total_len. Returns [b, hq, S, d].
     ``auto`` picks ``flex`` on CUDA and ``sdpa`` elsewhere.
     """
+    if layout.rows is not None:
+        return _attend_carried(q, k, v, layout, impl, scale)
     _check_shapes(q, k, v, layout)
     if impl == "auto":
         impl = "flex" if q.is_cuda else "sdpa"
@@ -54,6 +56,27 @@ def attend(
     if impl == "flex":
         return flex_attend(q, k, v, layout, scale)
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+
+
+def _attend_carried(q, k, v, layout: AttentionLayout, impl: str, scale: Optional[float]) -> torch.Tensor:
+    """Attention when the forward carries only `layout.rows` of the S positions.
+
+    The rows left out are noised positions that no carried row attends to (whole noised blocks,
+    which only their own block sees), so placing the carried q, k, v at their positions of the
+    full sequence, with zeros elsewhere, and reading the carried rows back gives exactly their
+    attention under the full layout; the zero rows' own outputs are discarded.
+    """
+    rows = layout.rows.to(q.device)
+    if rows.shape != (q.shape[0], q.shape[2]):
+        raise ValueError(f"layout.rows has shape {tuple(rows.shape)}; the queries carry {tuple(q.shape[:1] + q.shape[2:3])}")
+    full = replace(layout, rows=None)
+
+    def spread(t):
+        index = rows[:, None, :, None].expand_as(t)
+        return t.new_zeros(t.shape[0], t.shape[1], full.total_len, t.shape[3]).scatter(2, index, t)
+
+    out = attend(spread(q), spread(k), spread(v), full, impl, scale)
+    return out.gather(2, rows[:, None, :, None].expand_as(q))
 
 
 def _check_shapes(q, k, v, layout: AttentionLayout) -> None:

@@ -79,17 +79,21 @@ class DiffusionBatch:
     def noised_targets(self) -> torch.Tensor:
         """[b, S] bool: the noised half's positions that predict a masked token (the only
         positions the confidence term reads); none in "ar" mode, which has no noised half."""
-        noised = torch.zeros_like(self.diff_weights, dtype=torch.bool)
-        if self.layout.mode != "ar":
-            half = self.layout.seq_len
-            noised[:, :half] = self.diff_weights[:, :half] > 0
-        return noised
+        if self.layout.mode == "ar":
+            return torch.zeros_like(self.diff_weights, dtype=torch.bool)
+        rows = self.layout.rows
+        if rows is None:
+            rows = torch.arange(self.diff_weights.shape[1], device=self.diff_weights.device).expand_as(self.diff_weights)
+        noised = rows.to(self.diff_weights.device) < self.layout.seq_len
+        return noised & (self.diff_weights > 0)
 
     def to(self, device, non_blocking: bool = False) -> "DiffusionBatch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         layout = self.layout
         if layout.doc_ids is not None:
             layout = replace(layout, doc_ids=move(layout.doc_ids))
+        if layout.rows is not None:
+            layout = replace(layout, rows=move(layout.rows))
         return replace(
             self,
             input_ids=move(self.input_ids),
@@ -272,4 +276,48 @@ def build_batch(
         ar_weights=torch.cat([torch.zeros(b, L), has_next], dim=1),
         diff_normalizer=normalizer,
         layout=AttentionLayout(cfg.attention, L, block_size, doc),
+    )
+
+
+def drop_unmasked_blocks(batch: DiffusionBatch, multiple: int = 1) -> DiffusionBatch:
+    """The same batch without the noised blocks that carry no loss, or `batch` itself when there
+    are none.
+
+    A noised block in which nothing is masked has no diffusion target, and no other position
+    attends to it (a noised block is seen by its own slots only), so its forward and backward
+    change nothing: with uniform t a fraction 1/B of the noised blocks (B - 1 maskable slots
+    with shift, each unmasked with probability 1 - t: E[(1 - t)^(B - 1)] = 1 / B), i.e. half the
+    noised half at B = 2 and a quarter at B = 4. The result carries the noised blocks that have a
+    target and all of x0, in order; `layout.rows` says where each carried position sits in the
+    full sequence (the attention places them there), so loss and gradients are exactly those of
+    the full batch. Rows of a micro-batch keep the same number of blocks (a row with fewer
+    targets keeps some of its empty blocks), and the carried length is made a multiple of
+    `multiple` (the TP size under sequence parallelism) the same way.
+    """
+    layout = batch.layout
+    if not layout.two_halves or layout.rows is not None:
+        return batch
+    b, L, B = batch.input_ids.shape[0], layout.seq_len, layout.block_size
+    nb = L // B
+    scored = (batch.diff_weights[:, :L] > 0) | (batch.ar_weights[:, :L] > 0)
+    live = scored.reshape(b, nb, B).any(-1)
+    n = int(live.sum(1).max())
+    while (L + n * B) % multiple and n < nb:
+        n += 1
+    if n == nb or (L + n * B) % multiple:
+        return batch
+    block = torch.arange(nb, device=live.device).expand(b, nb)
+    # Each row's blocks with a target first, then its empty ones, both in order; keep n of them.
+    chosen = torch.where(live, block, block + nb).argsort(dim=1)[:, :n].sort(dim=1).values
+    xt_rows = (chosen[:, :, None] * B + torch.arange(B, device=live.device)).reshape(b, n * B)
+    rows = torch.cat([xt_rows, L + torch.arange(L, device=live.device).expand(b, L)], dim=1)
+    take = lambda t: t.gather(1, rows.to(t.device))  # noqa: E731
+    return replace(
+        batch,
+        input_ids=take(batch.input_ids),
+        position_ids=take(batch.position_ids),
+        targets=take(batch.targets),
+        diff_weights=take(batch.diff_weights),
+        ar_weights=take(batch.ar_weights),
+        layout=replace(layout, rows=rows),
     )

@@ -37,6 +37,9 @@ class AttentionLayout:
     doc_ids: Optional[torch.Tensor] = None
     """[batch, L] int document index of every clean position, for document masking of packed
     samples (no attention across documents); None attends across document boundaries."""
+    rows: Optional[torch.Tensor] = None
+    """[batch, S'] long, ascending: the positions of the full S-long sequence that this forward
+    carries (`megablock.diffusion.batch.drop_unmasked_blocks`); None carries all S."""
 
     def __post_init__(self):
         if self.mode not in ATTENTION_MODES:
@@ -52,8 +55,13 @@ class AttentionLayout:
 
     @property
     def total_len(self) -> int:
-        """S: the model's input length."""
+        """S: the length of the whole sequence the rules are written for."""
         return 2 * self.seq_len if self.two_halves else self.seq_len
+
+    @property
+    def carried_len(self) -> int:
+        """The model's input length: S, or S' when only `rows` are carried."""
+        return self.total_len if self.rows is None else int(self.rows.shape[1])
 
     def to_tensor(self) -> torch.Tensor:
         """Integers that cross a pipeline-stage boundary (DeepSpeed sends no bools or objects)."""

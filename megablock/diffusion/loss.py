@@ -43,10 +43,17 @@ class LossParts:
     """Mean entropy over the correctly predicted noised targets (None when gamma = 0)."""
 
 
-def token_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-position CE [b, S] from this TP rank's vocabulary slice of the logits, in fp32."""
-    # vocab_parallel_cross_entropy works in place on its input: hand it its own fp32 copy.
-    return vocab_parallel_cross_entropy(logits_local.float().clone(), targets)
+def token_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, consume: bool = False) -> torch.Tensor:
+    """Per-position CE [b, S] from this TP rank's vocabulary slice of the logits, in fp32.
+
+    vocab_parallel_cross_entropy works in place on its input (it becomes the softmax, then the
+    gradient), so it gets its own fp32 copy, unless `consume`: the caller's fp32 logits are a
+    temporary nothing else reads (the head's output: the linear that made them keeps its
+    inputs for backward, not its output), and copying [tokens, V / TP] costs as much as a layer."""
+    logits = logits_local.float()  # a new tensor, unless the logits are fp32 already
+    if logits is logits_local and not consume:
+        logits = logits.clone()
+    return vocab_parallel_cross_entropy(logits, targets)
 
 
 def block_diffusion_loss(
@@ -77,7 +84,7 @@ def loss_positions(diff_weights: torch.Tensor, ar_weights: torch.Tensor, ar_loss
 
 def _weighted_ce_sums(hidden, targets, diff_w, ar_w, head: Callable):
     """(sum diff_w * CE, sum ar_w * CE) of one chunk: head + vocab-parallel CE, fp32."""
-    ce = token_cross_entropy(head(hidden), targets)
+    ce = token_cross_entropy(head(hidden), targets, consume=True)
     return (ce * diff_w).sum(), (ce * ar_w).sum()
 
 

@@ -116,10 +116,14 @@ class BlockDiffusionLM(nn.Module):
         mask_here = mask_id is not None and start <= mask_id < start + local
         if first_pad < local or mask_here:
             # In place: the linear that made the logits keeps its inputs for backward, not its
-            # output, and a [tokens, vocab] copy costs as much as a small layer.
-            logits[..., max(first_pad, 0):] = float("-inf")
-            if mask_here:
-                logits[..., mask_id - start] = float("-inf")
+            # output, and a [tokens, vocab] copy costs as much as a small layer. Outside autograd,
+            # whose record of the write would copy the whole gradient in backward only to zero
+            # these columns: every consumer of the logits (softmax, cross-entropy, entropy) gives
+            # an entry at -inf a gradient of exactly 0 already.
+            with torch.no_grad():
+                logits[..., max(first_pad, 0):] = float("-inf")
+                if mask_here:
+                    logits[..., mask_id - start] = float("-inf")
         return logits
 
     def forward(self, input_ids, position_ids, layout: AttentionLayout, kv_cache=None):

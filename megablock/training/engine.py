@@ -12,7 +12,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megablock.config import Config
-from megablock.diffusion.batch import DiffusionBatch
+from megablock.diffusion.batch import DiffusionBatch, drop_unmasked_blocks
 from megablock.diffusion.loss import sample_diffusion_losses, selected_block_diffusion_loss, with_confidence
 from megablock.model.transformer import BlockDiffusionLM
 from megablock.parallel.state import MegatronMPU, ParallelInfo
@@ -62,17 +62,22 @@ class DiffusionObjective(torch.nn.Module):
     only on the positions that carry a loss (megablock.diffusion.loss)."""
 
     def __init__(self, model: BlockDiffusionLM, ar_loss_weight: float, chunk_tokens: int = 8192,
-                 confidence_loss_weight: float = 0.0):
+                 confidence_loss_weight: float = 0.0, drop_unmasked: bool = True):
         super().__init__()
         self.model = model
         self.ar_loss_weight = ar_loss_weight
         self.chunk_tokens = chunk_tokens
         self.confidence_loss_weight = confidence_loss_weight
+        self.drop_unmasked = drop_unmasked
+        """train.drop_unmasked_blocks: the forward skips the noised blocks that carry no loss."""
 
     def forward(self, batch: DiffusionBatch, per_sample: bool = False):
         if per_sample:  # evaluation only (no_grad): logits of every position, as the search measures them
             logits = self.model(batch.input_ids, batch.position_ids, batch.layout)
             return sample_diffusion_losses(logits, batch.targets, batch.diff_weights, batch.diff_normalizer)
+        if self.drop_unmasked:
+            # Under sequence parallelism the carried length must still split over the TP ranks.
+            batch = drop_unmasked_blocks(batch, self.model.tp if self.model.sequence_parallel else 1)
         hidden = self.model.run_layers(self.model.embed(batch.input_ids), batch.position_ids, batch.layout)
         parts = selected_block_diffusion_loss(
             hidden, self.model.head, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer,
@@ -197,7 +202,8 @@ def build_engine(model: BlockDiffusionLM, cfg: Config, info: ParallelInfo, ds_co
     lam, chunk = cfg.diffusion.ar_loss_weight, cfg.train.loss_chunk_tokens
     gamma = cfg.diffusion.confidence_loss_weight
     if info.pp == 1:
-        module, mpu, loss = DiffusionObjective(model, lam, chunk, gamma), MegatronMPU, None
+        module = DiffusionObjective(model, lam, chunk, gamma, cfg.train.drop_unmasked_blocks)
+        mpu, loss = MegatronMPU, None
     else:
         loss = PipelineLoss(lam, chunk, gamma)
         module = build_pipeline(model, info.pp, info.tp, info.dp, cfg.parallel.layers_per_stage, loss)

@@ -24,6 +24,8 @@ logger = logging.getLogger(__name__)
 
 def pack_layout(layout: AttentionLayout, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(layout ints [4], doc ids [b, L]) — DeepSpeed sends tensors only, and no bools."""
+    if layout.rows is not None:
+        raise ValueError("pipeline stages exchange the full sequence; pass the batch before drop_unmasked_blocks")
     has_docs = layout.doc_ids is not None
     ints = torch.cat([layout.to_tensor(), torch.tensor([int(has_docs)])])
     docs = layout.doc_ids.long() if has_docs else torch.zeros(batch, layout.seq_len, dtype=torch.long)
