@@ -13,8 +13,10 @@ token id (the last vocabulary id) is used: nothing here is trained for real.
 One training step = zero_grad + forward + loss + backward + torch.optim.AdamW step, micro-batch 1,
 block-diffusion objective (context_causal, token shift, ELBO weights, AR loss weight 1) on the
 same DiffusionBatch from build_batch for both contenders:
-  - megablock : BlockDiffusionLM, attention impl "sdpa" (the exact CPU fast path), loss
-                block_diffusion_loss;
+  - megablock : BlockDiffusionLM, attention impl "sdpa" (the exact CPU fast path), through the
+                training objective (DiffusionObjective: logits only at loss positions, and the
+                noised blocks with nothing masked left out of the forward, about 1 in B of them;
+                --keep-unmasked-blocks carries all 2L positions);
   - HF dense  : the way existing adaptation code does it: LlamaForCausalLM on [xt ; x0] (2L
                 tokens), position ids 0..L-1 twice, a 4D additive float mask [1, 1, 2L, 2L] built
                 from megablock.diffusion.masks.dense_mask, loss = cross-entropy over the targets
@@ -220,6 +222,8 @@ def main(argv=None) -> int:
     init_single_process()
     import torch
 
+    from megablock.diffusion.batch import drop_unmasked_blocks
+
     t0 = time.perf_counter()
     hf, mb, mask_id = build_models(args.layers)
     n_params = sum(p.numel() for p in hf.parameters())
@@ -270,7 +274,8 @@ def main(argv=None) -> int:
             m["speedup_vs_hf_dense"] = m["tokens_per_s"] / h["tokens_per_s"]
             m["speedup_vs_hf_dense_median"] = m["tokens_per_s_median"] / h["tokens_per_s_median"]
             diff = max(abs(a - b) for a, b in zip(losses[f"megablock B={B}"], losses[f"HF dense B={B}"]))
-            parity.append({"L": L, "B": B, "max_abs_loss_diff": diff, "loss": m["loss_first"]})
+            carried = 2 * L if args.keep_unmasked_blocks else drop_unmasked_blocks(make_batch(L, B, mask_id)).layout.carried_len
+            parity.append({"L": L, "B": B, "max_abs_loss_diff": diff, "loss": m["loss_first"], "carried_tokens": carried})
         ar = res["HF AR"]["tokens_per_s"]
         for name, r in res.items():
             rows.append({"L": L, "step": name, "min": r["min_s"], "median": r["median_s"], "tps": r["tokens_per_s"],
@@ -290,7 +295,8 @@ def main(argv=None) -> int:
     print("tokens/s = clean tokens L per step (micro-batch 1); the block-diffusion steps process 2L.")
     for p in parity:
         print(f"loss check L={p['L']} B={p['B']}: megablock {p['loss']:.5f}, max |megablock - HF dense| "
-              f"over the steps {p['max_abs_loss_diff']:.2e}")
+              f"over the steps {p['max_abs_loss_diff']:.2e}; megablock's forward carries {p['carried_tokens']} "
+              f"of the {2 * p['L']} positions (train.drop_unmasked_blocks)")
 
     for L, text in profiles.items():
         print(f"\ntorch.profiler, one step each at L = {L} (self CPU seconds per op; ratio = HF dense / megablock):")

@@ -14,10 +14,12 @@ What is counted (bytes on the busiest rank of a TP x PP x DP layout):
   its fc1 output, silu(gate) and the product. `selective` drops the core's out and lse; `full`
   keeps each layer's input only and recomputes one layer at a time in backward. Tokens are
   micro_batch x S (S = 2L for a two-half block-diffusion step, L for the AR stage), times the
-  micro-batches a pipeline stage holds in flight (1F1B: P - stage); with sequence parallelism
-  the norms' tensors, the column-parallel linears' inputs and `full`'s layer inputs are 1 / TP;
+  micro-batches a pipeline stage holds in flight (1F1B: P - stage). S is the worst case, a
+  micro-batch that masks something in every noised block (`train.drop_unmasked_blocks` carries
+  about 1 in B noised blocks fewer on average). With sequence parallelism the norms' tensors, the column-parallel linears' inputs and `full`'s layer inputs are 1 / TP;
 - logits: the loss positions gathered before the head (expected number under the noise
-  schedule, or given), and the [chunk, V / TP] head output with its fp32 copy for one chunk.
+  schedule, or given), and the [chunk, V / TP] head output (with its fp32 copy in bf16 / fp16)
+  for one chunk.
 
 The peak is weights + optimizer state + the larger of (activations + the head's gradients,
 which backward makes first) and (all gradients), + the largest transient (loss chunk, one
@@ -181,7 +183,8 @@ def estimate(cfg: Config, m: ModelConfig, dp: int = 1, block_size: Optional[int]
                 logits = n_loss * a * m.hidden_size  # the gathered states, inputs of the chunks
             else:  # one piece: the normed states and the fp32 softmax stay for backward
                 logits = n_loss * (4 * m.hidden_size + a * m.hidden_size + 4 * V_local)
-            transient_logits = chunk * V_local * (a + 4)
+            # The head's output, and its fp32 copy for the cross-entropy unless it is fp32 already.
+            transient_logits = chunk * V_local * (a + (4 if a != 4 else 0))
             head_grads = (vocab_params if stage == 0 or not m.tie_word_embeddings else vocab_params / 2) * a
         workspace = tokens * _layer_workspace_per_token(m, tp, a)
         if t.recompute == "full":
