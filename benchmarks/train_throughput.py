@@ -86,6 +86,9 @@ def parse_args(argv=None):
     p.add_argument("--loss-chunk-tokens", type=int, default=8192)
     p.add_argument("--keep-unmasked-blocks", action="store_true",
                    help="train.drop_unmasked_blocks=false: megablock carries every noised block")
+    p.add_argument("--compare-keep", action="store_true",
+                   help="add a contender 'megablock B=..., all blocks' (train.drop_unmasked_blocks=false) "
+                        "to the same interleaved rounds")
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="none")
     p.add_argument("--profile", action="store_true",
                    help="torch.profiler op table (self CPU seconds) of one megablock and one HF dense step at the short L")
@@ -246,8 +249,12 @@ def main(argv=None) -> int:
             batch = make_batch(L, B, mask_id)
             assert torch.equal(batch.input_ids[:, L:], x0)
             mask4d = additive_dense_mask(batch.layout)
-            for name, fn in ((f"megablock B={B}", megablock_step(mb, opt_mb, batch, args)),
-                             (f"HF dense B={B}", hf_dense_step(hf, opt_hf, batch, mask4d))):
+            contenders = [(f"megablock B={B}", megablock_step(mb, opt_mb, batch, args))]
+            if args.compare_keep and not args.keep_unmasked_blocks:
+                keep = argparse.Namespace(**{**vars(args), "keep_unmasked_blocks": True})
+                contenders.append((f"megablock B={B}, all blocks", megablock_step(mb, opt_mb, batch, keep)))
+            contenders.append((f"HF dense B={B}", hf_dense_step(hf, opt_hf, batch, mask4d)))
+            for name, fn in contenders:
                 losses[name] = []
                 fns[name] = recording(fn, losses[name])
         losses["HF AR"] = []
@@ -268,11 +275,14 @@ def main(argv=None) -> int:
 
             B = blocks[-1]
             pair = {name: (fns[name], gc.collect) for name in (f"megablock B={B}", f"HF dense B={B}")}
-            profiles[L] = profile_ops(None, pair, top=int(os.environ.get("PROFILE_TOP", 16)))
+            profiles[L] = profile_ops(None, pair, top=16)
         for B in blocks:
-            m, h = res[f"megablock B={B}"], res[f"HF dense B={B}"]
-            m["speedup_vs_hf_dense"] = m["tokens_per_s"] / h["tokens_per_s"]
-            m["speedup_vs_hf_dense_median"] = m["tokens_per_s_median"] / h["tokens_per_s_median"]
+            h = res[f"HF dense B={B}"]
+            for name in (f"megablock B={B}", f"megablock B={B}, all blocks"):
+                if name in res:
+                    res[name]["speedup_vs_hf_dense"] = res[name]["tokens_per_s"] / h["tokens_per_s"]
+                    res[name]["speedup_vs_hf_dense_median"] = res[name]["tokens_per_s_median"] / h["tokens_per_s_median"]
+            m = res[f"megablock B={B}"]
             diff = max(abs(a - b) for a, b in zip(losses[f"megablock B={B}"], losses[f"HF dense B={B}"]))
             carried = 2 * L if args.keep_unmasked_blocks else drop_unmasked_blocks(make_batch(L, B, mask_id)).layout.carried_len
             parity.append({"L": L, "B": B, "max_abs_loss_diff": diff, "loss": m["loss_first"], "carried_tokens": carried})
