@@ -16,7 +16,8 @@ What is counted (bytes on the busiest rank of a TP x PP x DP layout):
   micro_batch x S (S = 2L for a two-half block-diffusion step, L for the AR stage), times the
   micro-batches a pipeline stage holds in flight (1F1B: P - stage). S is the worst case, a
   micro-batch that masks something in every noised block (`train.drop_unmasked_blocks` carries
-  about 1 in B noised blocks fewer on average). With sequence parallelism the norms' tensors, the column-parallel linears' inputs and `full`'s layer inputs are 1 / TP;
+  about 1 in B noised blocks fewer on average). With sequence parallelism the norms' tensors,
+  the column-parallel linears' inputs and `full`'s layer inputs are 1 / TP;
 - logits: the loss positions gathered before the head (expected number under the noise
   schedule, or given), and the [chunk, V / TP] head output (with its fp32 copy in bf16 / fp16)
   for one chunk.
