@@ -312,9 +312,9 @@ def main(argv=None) -> int:
     print(f"machine: {machine_note()}; warm-up 1 + {args.repeats} interleaved repeats")
 
     configs = ["ar"] + [c for c in CONFIGS if c in args.configs and c != "ar"]
+    dropping = args.loss == "selected" and not args.keep_unmasked_blocks  # the full-logits path carries 2L
     print(f"loss: {args.loss} (chunk {args.loss_chunk_tokens}), recompute: {args.recompute}, "
-          f"lambda {args.ar_loss_weight}, noised blocks without a mask "
-          f"{'kept' if args.keep_unmasked_blocks or args.loss == 'full' else 'dropped'}")
+          f"lambda {args.ar_loss_weight}, noised blocks without a mask {'dropped' if dropping else 'kept'}")
     results, ratios, rows, brows = {}, {}, [], []
     for L in args.lengths:
         batches = {c: make_batch(c, L, args.block_size, args) for c in configs}
@@ -421,7 +421,7 @@ def main(argv=None) -> int:
                   "params": n_params},
         "block_size": args.block_size, "repeats": args.repeats, "threads": args.threads,
         "loss": args.loss, "loss_chunk_tokens": args.loss_chunk_tokens, "recompute": args.recompute,
-        "drop_unmasked_blocks": not args.keep_unmasked_blocks,
+        "drop_unmasked_blocks": dropping,
         "ar_loss_weight": args.ar_loss_weight,
         "results": {str(L): v for L, v in results.items()},
         "ratios": {str(L): v for L, v in ratios.items()},

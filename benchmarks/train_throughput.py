@@ -244,9 +244,11 @@ def main(argv=None) -> int:
     rows, results, parity, profiles = [], {}, [], {}
     for L, blocks, warmup, repeats in settings:
         x0 = make_batch(L, 1, mask_id).input_ids  # the clean tokens (B = 1 batches are x0 only)
-        fns, losses, tokens = {}, {}, {}
+        fns, losses, carried = {}, {}, {}
         for B in blocks:
             batch = make_batch(L, B, mask_id)
+            dropping = args.loss == "selected" and not args.keep_unmasked_blocks  # full logits carry 2L
+            carried[B] = drop_unmasked_blocks(batch).layout.carried_len if dropping else 2 * L
             assert torch.equal(batch.input_ids[:, L:], x0)
             mask4d = additive_dense_mask(batch.layout)
             contenders = [(f"megablock B={B}", megablock_step(mb, opt_mb, batch, args))]
@@ -284,8 +286,7 @@ def main(argv=None) -> int:
                     res[name]["speedup_vs_hf_dense_median"] = res[name]["tokens_per_s_median"] / h["tokens_per_s_median"]
             m = res[f"megablock B={B}"]
             diff = max(abs(a - b) for a, b in zip(losses[f"megablock B={B}"], losses[f"HF dense B={B}"]))
-            carried = 2 * L if args.keep_unmasked_blocks else drop_unmasked_blocks(make_batch(L, B, mask_id)).layout.carried_len
-            parity.append({"L": L, "B": B, "max_abs_loss_diff": diff, "loss": m["loss_first"], "carried_tokens": carried})
+            parity.append({"L": L, "B": B, "max_abs_loss_diff": diff, "loss": m["loss_first"], "carried_tokens": carried[B]})
         ar = res["HF AR"]["tokens_per_s"]
         for name, r in res.items():
             rows.append({"L": L, "step": name, "min": r["min_s"], "median": r["median_s"], "tps": r["tokens_per_s"],

@@ -68,7 +68,8 @@ def _attend_carried(q, k, v, layout: AttentionLayout, impl: str, scale: Optional
     """
     rows = layout.rows.to(q.device)
     if rows.shape != (q.shape[0], q.shape[2]):
-        raise ValueError(f"layout.rows has shape {tuple(rows.shape)}; the queries carry {tuple(q.shape[:1] + q.shape[2:3])}")
+        raise ValueError(f"layout.rows has shape {tuple(rows.shape)}, but q carries {q.shape[0]} rows of "
+                         f"{q.shape[2]} positions")
     full = replace(layout, rows=None)
 
     def spread(t):

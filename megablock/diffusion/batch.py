@@ -87,6 +87,10 @@ class DiffusionBatch:
         noised = rows.to(self.diff_weights.device) < self.layout.seq_len
         return noised & (self.diff_weights > 0)
 
+    def map_positions(self, fn, layout: AttentionLayout) -> "DiffusionBatch":
+        """The batch with `fn` applied to each of its [b, S] per-position tensors, and `layout`."""
+        return replace(self, layout=layout, **{name: fn(getattr(self, name)) for name in _PER_POSITION})
+
     def to(self, device, non_blocking: bool = False) -> "DiffusionBatch":
         move = lambda t: t.to(device, non_blocking=non_blocking)  # noqa: E731
         layout = self.layout
@@ -94,15 +98,10 @@ class DiffusionBatch:
             layout = replace(layout, doc_ids=move(layout.doc_ids))
         if layout.rows is not None:
             layout = replace(layout, rows=move(layout.rows))
-        return replace(
-            self,
-            input_ids=move(self.input_ids),
-            position_ids=move(self.position_ids),
-            targets=move(self.targets),
-            diff_weights=move(self.diff_weights),
-            ar_weights=move(self.ar_weights),
-            layout=layout,
-        )
+        return self.map_positions(move, layout)
+
+
+_PER_POSITION = ("input_ids", "position_ids", "targets", "diff_weights", "ar_weights")
 
 
 def document_ids(samples: torch.Tensor, eod_token_id: int) -> torch.Tensor:
@@ -311,13 +310,4 @@ def drop_unmasked_blocks(batch: DiffusionBatch, multiple: int = 1) -> DiffusionB
     chosen = torch.where(live, block, block + nb).argsort(dim=1)[:, :n].sort(dim=1).values
     xt_rows = (chosen[:, :, None] * B + torch.arange(B, device=live.device)).reshape(b, n * B)
     rows = torch.cat([xt_rows, L + torch.arange(L, device=live.device).expand(b, L)], dim=1)
-    take = lambda t: t.gather(1, rows.to(t.device))  # noqa: E731
-    return replace(
-        batch,
-        input_ids=take(batch.input_ids),
-        position_ids=take(batch.position_ids),
-        targets=take(batch.targets),
-        diff_weights=take(batch.diff_weights),
-        ar_weights=take(batch.ar_weights),
-        layout=replace(layout, rows=rows),
-    )
+    return batch.map_positions(lambda t: t.gather(1, rows.to(t.device)), replace(layout, rows=rows))
