@@ -5,7 +5,7 @@
     python benchmarks/memory_estimate.py --quick         # two cases (what tests/test_memory.py runs)
 
 Each case runs in a fresh process (2 ranks under gloo for TP = 2): a small random-init model
-in fp32, torch's AdamW, one warm-up step (it allocates the optimizer state), then one measured
+in fp32, torch's fused AdamW (the trainer's), one warm-up step (it allocates the optimizer state), then one measured
 training step (forward, the NBDiff loss with logits only at loss positions, backward, AdamW
 step) on a real block-diffusion batch. The measured number is the peak of bytes allocated
 through torch's CPU allocator during that step (torch.profiler memory events) plus the bytes
@@ -80,7 +80,7 @@ def _measure(rank, world, overrides, seq_len, micro_batch):
     if world > 1:
         model.set_sequence_parallel(cfg.parallel.sequence_parallel)
     objective = DiffusionObjective(model, cfg.diffusion.ar_loss_weight, cfg.train.loss_chunk_tokens)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer's
     x0 = torch.randint(0, m.mask_token_id, (micro_batch, seq_len), generator=torch.Generator().manual_seed(1))
     batch = build_batch(x0, torch.arange(micro_batch), cfg.diffusion.stages[0].block_size, cfg.diffusion,
                         mask_token_id=m.mask_token_id, seed=2)
@@ -97,7 +97,7 @@ def _measure(rank, world, overrides, seq_len, micro_batch):
     alive += sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values() if torch.is_tensor(t))
     peak = peak_tensor_bytes(step)
     n_loss = int(loss_positions(batch.diff_weights, batch.ar_weights, cfg.diffusion.ar_loss_weight).numel())
-    est = estimate(cfg, m, dp=1, loss_tokens=n_loss, foreach_optimizer=False)[0]
+    est = estimate(cfg, m, dp=1, loss_tokens=n_loss)[0]
     return {"measured": alive + peak, "estimate": est.peak, "alive_before": alive, "loss_tokens": n_loss,
             "activations_estimate": est.activations}
 

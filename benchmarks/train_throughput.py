@@ -10,7 +10,7 @@ The HF model is built from that config with attn_implementation="sdpa"; megabloc
 BlockDiffusionLM gets the same weights through the llama conversion mappings. A stand-in mask
 token id (the last vocabulary id) is used: nothing here is trained for real.
 
-One training step = zero_grad + forward + loss + backward + torch.optim.AdamW step, micro-batch 1,
+One training step = zero_grad + forward + loss + backward + AdamW step, micro-batch 1,
 block-diffusion objective (context_causal, token shift, ELBO weights, AR loss weight 1) on the
 same DiffusionBatch from build_batch for both contenders:
   - megablock : BlockDiffusionLM, attention impl "sdpa" (the exact CPU fast path), through the
@@ -24,7 +24,9 @@ same DiffusionBatch from build_batch for both contenders:
   - HF AR     : plain causal LlamaForCausalLM forward/backward on the L clean tokens with next-token
                 cross-entropy: the floor any block-diffusion step is compared with.
 Masks and batches are built outside the timed region (both contenders reuse theirs across
-steps). Both optimizers run with lr = 0: every AdamW operation still runs, but the weights stay
+steps). Every contender steps torch's fused AdamW: megablock's trainer runs it
+(megablock.training.optim), and it is HF Trainer's default optimizer with torch >= 2.8
+(`adamw_torch_fused`). Both optimizers run with lr = 0: every AdamW operation still runs, but the weights stay
 equal, so the two block-diffusion losses can be checked against each other at every step
 (they differ only by megablock excluding the mask token from the softmax, ~1e-5).
 
@@ -231,10 +233,10 @@ def main(argv=None) -> int:
     hf, mb, mask_id = build_models(args.layers)
     n_params = sum(p.numel() for p in hf.parameters())
     # lr = 0: identical work, weights stay equal (see the docstring).
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=0.0, weight_decay=0.01)
-    opt_mb = torch.optim.AdamW(mb.parameters(), lr=0.0, weight_decay=0.01)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=0.0, weight_decay=0.01, fused=True)
+    opt_mb = torch.optim.AdamW(mb.parameters(), lr=0.0, weight_decay=0.01, fused=True)
     print(f"model: SmolLM2-135M architecture, {args.layers} layers, {n_params / 1e6:.1f}M params, fp32, "
-          f"random weights, micro-batch 1, torch AdamW")
+          f"random weights, micro-batch 1, torch's fused AdamW")
     print(f"machine: {machine_note()}")
 
     settings = [(args.short, [args.block_short], 1, args.repeats)]

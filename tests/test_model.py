@@ -124,3 +124,29 @@ print("ok", sorted(got)[0], len(got))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith("ok embedding.weight")  # the last stage holds the tied embedding's copy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_equals_hf_rotate_half(dtype):
+    """apply_rope's hand-written forward and backward against HF's formula through autograd,
+    on the transposed view of a [b, S, h, d] projection the attention passes it."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from megablock.model.config import ModelConfig
+    from megablock.model.rope import apply_rope, rope_cos_sin
+
+    cfg = ModelConfig(hidden_size=48, num_attention_heads=3, num_kv_heads=1, rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                      "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8})
+    g = torch.Generator().manual_seed(0)
+    pos = torch.tensor([[0, 3, 1, 7, 2, 40, 5, 6], [9, 8, 7, 6, 5, 4, 3, 2]])
+    cos, sin = rope_cos_sin(cfg, pos, dtype)
+    x = torch.randn(2, 8, 3, 16, generator=g).to(dtype).transpose(1, 2).requires_grad_()
+    grad = torch.randn(2, 3, 8, 16, generator=g).to(dtype)
+    out = apply_rope(x, cos, sin)
+    (dx,) = torch.autograd.grad(out, x, grad)
+    ref, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    (ref_dx,) = torch.autograd.grad(ref, x, grad)
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out, ref, **tol)
+    torch.testing.assert_close(dx, ref_dx, **tol)
+    assert out.dtype == dx.dtype == dtype

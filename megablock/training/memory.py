@@ -4,8 +4,9 @@ What is counted (bytes on the busiest rank of a TP x PP x DP layout):
 - weights: this rank's TP shard of its pipeline stage, in the training dtype (ZeRO-3: / DP);
 - gradients of the trainable weights, same dtype (ZeRO >= 2: / DP);
 - optimizer state: AdamW m and v in fp32, plus an fp32 master copy under mixed precision or
-  whenever DeepSpeed's ZeRO optimizer holds the partition (ZeRO >= 1) (ZeRO >= 1: / DP), and the
-  temporaries of torch's foreach AdamW step (one fp32 tensor list of the trainable partition);
+  whenever DeepSpeed's ZeRO optimizer holds the partition (ZeRO >= 1) (ZeRO >= 1: / DP); the
+  fused AdamW step has no temporaries of its own, the guarded step's gradient-norm pass one fp32
+  tensor of the largest gradient;
 - activations: what autograd keeps from forward to backward, per token of each decoder layer,
   derived from megablock's own layers (megablock/model/layers.py, diffusion/attention.py):
   norms keep an fp32 copy of their input and the normed tensor, each linear its input, the
@@ -132,13 +133,10 @@ def _stage_parameters(m: ModelConfig, tp: int, pp: int, stage: int, layers: int)
 
 
 def estimate(cfg: Config, m: ModelConfig, dp: int = 1, block_size: Optional[int] = None,
-             micro_batch_size: Optional[int] = None, loss_tokens: Optional[float] = None,
-             foreach_optimizer: bool = True) -> list[StageMemory]:
+             micro_batch_size: Optional[int] = None, loss_tokens: Optional[float] = None) -> list[StageMemory]:
     """Per-stage memory of one rank (see the module docstring); `block_size` defaults to the
     largest curriculum stage (the step with the most loss positions is B > 1's two-half step);
-    `loss_tokens` (per micro-batch) overrides the schedule's expectation. `foreach_optimizer`:
-    torch's AdamW on GPU tensors steps all parameters at once (one fp32 temporary of all of
-    them); on CPU it steps one parameter at a time (the largest one's)."""
+    `loss_tokens` (per micro-batch) overrides the schedule's expectation."""
     p, t = cfg.parallel, cfg.train
     tp, pp = p.tensor, p.pipeline
     a = _dtype_bytes(t.precision)
@@ -170,7 +168,7 @@ def estimate(cfg: Config, m: ModelConfig, dp: int = 1, block_size: Optional[int]
         master = 4 if (a != 4 or zero >= 1) else 0
         opt_state = n_train * (8 + master) / (dp if zero >= 1 else 1)
         largest = max(m.padded_vocab_size(tp) / tp * m.hidden_size, 2 * m.intermediate_size * m.hidden_size / tp)
-        opt_step_tmp = 4 * (n_train / (dp if zero >= 1 else 1) if foreach_optimizer else largest * trainable_frac)
+        opt_step_tmp = 4 * largest * trainable_frac
 
         in_flight = min(pp - stage, max(1, t.global_batch_size // (mb * dp))) if pp > 1 else 1
         per_layer = layer_activation_bytes_per_token(m, tp, a, t.recompute, p.sequence_parallel)
