@@ -150,3 +150,28 @@ def test_rope_equals_hf_rotate_half(dtype):
     torch.testing.assert_close(out, ref, **tol)
     torch.testing.assert_close(dx, ref_dx, **tol)
     assert out.dtype == dx.dtype == dtype
+
+
+def test_tied_embedding_gradient_is_the_dense_one(single_process):
+    """A tied one-stage model at TP = 1 takes the lookup's gradient sparse on CPU (layers.VocabEmbedding);
+    the weight's accumulated .grad is dense and equals megatron's dense path."""
+    from megablock.model.config import ModelConfig
+    from megablock.model.transformer import BlockDiffusionLM
+
+    torch.manual_seed(0)
+    model = BlockDiffusionLM(ModelConfig(tie_word_embeddings=True, mask_token_id=319))
+    assert model.embedding.sparse_grad
+    assert not BlockDiffusionLM(ModelConfig()).embedding.sparse_grad  # untied: nothing to add into
+    tokens = torch.randint(0, 300, (2, L), generator=torch.Generator().manual_seed(1))
+    tokens[0, :4] = 7  # repeated ids: their rows' contributions must sum
+    batch = _batch(tokens, 4, 319)
+    (lookup_grad,) = torch.autograd.grad(model.embed(tokens).sum(), model.embedding.weight)
+    assert lookup_grad.is_sparse
+    grads = []
+    for sparse in (True, False):
+        model.embedding.sparse_grad = sparse
+        model.zero_grad(set_to_none=True)
+        _loss(model, batch, ar_weight=1.0).loss.backward()
+        assert not model.embedding.weight.grad.is_sparse
+        grads.append(model.embedding.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-6, atol=1e-7)

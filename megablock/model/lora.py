@@ -47,7 +47,7 @@ from megatron.core import tensor_parallel
 from torch import nn
 
 from megablock.config import LoraSection
-from megablock.model.layers import RMSNorm
+from megablock.model.layers import RMSNorm, VocabEmbedding
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class LoraRowParallelLinear(tensor_parallel.RowParallelLinear, _LoraLinear):
         return out + F.linear(h, self.lora_B).to(out.dtype) * self.lora_scaling, bias
 
 
-class MaskRowEmbedding(tensor_parallel.VocabParallelEmbedding):
+class MaskRowEmbedding(VocabEmbedding):
     """Vocab-parallel embedding whose mask-token row gets a trainable delta."""
 
     mask_row_delta: nn.Parameter

@@ -22,7 +22,7 @@ from torch import nn
 from megablock.diffusion.layout import AttentionLayout
 from megablock.model.config import ModelConfig, stage_layer_ranges
 from megablock.model.layers import (
-    DecoderLayer, RMSNorm, copy_to_tp_region, mark_tensor_parallel, megatron_config, normal_init,
+    DecoderLayer, RMSNorm, VocabEmbedding, copy_to_tp_region, mark_tensor_parallel, megatron_config, normal_init,
 )
 from megablock.model.rope import rope_cos_sin
 from megablock.parallel.sequence import gather_from_sequence, scatter_to_sequence
@@ -52,10 +52,11 @@ class BlockDiffusionLM(nn.Module):
         group = parallel.tp_group
 
         if self.pre_process or (self.post_process and cfg.tie_word_embeddings):
-            self.embedding = tensor_parallel.VocabParallelEmbedding(
+            self.embedding = VocabEmbedding(
                 self.padded_vocab_size, cfg.hidden_size, init_method=normal_init(cfg.init_std), config=mcfg,
                 tp_group=group,
             )
+            self.embedding.sparse_grad = cfg.tie_word_embeddings and pp == 1 and self.tp == 1
             mark_tensor_parallel(self.embedding, 0)
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, mcfg, i, group) for i in self.layer_range})
         if self.post_process:
