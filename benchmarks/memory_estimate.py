@@ -68,6 +68,7 @@ def _measure(rank, world, overrides, seq_len, micro_batch):
     from megablock.model.config import ModelConfig
     from megablock.model.transformer import BlockDiffusionLM
     from megablock.parallel.state import initialize_parallel
+    from megablock.diffusion.loss import LossWeights
     from megablock.training.engine import DiffusionObjective
     from megablock.training.memory import estimate
 
@@ -79,7 +80,7 @@ def _measure(rank, world, overrides, seq_len, micro_batch):
     model.set_recompute(cfg.train.recompute)
     if world > 1:
         model.set_sequence_parallel(cfg.parallel.sequence_parallel)
-    objective = DiffusionObjective(model, cfg.diffusion.ar_loss_weight, cfg.train.loss_chunk_tokens)
+    objective = DiffusionObjective(model, LossWeights.from_config(cfg))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the trainer's
     x0 = torch.randint(0, m.mask_token_id, (micro_batch, seq_len), generator=torch.Generator().manual_seed(1))
     batch = build_batch(x0, torch.arange(micro_batch), cfg.diffusion.stages[0].block_size, cfg.diffusion,

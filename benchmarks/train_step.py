@@ -128,11 +128,12 @@ def make_batch(config: str, L: int, block_size: int, args=None):
 
 def step_fn(model, config: str, batch, args):
     from megablock.diffusion.loss import block_diffusion_loss
+    from megablock.diffusion.loss import LossWeights
     from megablock.training.engine import DiffusionObjective
 
     impl = "dense" if config == "dense" else ("auto" if args.device == "cuda" else "sdpa")
     lam = args.ar_loss_weight
-    objective = DiffusionObjective(model, lam, args.loss_chunk_tokens, drop_unmasked=not args.keep_unmasked_blocks)
+    objective = DiffusionObjective(model, LossWeights(lam, chunk_tokens=args.loss_chunk_tokens), drop_unmasked=not args.keep_unmasked_blocks)
 
     def step():
         model.set_attention_impl(impl)

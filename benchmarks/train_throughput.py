@@ -157,12 +157,13 @@ def megablock_step(model, opt, batch, args=None):
     positions only, in --loss-chunk-tokens chunks, and the noised blocks without a masked token
     left out unless --keep-unmasked-blocks); full: logits at every position (the older path)."""
     from megablock.diffusion.loss import block_diffusion_loss
+    from megablock.diffusion.loss import LossWeights
     from megablock.training.engine import DiffusionObjective
 
     selected = args is None or args.loss == "selected"
     chunk = 8192 if args is None else args.loss_chunk_tokens
     model.set_recompute("none" if args is None else args.recompute)
-    objective = DiffusionObjective(model, 1.0, chunk, drop_unmasked=args is None or not args.keep_unmasked_blocks)
+    objective = DiffusionObjective(model, LossWeights(1.0, chunk_tokens=chunk), drop_unmasked=args is None or not args.keep_unmasked_blocks)
 
     def step():
         opt.zero_grad(set_to_none=True)

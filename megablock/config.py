@@ -16,6 +16,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,10 @@ Recompute = Literal["none", "selective", "full"]
 """Activation recompute: none | selective (the attention core) | full (each decoder layer)."""
 DecodeMode = Literal["threshold", "speculative"]
 """threshold: confidence-thresholded parallel decoding; speculative: lossless draft-and-verify."""
+LoraScope = Literal["all", "noised"]
+"""Where LoRA deltas apply: all positions | the noised half only (a drafter over the frozen base)."""
+CleanPass = Literal["cached", "joint"]
+"""lora.scope=noised: how a step treats the frozen clean half (megablock.training.engine)."""
 NextDraft = Literal["masked", "overlap"]
 """Speculative one-pass mode: layout of the next block's draft (megablock.inference.speculative)."""
 DataFormat = Literal["pretrain", "sft"]
@@ -368,6 +373,14 @@ class DiffusionSection(Section):
     = target), as in dParallel's certainty forcing and LLaDA2's CAP; it sharpens the
     distributions that parallel decoding commits by threshold. 0 (default) leaves the objective
     and its computation exactly as without the term."""
+    distill_weight: float = 0.0
+    """delta in L = L_diff + lambda * L_AR + gamma * L_conf + delta * L_KL: L_KL is the mean, over
+    the scored noised slots, of KL(p || q) between the clean half's distribution p for the same
+    target token (computed in the same step, gradient stopped) and the slot's draft distribution q
+    (megablock.diffusion.loss.distill_loss says why this direction). 0 (default) leaves the
+    objective and its computation exactly as without the term."""
+    distill_temperature: float = 1.0
+    """T of the distillation term: p and q are softmax(logits / T), and the KL is scaled by T^2."""
 
     def check(self) -> None:
         self.stages = parse_stages(self.stages)
@@ -390,6 +403,15 @@ class DiffusionSection(Section):
         self._require(self.ar_loss_weight >= 0, "ar_loss_weight", "must be >= 0")
         self._require(self.confidence_loss_weight >= 0, "confidence_loss_weight", "must be >= 0 (0 disables it)")
         self._require(0 <= self.first_slot_mask_prob <= 1, "first_slot_mask_prob", "must be in [0, 1]")
+        self._require(self.distill_weight >= 0 and math.isfinite(self.distill_weight), "distill_weight",
+                      "must be a finite number >= 0 (0 disables it)")
+        self._require(0 < self.distill_temperature < math.inf, "distill_temperature", "must be > 0 and finite")
+        if self.distill_weight and (not self.shift or self.attention != "context_causal"):
+            raise ConfigError(
+                f"diffusion.distill_weight={self.distill_weight} needs diffusion.shift=true and "
+                "diffusion.attention=context_causal: only then is the clean half the AR model whose distribution "
+                "for a slot's target token is the teacher; set distill_weight=0"
+            )
         if self.first_slot_mask_prob and (not self.shift or self.attention == "full"):
             raise ConfigError(
                 f"diffusion.first_slot_mask_prob={self.first_slot_mask_prob} needs token shift and a two-half "
@@ -450,6 +472,15 @@ class LoraSection(Section):
     """Also train the mask token's input embedding (a separate [hidden] delta added to that row)."""
     train_norms: bool = False
     """Also train the RMSNorm weights."""
+    scope: LoraScope = "all"
+    """all: the adapters apply at every position (an adapted model). noised: every adapter delta
+    (and the mask-row delta) applies only at positions of the noised half, so the clean half,
+    and with it the AR model that verifies speculative drafts, is exactly the frozen base: the
+    adapters form a drafter, and decoding with them stays lossless against the base model."""
+    clean_pass: CleanPass = "cached"
+    """scope=noised: cached (pp = 1) runs the clean half once without autograd, keeping each
+    layer's K/V, then the noised half with autograd attending to them; the same loss and adapter
+    gradients as joint, the one [xt ; x0] forward (what pipeline parallelism runs)."""
 
     def check(self) -> None:
         self._require(self.rank >= 1, "rank", "must be >= 1")
@@ -459,6 +490,9 @@ class LoraSection(Section):
                       "lists a module twice")
         if self.enabled and not (self.target_modules or self.train_mask_token_row or self.train_norms):
             raise ConfigError("lora.enabled with nothing to train: set lora.target_modules (e.g. [linear_qkv, linear_fc1])")
+        if self.scope == "noised" and self.train_norms:
+            raise ConfigError("lora.train_norms with lora.scope=noised: a trained norm would change the clean "
+                              "half too, which must stay the frozen base; set lora.train_norms=false")
 
     @property
     def scaling(self) -> float:
@@ -495,6 +529,28 @@ class Config:
                     "parallel.sequence_parallel with lora.enabled: sequence parallelism is not implemented for "
                     "LoRA adapters; set one of them to false"
                 )
+        if self.lora.scope == "noised":
+            self._check_gated()
+
+    def _check_gated(self) -> None:
+        """lora.scope=noised: the clean half is the frozen base, so what would train it is refused."""
+        lora, diff = self.lora, self.diffusion
+        if not lora.enabled:
+            raise ConfigError("lora.scope=noised needs lora.enabled=true (it says where the adapters apply)")
+        if diff.attention not in ("context_causal", "block_causal"):
+            raise ConfigError(f"lora.scope=noised with diffusion.attention={diff.attention}: the scope needs a "
+                              "noised and a clean half; use context_causal (or block_causal)")
+        if diff.ar_loss_weight:
+            raise ConfigError(f"diffusion.ar_loss_weight={diff.ar_loss_weight} with lora.scope=noised: the AR loss "
+                              "reads the clean half, which is the frozen base here, so it has nothing to train; "
+                              "set diffusion.ar_loss_weight=0")
+        if 1 in diff.block_sizes:
+            raise ConfigError(f"lora.scope=noised with a block-size-1 stage (diffusion.stages block sizes "
+                              f"{diff.block_sizes}): at B = 1 nothing is masked and the adapters never run; "
+                              "start the stages at block size >= 2")
+        if lora.clean_pass == "cached" and diff.attention != "context_causal":
+            raise ConfigError("lora.clean_pass=cached needs diffusion.attention=context_causal (the clean half "
+                              "as a causal pass); set lora.clean_pass=joint for block_causal")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -87,11 +87,12 @@ def _objective_case():
 def test_training_objective_off_is_todays_and_on_matches_the_reference():
     """The engine's objective (head on gathered rows only): gamma = 0 is exactly the objective
     without the term; gamma > 0 equals the full-logits reference plus gamma x the direct entropy."""
+    from megablock.diffusion.loss import LossWeights
     from megablock.training.engine import DiffusionObjective
 
     model, batch = _objective_case()
     grads = []
-    for objective in (DiffusionObjective(model, 0.5, 8192), DiffusionObjective(model, 0.5, 8192, 0.0)):
+    for objective in (DiffusionObjective(model, LossWeights(0.5)), DiffusionObjective(model, LossWeights(0.5, 0.0))):
         model.zero_grad()
         loss = objective(batch)[0]
         loss.backward()
@@ -107,7 +108,7 @@ def test_training_objective_off_is_todays_and_on_matches_the_reference():
     rows = batch.noised_targets.nonzero()[::2]
     batch.targets[rows[:, 0], rows[:, 1]] = top[rows[:, 0], rows[:, 1]]
     model.zero_grad()
-    on = DiffusionObjective(model, 0.5, 8192, gamma)(batch)[0]
+    on = DiffusionObjective(model, LossWeights(0.5, gamma))(batch)[0]
     logits = model(batch.input_ids, batch.position_ids, batch.layout)
     ref = _loss(batch, logits, 0.0).loss
     expected, count = _direct(batch, logits.detach())

@@ -104,6 +104,7 @@ def ckpt(tmp_path_factory):
 def _objective_worker(rank, world, ckpt, sequence_parallel):
     from megablock.checkpoint.loading import load_model
     from megablock.parallel.state import initialize_parallel
+    from megablock.diffusion.loss import LossWeights
     from megablock.training.engine import DiffusionObjective
 
     info = initialize_parallel(world, 1)
@@ -120,7 +121,7 @@ def _objective_worker(rank, world, ckpt, sequence_parallel):
             res = {}
             for drop in (False, True):
                 model.zero_grad(set_to_none=True)
-                loss = DiffusionObjective(model, lam, 5, gamma, drop_unmasked=drop)(batch)[0]
+                loss = DiffusionObjective(model, LossWeights(lam, gamma, chunk_tokens=5), drop_unmasked=drop)(batch)[0]
                 loss.backward()
                 res[drop] = (loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
             (ref, ref_g), (got, got_g) = res[False], res[True]

@@ -58,6 +58,56 @@ def attend(
     raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
 
 
+def attend_noised(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    clean_k: torch.Tensor,
+    clean_v: torch.Tensor,
+    layout: AttentionLayout,
+    impl: str = "auto",
+    scale: Optional[float] = None,
+) -> torch.Tensor:
+    """The noised half's rows of `attend` when the clean half's K/V are already known.
+
+    q, k, v: [b, h, n, d] of the noised positions the forward carries (all L, or the first n of
+    `layout.rows`); clean_k, clean_v: [b, hkv, L, d] of x0. The keys are laid out as the joint
+    [xt ; x0] sequence and only the xt query rows are computed, so each output row is exactly
+    that row of the joint attention (the x0 rows, which see x0 only, are the clean pass's).
+    """
+    L = layout.seq_len
+    if layout.mode != "context_causal":
+        raise ValueError(f"attend_noised needs context-causal attention, got {layout.mode!r}")
+    rows = None if layout.rows is None else layout.rows[:, : q.shape[2]].to(q.device)
+    if rows is not None:
+        q, k, v = (_spread(t, rows, L) for t in (q, k, v))
+    full = replace(layout, rows=None)
+    keys, values = torch.cat([k, clean_k], dim=2), torch.cat([v, clean_v], dim=2)
+    if impl == "auto":
+        impl = "flex" if q.is_cuda else "sdpa"
+    if impl == "sdpa" and q.device.type == "cpu":
+        plan = _PLANS.get(full, (str(q.device), q.dtype, "noised"),
+                          lambda: _Plan(_build_plan(full, q.device, q.dtype).groups[:1]))
+        padded = torch.cat([q, q.new_zeros(q.shape)], dim=2)  # x0 query rows: in no piece of the plan
+        out = _PiecewiseAttention.apply(padded, keys, values, plan, scale)[:, :, :L]
+    elif impl in ("dense", "sdpa"):
+        mask = dense_mask(full, q.device)[:, None, :L]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale,
+                                             enable_gqa=q.shape[1] != keys.shape[1])
+    elif impl == "flex":
+        out = flex_attend(torch.cat([q, q.new_zeros(q.shape)], dim=2), keys, values, full, scale)[:, :, :L]
+    else:
+        raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+    if rows is not None:
+        out = _per_row(lambda i: out[i].index_select(1, rows[i]), out.shape[0])
+    return out
+
+
+def _spread(t: torch.Tensor, rows: torch.Tensor, S: int) -> torch.Tensor:
+    """Carried positions [b, h, n, d] placed at `rows` of an S-long sequence, zeros elsewhere."""
+    return _per_row(lambda i: t.new_zeros(t.shape[1], S, t.shape[3]).index_copy_(1, rows[i], t[i]), t.shape[0])
+
+
 def _attend_carried(q, k, v, layout: AttentionLayout, impl: str, scale: Optional[float]) -> torch.Tensor:
     """Attention when the forward carries only `layout.rows` of the S positions.
 
@@ -72,13 +122,10 @@ def _attend_carried(q, k, v, layout: AttentionLayout, impl: str, scale: Optional
                          f"{q.shape[2]} positions")
     full = replace(layout, rows=None)
 
-    # One micro-batch row at a time along the sequence dim: index_copy / index_select read one
-    # index per position, where scatter / gather read one per element (3x the time at S = 512).
-    def spread(t):
-        S = full.total_len
-        return _per_row(lambda i: t.new_zeros(t.shape[1], S, t.shape[3]).index_copy_(1, rows[i], t[i]), t.shape[0])
-
-    out = attend(spread(q), spread(k), spread(v), full, impl, scale)
+    # One micro-batch row at a time along the sequence dim (`_spread`): index_copy / index_select
+    # read one index per position, where scatter / gather read one per element (3x the time at S = 512).
+    S = full.total_len
+    out = attend(_spread(q, rows, S), _spread(k, rows, S), _spread(v, rows, S), full, impl, scale)
     return _per_row(lambda i: out[i].index_select(1, rows[i]), q.shape[0])
 
 

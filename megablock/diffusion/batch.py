@@ -53,6 +53,7 @@ import torch
 
 from megablock.config import DiffusionSection
 from megablock.diffusion.layout import AttentionLayout
+from megablock.diffusion.loss import LossLabels
 from megablock.diffusion.noise import Noise, draw_noise, hidden_first_slots
 
 
@@ -86,6 +87,19 @@ class DiffusionBatch:
             rows = torch.arange(self.diff_weights.shape[1], device=self.diff_weights.device).expand_as(self.diff_weights)
         noised = rows.to(self.diff_weights.device) < self.layout.seq_len
         return noised & (self.diff_weights > 0)
+
+    def loss_labels(self) -> LossLabels:
+        """The loss's view of this batch (megablock.diffusion.loss.objective). A noised slot at
+        position i of its half predicts the token that the clean position i predicts causally
+        (token shift): that clean position, the x0 half's i-th carried row, is its teacher."""
+        dev = self.targets.device
+        S = self.targets.shape[1]
+        columns = torch.zeros_like(self.targets)
+        if self.layout.two_halves:
+            full = self.layout.rows if self.layout.rows is not None else torch.arange(S, device=dev).expand_as(self.targets)
+            columns = (S - self.layout.seq_len) + full.to(dev) % self.layout.seq_len
+        return LossLabels(self.targets, self.diff_weights, self.ar_weights,
+                          torch.tensor(float(self.diff_normalizer), device=dev), self.noised_targets.float(), columns)
 
     def map_positions(self, fn, layout: AttentionLayout) -> "DiffusionBatch":
         """The batch with `fn` applied to each of its [b, S] per-position tensors, and `layout`."""

@@ -73,3 +73,14 @@ class AttentionLayout:
     def from_tensor(cls, t: torch.Tensor, doc_ids: Optional[torch.Tensor] = None) -> "AttentionLayout":
         mode, seq_len, block_size = (int(x) for x in t.flatten()[:3].tolist())
         return cls(ATTENTION_MODES[mode], seq_len, block_size, doc_ids)
+
+
+def noised_positions(layout: AttentionLayout, device=None):
+    """Which input positions belong to the noised half: a bool [b or 1, S'] tensor over the
+    carried positions for the two-half modes, or True / False for a forward that is all noised
+    ("full", xt only) or all clean ("ar", x0 only)."""
+    if not layout.two_halves:
+        return layout.mode == "full"
+    if layout.rows is not None:
+        return layout.rows.to(device) < layout.seq_len
+    return (torch.arange(layout.total_len, device=device) < layout.seq_len)[None]

@@ -20,11 +20,26 @@ a slot once its top probability passes the threshold, so making correct predicti
 lets more slots commit per forward, while wrong predictions are left to the cross-entropy.
 `confidence_loss` takes the logits of those positions only (training gathers them before the
 head, like the loss positions). With gamma = 0 it is not computed at all.
+
+The optional distillation term (diffusion.distill_weight = delta, default 0) is the mean, over
+the noised slots that predict a masked token, of KL(p || q): p is the clean half's distribution
+for the same target token (the AR model, the verifier of speculative decoding, computed in the
+same step with its gradient stopped), q the slot's draft distribution. Why this direction:
+a drafter cannot see the masked tokens before its slot, so for one input it faces many
+contexts; the q minimising the expected KL(p || q) is the mean of p over them, whose argmax is
+the token the verifier most often picks, which is what greedy acceptance pays for (and with
+sampling, acceptance is 1 - TV(p, q), which a mass-covering q keeps small). The reverse KL(q ||
+p) is minimised by the normalised geometric mean of p, which vetoes any token that one
+plausible context finds unlikely: a sharper draft, but not one aimed at the verifier's argmax.
+It is the hard-label NELBO term with the one-hot target replaced by the verifier's
+distribution; both terms stay, each with its own weight (1 and delta).
+
+`objective` composes all terms from `LossLabels`, for both engines (one stage and pipeline).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, replace
+from typing import Callable, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -41,6 +56,48 @@ class LossParts:
     """Not computed (0) when the AR loss has weight 0 and only loss positions are gathered."""
     confidence_loss: Optional[torch.Tensor] = None
     """Mean entropy over the correctly predicted noised targets (None when gamma = 0)."""
+    distill_loss: Optional[torch.Tensor] = None
+    """Mean KL(verifier || draft) over the noised targets (None when delta = 0)."""
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """The objective's weights: L = L_diff + ar * L_AR + confidence * L_conf + distill * L_KL."""
+
+    ar: float = 0.0
+    confidence: float = 0.0
+    distill: float = 0.0
+    distill_temperature: float = 1.0
+    chunk_tokens: int = 8192
+    """train.loss_chunk_tokens: positions per head + cross-entropy chunk."""
+
+    @classmethod
+    def from_config(cls, cfg) -> "LossWeights":
+        """From a megablock.config.Config."""
+        d = cfg.diffusion
+        return cls(d.ar_loss_weight, d.confidence_loss_weight, d.distill_weight, d.distill_temperature,
+                   cfg.train.loss_chunk_tokens)
+
+    @property
+    def reads_drafts(self) -> bool:
+        """Whether a term needs the logits of the noised targets (beyond the cross-entropy)."""
+        return bool(self.confidence or self.distill)
+
+
+class LossLabels(NamedTuple):
+    """What the loss reads of a micro-batch, all tensors (a pipeline's last stage gets them as
+    they are): `DiffusionBatch.loss_labels()`."""
+
+    targets: torch.Tensor
+    diff_weights: torch.Tensor
+    ar_weights: torch.Tensor
+    normalizer: torch.Tensor
+    """0-dim: diff_normalizer."""
+    noised_targets: torch.Tensor
+    """[b, S'] float, 1 at the noised half's positions that predict a masked token."""
+    teacher_columns: torch.Tensor
+    """[b, S'] long: at those positions, the column of the clean position whose AR output
+    predicts the same token (the distillation teacher)."""
 
 
 def token_cross_entropy(logits_local: torch.Tensor, targets: torch.Tensor, consume: bool = False) -> torch.Tensor:
@@ -201,3 +258,56 @@ def with_confidence(parts: LossParts, gamma: float, rows_local: torch.Tensor, ta
     """`parts` plus gamma * L_conf over the given noised-target rows."""
     conf = confidence_loss(rows_local, targets)
     return LossParts(parts.loss + gamma * conf, parts.diffusion_loss, parts.ar_loss, conf)
+
+
+def distill_kl(student_local: torch.Tensor, teacher_local: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """[n] T^2 * KL(p || q), p = softmax(teacher / T), q = softmax(student / T), from this TP rank's
+    vocabulary slices [n, V / TP] (-inf at padding and the mask token in both). The teacher gets
+    no gradient. With sum(p) = 1, KL = sum p log p - sum p s + logsumexp(s) (s = student / T):
+    the vocabulary sums are partial on each rank and all-reduced with an identity backward, so
+    every rank's slice gets exactly its share T (q - p) of the gradient."""
+    rank, size, group = _tp()
+    s = student_local.float() / temperature
+    with torch.no_grad():
+        t = teacher_local.float() / temperature
+        t_max = t.max(-1, keepdim=True).values
+        if group is not None:
+            dist.all_reduce(t_max, op=dist.ReduceOp.MAX, group=group)
+        t_sum = (t - t_max).exp().sum(-1, keepdim=True)
+        if group is not None:
+            dist.all_reduce(t_sum, group=group)
+        log_p = t - t_max - t_sum.log()
+        p = log_p.exp()
+        s_max = s.max(-1, keepdim=True).values
+        if group is not None:
+            dist.all_reduce(s_max, op=dist.ReduceOp.MAX, group=group)
+    s_sum = (s - s_max).exp().sum(-1)
+    # 0 * (-inf) at the -inf columns: those terms are 0 (p = 0 there).
+    cross = torch.where(p > 0, p * (log_p - s), torch.zeros_like(s)).sum(-1)
+    partial = torch.stack([s_sum, cross])
+    if group is not None:
+        partial = reduce_from_tensor_model_parallel_region(partial)
+    kl = partial[1] + s_max.squeeze(-1) + partial[0].log()
+    return kl * temperature**2
+
+
+def objective(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: LossLabels,
+              weights: LossWeights) -> LossParts:
+    """The whole training loss of one micro-batch from its hidden states [b, S', H] (before the
+    head: `head` maps gathered rows to this rank's logits). Both engines call this."""
+    parts = selected_block_diffusion_loss(hidden, head, labels.targets, labels.diff_weights, labels.ar_weights,
+                                          float(labels.normalizer), weights.ar, weights.chunk_tokens)
+    if not weights.reads_drafts:
+        return parts
+    sel = labels.noised_targets > 0
+    drafts = head(hidden[sel])  # the head on the noised targets' rows only
+    if weights.confidence:
+        parts = with_confidence(parts, weights.confidence, drafts, labels.targets[sel])
+    if weights.distill:
+        rows = sel.nonzero(as_tuple=True)[0]
+        with torch.no_grad():
+            teacher = head(hidden.detach()[rows, labels.teacher_columns[sel]])
+        kl = distill_kl(drafts, teacher, weights.distill_temperature)
+        kl = kl.sum() / max(kl.numel(), 1)
+        parts = replace(parts, loss=parts.loss + weights.distill * kl, distill_loss=kl)
+    return parts

@@ -67,7 +67,7 @@ def _weighted_ce(model, batch: DiffusionBatch, weights: torch.Tensor) -> torch.T
     """sum(weights * CE) of one batch. Only positions with a weight go through the output layer:
     in two-half layouts that is under half the positions, so the full-vocabulary logits (the
     biggest tensor of an evaluation) shrink accordingly."""
-    hidden = model.run_layers(model.embed(batch.input_ids), batch.position_ids, batch.layout)
+    hidden = model.encode(batch.input_ids, batch.position_ids, batch.layout)
     sel = weights > 0
     logits = model.head(hidden[sel])[None]  # [1, N, V/TP]
     ce = token_cross_entropy(logits, batch.targets[sel][None])[0]

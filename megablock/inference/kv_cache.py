@@ -53,6 +53,10 @@ class KVCache:
         self._new_valid = new_valid
         self._mask_ready = False
 
+    def adapter_gate(self) -> bool:
+        """Gated adapters (lora.scope=noised) run on a peek, the noised block, never on an append."""
+        return not self._append
+
     def end(self) -> None:
         if self._append:
             if self.key_valid is not None:

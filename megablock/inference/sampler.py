@@ -124,7 +124,7 @@ class BlockDiffusionSampler:
     def _hidden(self, cache: KVCache, ids, pos, append: bool, valid=None) -> torch.Tensor:
         cache.begin(ids.shape[1], append, valid)
         layout = AttentionLayout("ar", ids.shape[1])  # unused with a cache; the layers want one
-        hidden = self.model.run_layers(self.model.embed(ids), pos, layout, kv_cache=cache)
+        hidden = self.model.encode(ids, pos, layout, kv_cache=cache)
         cache.end()
         return hidden
 

@@ -174,7 +174,7 @@ class RowKVCache:
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.k: Dict[int, torch.Tensor] = {}
         self.v: Dict[int, torch.Tensor] = {}
-        self._n = 0
+        self._n = self._n_append = 0
 
     @property
     def batch(self) -> int:
@@ -183,6 +183,7 @@ class RowKVCache:
     def begin(self, n_append: int, append_valid: torch.Tensor, n_noised: int = 0,
               noised_sees: Optional[torch.Tensor] = None) -> None:
         n, dev = n_append + n_noised, self.lengths.device
+        self._n_append = n_append
         top = int(self.lengths.max())
         if top + n > self.capacity:
             raise RuntimeError(f"KV cache full: {top} + {n} slots > capacity {self.capacity}")
@@ -221,6 +222,13 @@ class RowKVCache:
         keys, values = self.k[layer][:, :, : self._width], self.v[layer][:, :, : self._width]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask, is_causal=self._causal,
                                               enable_gqa=q.shape[1] != hkv)
+
+    def adapter_gate(self):
+        """Gated adapters (lora.scope=noised) run on the draft block's slots only: the verify /
+        append slots, whose K/V stay in the cache, are the base model's."""
+        if self._n_append == 0 or self._n_append == self._n:
+            return self._n_append == 0
+        return (torch.arange(self._n, device=self.lengths.device) >= self._n_append)[None]
 
     def end(self) -> None:
         self._n = 0
@@ -292,7 +300,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
             pos = torch.cat([pos, start[:, None] + torch.arange(n_noise)], dim=1)
         cache.begin(n_app, a, n_noise, None if noised is None else sees)
         layout = AttentionLayout("ar", ids.shape[1])  # unused with a cache; the layers want one
-        hidden = self.model.run_layers(self.model.embed(ids.to(dev)), pos.to(dev), layout, kv_cache=cache)
+        hidden = self.model.encode(ids.to(dev), pos.to(dev), layout, kv_cache=cache)
         cache.end()
         return hidden[:, :n_app], (hidden[:, n_app:] if n_noise else None)
 

@@ -16,6 +16,7 @@ sequence-parallel; a forward with a KV cache (decoding) is plain tensor-parallel
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable, Optional
 
@@ -87,6 +88,13 @@ class VocabEmbedding(tensor_parallel.VocabParallelEmbedding):
         return super().forward(input_)
 
 
+def gated_linear(module, x: torch.Tensor, gate):
+    """module(x); a LoRA linear also gets the forward's adapter gate (megablock.model.lora)."""
+    if gate is None or not hasattr(module, "lora_A"):
+        return module(x)
+    return module(x, adapter_gate=gate)
+
+
 def megatron_config(tp: int, pp: int, dtype: torch.dtype, initialize: bool) -> ModelParallelConfig:
     # CPU initialisation draws each full weight once and slices it, so every TP layout starts
     # from the same numbers and no CUDA RNG tracker is needed.
@@ -152,12 +160,12 @@ class ParallelAttention(nn.Module):
         self.recompute_core = False
         """Selective recompute: keep only q, k, v of the attention core and rerun it in backward."""
 
-    def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
+    def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None, gate=None):
         sp = self.sequence_parallel and kv_cache is None
         if sp:  # [S / t, b, H] -> [b, S, qkv / t]
             qkv = column_parallel_linear(x, self.linear_qkv.weight, self.linear_qkv.bias, self.tp_group).transpose(0, 1)
         else:
-            qkv, _ = self.linear_qkv(x)
+            qkv, _ = gated_linear(self.linear_qkv, x, gate)
         b, s, _ = qkv.shape
         hpg = self.heads_per_group
         qkv = qkv.reshape(b, s, self.local_groups, hpg + 2, self.head_dim)
@@ -168,17 +176,19 @@ class ParallelAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
-            out = kv_cache.attend(self.layer_index, q, k, v)
-        elif self.recompute_core and torch.is_grad_enabled():
+            core = functools.partial(kv_cache.attend, self.layer_index)
+        else:
+            core = functools.partial(attend, layout=layout, impl=self.attention_impl)
+        if self.recompute_core and torch.is_grad_enabled():
             # The core's saved state (probabilities, score tiles, per-block pieces) is the largest
             # per-layer activation at long L and the cheapest to recompute: no weights, no comms.
-            out = checkpoint(attend, q, k, v, layout, impl=self.attention_impl, use_reentrant=False)
+            out = checkpoint(core, q, k, v, use_reentrant=False)
         else:
-            out = attend(q, k, v, layout, impl=self.attention_impl)
+            out = core(q, k, v)
         out = out.transpose(1, 2).reshape(b, s, -1)
         if sp:  # [S, b, heads / t] -> the summed output's [S / t, b, H] shard
             return row_parallel_linear(out.transpose(0, 1), self.linear_proj.weight, self.tp_group)
-        out, _ = self.linear_proj(out)
+        out, _ = gated_linear(self.linear_proj, out, gate)
         return out
 
 
@@ -199,15 +209,15 @@ class ParallelMLP(nn.Module):
         mark_tensor_parallel(self.linear_fc1, 0)
         mark_tensor_parallel(self.linear_fc2, 1)
 
-    def forward(self, x, sequence_parallel: bool = False):
+    def forward(self, x, sequence_parallel: bool = False, adapter_gate=None):
         if sequence_parallel:
             h = column_parallel_linear(x, self.linear_fc1.weight, None, self.tp_group)
         else:
-            h, _ = self.linear_fc1(x)
+            h, _ = gated_linear(self.linear_fc1, x, adapter_gate)
         gate, up = h.chunk(2, dim=-1)
         if sequence_parallel:
             return row_parallel_linear(F.silu(gate) * up, self.linear_fc2.weight, self.tp_group)
-        out, _ = self.linear_fc2(F.silu(gate) * up)
+        out, _ = gated_linear(self.linear_fc2, F.silu(gate) * up, adapter_gate)
         return out
 
 
@@ -232,14 +242,16 @@ class DecoderLayer(nn.Module):
         self.self_attention.sequence_parallel = self.mlp.sequence_parallel = enabled
         self.input_layernorm.sequence_sharded = self.pre_mlp_layernorm.sequence_sharded = enabled
 
-    def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
-        if self.recompute == "full" and kv_cache is None and torch.is_grad_enabled():
+    def forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None, gate=None):
+        """`kv_cache`: anything with `attend(layer, q, k, v)` (decoding caches, the cached clean
+        half of megablock.diffusion.clean_context); `gate`: the adapters' (megablock.model.lora)."""
+        if self.recompute == "full" and torch.is_grad_enabled():
             # Keep only the layer's input; backward reruns the layer (its TP collectives too, in
             # the same order on every rank). The CPU/CUDA RNG state is saved and restored, so
-            # dropout (LoRA's) draws the same mask again.
-            return checkpoint(self._forward, x, cos, sin, layout, None, use_reentrant=False)
-        return self._forward(x, cos, sin, layout, kv_cache)
+            # dropout (LoRA's) draws the same mask again. (Decoding runs without grad.)
+            return checkpoint(self._forward, x, cos, sin, layout, kv_cache, gate, use_reentrant=False)
+        return self._forward(x, cos, sin, layout, kv_cache, gate)
 
-    def _forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None):
-        x = x + self.self_attention(self.input_layernorm(x), cos, sin, layout, kv_cache)
-        return x + self.mlp(self.pre_mlp_layernorm(x), self.mlp.sequence_parallel and kv_cache is None)
+    def _forward(self, x, cos, sin, layout: AttentionLayout, kv_cache=None, gate=None):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin, layout, kv_cache, gate)
+        return x + self.mlp(self.pre_mlp_layernorm(x), self.mlp.sequence_parallel and kv_cache is None, gate)

@@ -34,6 +34,15 @@ predicts the mask token, so its output row does not matter). It is replicated ov
 embedding output is all-reduced, hence the same on every rank) and lives on the first stage.
 Adapter tensors are named `layers.{i}.self_attention.linear_qkv.lora_A` / `.lora_B` and
 `embedding.mask_row_delta`.
+
+Gating (`lora.scope=noised`): each forward passes the adapters a gate, a bool [b, s] tensor
+(True where the delta applies), or True / False for all / no positions (None: no gating, as
+with scope=all). Gated-off positions take the base output itself (`torch.where`, not a
+multiplication by 0), so there every layer is exactly the frozen base function; with `False`
+the adapter branch is not computed at all. The model derives the gate from the forward's
+structure (`BlockDiffusionLM.adapter_gate`): the noised half in training, the draft slots of a
+decoding forward. The gate is the same on every TP rank, so the collectives of the adapter
+branch run on all ranks or on none.
 """
 from __future__ import annotations
 
@@ -67,25 +76,40 @@ class _LoraLinear:
     def _lora_input(self, x):
         return self.lora_dropout(x).to(self.lora_A.dtype)
 
+    def _with_delta(self, out, delta_fn, gate):
+        """out plus the scaled adapter delta where `gate` says (see the module doc)."""
+        if gate is False:
+            return out
+        delta = delta_fn().to(out.dtype) * self.lora_scaling
+        if gate is None or gate is True:
+            return out + delta
+        return torch.where(gate.unsqueeze(-1), out + delta, out)
+
 
 class LoraColumnParallelLinear(tensor_parallel.ColumnParallelLinear, _LoraLinear):
     """Column-parallel linear + LoRA (A replicated, B sharded like W's rows)."""
 
-    def forward(self, input_, weight=None, runtime_gather_output=None):
+    def forward(self, input_, weight=None, runtime_gather_output=None, adapter_gate=None):
         out, bias = super().forward(input_, weight, runtime_gather_output)
-        h = F.linear(self._lora_input(input_), self.lora_A)
-        h = tensor_parallel.copy_to_tensor_model_parallel_region(h, group=self.tp_group)  # backward: sum dL/dh over TP
-        return out + F.linear(h, self.lora_B).to(out.dtype) * self.lora_scaling, bias
+
+        def delta():
+            h = F.linear(self._lora_input(input_), self.lora_A)
+            h = tensor_parallel.copy_to_tensor_model_parallel_region(h, group=self.tp_group)  # backward: sum dL/dh over TP
+            return F.linear(h, self.lora_B)
+        return self._with_delta(out, delta, adapter_gate), bias
 
 
 class LoraRowParallelLinear(tensor_parallel.RowParallelLinear, _LoraLinear):
     """Row-parallel linear + LoRA (A sharded like W's columns, B replicated)."""
 
-    def forward(self, input_):
+    def forward(self, input_, adapter_gate=None):
         out, bias = super().forward(input_)
-        h = F.linear(self._lora_input(input_), self.lora_A)  # this rank's partial A x
-        h = tensor_parallel.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)  # A x, on every rank
-        return out + F.linear(h, self.lora_B).to(out.dtype) * self.lora_scaling, bias
+
+        def delta():
+            h = F.linear(self._lora_input(input_), self.lora_A)  # this rank's partial A x
+            h = tensor_parallel.reduce_from_tensor_model_parallel_region(h, group=self.tp_group)  # A x, on every rank
+            return F.linear(h, self.lora_B)
+        return self._with_delta(out, delta, adapter_gate), bias
 
 
 class MaskRowEmbedding(VocabEmbedding):
@@ -94,10 +118,14 @@ class MaskRowEmbedding(VocabEmbedding):
     mask_row_delta: nn.Parameter
     mask_token_id: int
 
-    def forward(self, input_):
+    def forward(self, input_, adapter_gate=None):
         out = super().forward(input_)
-        hit = (input_ == self.mask_token_id).unsqueeze(-1).to(out.dtype)
-        return out + hit * self.mask_row_delta.to(out.dtype)
+        if adapter_gate is False:
+            return out
+        hit = input_ == self.mask_token_id
+        if adapter_gate is not None and adapter_gate is not True:
+            hit = hit & adapter_gate
+        return torch.where(hit.unsqueeze(-1), out + self.mask_row_delta.to(out.dtype), out)
 
 
 def _name_seed(seed: int, name: str) -> int:

@@ -19,7 +19,7 @@ import torch
 from megatron.core import tensor_parallel
 from torch import nn
 
-from megablock.diffusion.layout import AttentionLayout
+from megablock.diffusion.layout import AttentionLayout, noised_positions
 from megablock.model.config import ModelConfig, stage_layer_ranges
 from megablock.model.layers import (
     DecoderLayer, RMSNorm, VocabEmbedding, copy_to_tp_region, mark_tensor_parallel, megatron_config, normal_init,
@@ -71,19 +71,40 @@ class BlockDiffusionLM(nn.Module):
         """The LoraSection applied by megablock.model.lora.apply_lora, or None."""
         self.sequence_parallel = False
         """Set with set_sequence_parallel."""
+        self.attention_impl = "auto"
+        """Set with set_attention_impl."""
         self.to(dtype)
 
     # The pieces are separate methods so pipeline stages can call them one by one.
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(input_ids)
+    def adapter_gate(self, layout: AttentionLayout, kv_cache=None, device=None):
+        """Where this forward's adapters apply (megablock.model.lora): None when nothing is gated
+        (no LoRA, or lora.scope=all); with scope=noised the noised half of the layout, or the
+        draft slots of a decoding forward, which its cache knows (`kv_cache.adapter_gate()`)."""
+        if self.lora is None or self.lora.scope == "all":
+            return None
+        if kv_cache is not None:
+            return kv_cache.adapter_gate()
+        return noised_positions(layout, device)
 
-    def run_layers(self, hidden, position_ids, layout: AttentionLayout, kv_cache=None):
+    def embed(self, input_ids: torch.Tensor, gate=None) -> torch.Tensor:
+        if gate is None or not hasattr(self.embedding, "mask_row_delta"):
+            return self.embedding(input_ids)
+        return self.embedding(input_ids, adapter_gate=gate)
+
+    def encode(self, input_ids, position_ids, layout: AttentionLayout, kv_cache=None) -> torch.Tensor:
+        """Embedding and decoder layers: the final hidden states before the norm and the head."""
+        gate = self.adapter_gate(layout, kv_cache, input_ids.device)
+        return self.run_layers(self.embed(input_ids, gate), position_ids, layout, kv_cache, gate)
+
+    def run_layers(self, hidden, position_ids, layout: AttentionLayout, kv_cache=None, gate=None):
         cos, sin = rope_cos_sin(self.cfg, position_ids, hidden.dtype)
+        if gate is None:
+            gate = self.adapter_gate(layout, kv_cache, hidden.device)
         sp = self.sequence_parallel and kv_cache is None
         if sp:
             hidden = self.shard_sequence(hidden)
         for layer in self.layers.values():
-            hidden = layer(hidden, cos, sin, layout, kv_cache)
+            hidden = layer(hidden, cos, sin, layout, kv_cache, gate)
         return self.unshard_sequence(hidden) if sp else hidden
 
     def shard_sequence(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -128,8 +149,7 @@ class BlockDiffusionLM(nn.Module):
         return logits
 
     def forward(self, input_ids, position_ids, layout: AttentionLayout, kv_cache=None):
-        hidden = self.run_layers(self.embed(input_ids), position_ids, layout, kv_cache)
-        return self.head(hidden)
+        return self.head(self.encode(input_ids, position_ids, layout, kv_cache))
 
     def weights(self) -> dict:
         """Tensors as stored in a checkpoint shard (megatron's empty `_extra_state` left out)."""
@@ -170,5 +190,6 @@ class BlockDiffusionLM(nn.Module):
 
     def set_attention_impl(self, impl: str) -> None:
         """`auto` (FlexAttention on GPU, exact SDPA path on CPU), `sdpa`, `flex` or `dense`."""
+        self.attention_impl = impl
         for layer in self.layers.values():
             layer.self_attention.attention_impl = impl

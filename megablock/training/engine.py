@@ -13,7 +13,8 @@ from megatron.core import parallel_state
 
 from megablock.config import Config
 from megablock.diffusion.batch import DiffusionBatch, drop_unmasked_blocks
-from megablock.diffusion.loss import sample_diffusion_losses, selected_block_diffusion_loss, with_confidence
+from megablock.diffusion.clean_context import cached_clean_forward
+from megablock.diffusion.loss import LossLabels, LossWeights, objective, sample_diffusion_losses
 from megablock.model.transformer import BlockDiffusionLM
 from megablock.parallel.state import MegatronMPU, ParallelInfo
 from megablock.training.optim import build_optimizer, build_scheduler
@@ -58,18 +59,27 @@ class Engine:
 
 
 class DiffusionObjective(torch.nn.Module):
-    """The single-stage module DeepSpeed wraps: model forward plus the NBDiff loss, the head run
-    only on the positions that carry a loss (megablock.diffusion.loss)."""
+    """The single-stage module DeepSpeed wraps: model forward plus the objective
+    (megablock.diffusion.loss.objective), the head run only on the positions that carry a loss.
 
-    def __init__(self, model: BlockDiffusionLM, ar_loss_weight: float, chunk_tokens: int = 8192,
-                 confidence_loss_weight: float = 0.0, drop_unmasked: bool = True):
+    `clean_pass="cached"` (gated adapters, lora.scope=noised): the clean half runs once without
+    autograd and the noised half attends to its K/V (megablock.diffusion.clean_context); the
+    loss and the adapter gradients are those of the joint forward."""
+
+    def __init__(self, model: BlockDiffusionLM, weights: LossWeights, drop_unmasked: bool = True,
+                 clean_pass: str = "joint"):
         super().__init__()
         self.model = model
-        self.ar_loss_weight = ar_loss_weight
-        self.chunk_tokens = chunk_tokens
-        self.confidence_loss_weight = confidence_loss_weight
+        self.weights = weights
         self.drop_unmasked = drop_unmasked
         """train.drop_unmasked_blocks: the forward skips the noised blocks that carry no loss."""
+        self.clean_pass = clean_pass
+
+    def hidden_states(self, batch: DiffusionBatch) -> torch.Tensor:
+        if self.clean_pass == "cached" and batch.layout.mode == "context_causal":
+            return cached_clean_forward(self.model, batch.input_ids, batch.position_ids, batch.layout,
+                                        self.model.attention_impl)
+        return self.model.encode(batch.input_ids, batch.position_ids, batch.layout)
 
     def forward(self, batch: DiffusionBatch, per_sample: bool = False):
         if per_sample:  # evaluation only (no_grad): logits of every position, as the search measures them
@@ -78,14 +88,7 @@ class DiffusionObjective(torch.nn.Module):
         if self.drop_unmasked:
             # Under sequence parallelism the carried length must still split over the TP ranks.
             batch = drop_unmasked_blocks(batch, self.model.tp if self.model.sequence_parallel else 1)
-        hidden = self.model.run_layers(self.model.embed(batch.input_ids), batch.position_ids, batch.layout)
-        parts = selected_block_diffusion_loss(
-            hidden, self.model.head, batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer,
-            self.ar_loss_weight, self.chunk_tokens,
-        )
-        if self.confidence_loss_weight:  # the head on the noised targets' rows only
-            sel = batch.noised_targets
-            parts = with_confidence(parts, self.confidence_loss_weight, self.model.head(hidden[sel]), batch.targets[sel])
+        parts = objective(self.hidden_states(batch), self.model.head, batch.loss_labels(), self.weights)
         return parts.loss, parts.diffusion_loss.detach(), parts.ar_loss.detach()
 
 
@@ -119,39 +122,29 @@ class PipelineLoss:
     The stage's last layer hands over the normed hidden states and its head (`PendingLogits`),
     so the head runs here, on the loss positions only."""
 
-    def __init__(self, ar_loss_weight: float, chunk_tokens: int = 8192, confidence_loss_weight: float = 0.0):
-        self.ar_loss_weight = ar_loss_weight
-        self.chunk_tokens = chunk_tokens
-        self.confidence_loss_weight = confidence_loss_weight
+    def __init__(self, weights: LossWeights):
+        self.weights = weights
         self.records: list[torch.Tensor] = []
         self.evaluating = False
         self.per_sample: Optional[list[torch.Tensor]] = None  # a list while collecting per-sample losses
 
     def __call__(self, pending, labels):
-        targets, diff_w, ar_w, normalizer, *noised = labels  # noised targets only with the confidence term
+        labels = LossLabels(*labels)
         if self.per_sample is not None:
             logits = pending.logits_fn(pending.normed)
-            self.per_sample.append(sample_diffusion_losses(logits, targets, diff_w, normalizer.float()).detach().cpu())
-        parts = selected_block_diffusion_loss(pending.normed, pending.logits_fn, targets, diff_w, ar_w,
-                                              normalizer.float(), self.ar_loss_weight, self.chunk_tokens)
-        if noised:
-            sel = noised[0] > 0
-            parts = with_confidence(parts, self.confidence_loss_weight, pending.logits_fn(pending.normed[sel]), targets[sel])
+            self.per_sample.append(sample_diffusion_losses(logits, labels.targets, labels.diff_weights,
+                                                           float(labels.normalizer)).detach().cpu())
+        parts = objective(pending.normed, pending.logits_fn, labels, self.weights)
         self.records.append(torch.stack([parts.loss, parts.diffusion_loss, parts.ar_loss]).detach())
         return parts.diffusion_loss if self.evaluating else parts.loss
 
 
-def pipeline_item(batch: DiffusionBatch, confidence: bool = False):
-    """(inputs, labels) tensors of one micro-batch: DeepSpeed pipelines send tensors only (the
-    confidence term's positions as a float mask: no bools between stages)."""
+def pipeline_item(batch: DiffusionBatch):
+    """(inputs, labels) tensors of one micro-batch: DeepSpeed pipelines send tensors only."""
     ints, docs = pack_layout(batch.layout, batch.input_ids.shape[0])
     device = batch.input_ids.device
     inputs = (batch.input_ids, batch.position_ids, ints.to(device), docs.to(device))
-    normalizer = torch.tensor(float(batch.diff_normalizer), device=device)
-    labels = (batch.targets, batch.diff_weights, batch.ar_weights, normalizer)
-    if confidence:
-        labels += (batch.noised_targets.float(),)
-    return inputs, labels
+    return inputs, tuple(batch.loss_labels())
 
 
 class PipelineEngine(Engine):
@@ -160,8 +153,7 @@ class PipelineEngine(Engine):
         self.loss = loss
 
     def _items(self, batches):
-        confidence = bool(self.loss.confidence_loss_weight)
-        return iter([pipeline_item(b.to(self.info.device), confidence) for b in batches])
+        return iter([pipeline_item(b.to(self.info.device)) for b in batches])
 
     def train_step(self, micro_batches):
         self.loss.records.clear()
@@ -199,13 +191,13 @@ def build_engine(model: BlockDiffusionLM, cfg: Config, info: ParallelInfo, ds_co
     """Wrap `model` (this rank's stage) in the DeepSpeed engine its layout needs."""
     import deepspeed  # deferred: importing DeepSpeed costs seconds, and only training needs it
 
-    lam, chunk = cfg.diffusion.ar_loss_weight, cfg.train.loss_chunk_tokens
-    gamma = cfg.diffusion.confidence_loss_weight
+    weights = LossWeights.from_config(cfg)
     if info.pp == 1:
-        module = DiffusionObjective(model, lam, chunk, gamma, cfg.train.drop_unmasked_blocks)
+        clean_pass = cfg.lora.clean_pass if cfg.lora.enabled and cfg.lora.scope == "noised" else "joint"
+        module = DiffusionObjective(model, weights, cfg.train.drop_unmasked_blocks, clean_pass)
         mpu, loss = MegatronMPU, None
     else:
-        loss = PipelineLoss(lam, chunk, gamma)
+        loss = PipelineLoss(weights)
         module = build_pipeline(model, info.pp, info.tp, info.dp, cfg.parallel.layers_per_stage, loss)
         mpu = None  # the PipelineModule brings its own grid
     own_clipping = cfg.parallel.zero_stage == 0 and cfg.train.precision == "fp32" and not cfg.train.deepspeed_config

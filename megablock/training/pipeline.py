@@ -52,8 +52,8 @@ class EmbeddingPipe(nn.Module):
 
     def forward(self, inputs):
         input_ids, position_ids, layout_ints, docs = inputs
-        hidden = self.embedding(input_ids)
         stage = self.ref.stage
+        hidden = stage.embed(input_ids, stage.adapter_gate(unpack_layout(layout_ints, docs), device=input_ids.device))
         if stage.sequence_parallel:  # stages then pass their [S / t, b, H] shards along
             hidden = stage.shard_sequence(hidden)
         return hidden, position_ids, layout_ints, docs
@@ -68,8 +68,9 @@ class DecoderLayerPipe(nn.Module):
     def forward(self, inputs):
         hidden, position_ids, layout_ints, docs = inputs
         layout = unpack_layout(layout_ints, docs)
-        cos, sin = rope_cos_sin(self.ref.stage.cfg, position_ids, hidden.dtype)
-        return self.layer(hidden, cos, sin, layout), position_ids, layout_ints, docs
+        stage = self.ref.stage
+        cos, sin = rope_cos_sin(stage.cfg, position_ids, hidden.dtype)
+        return self.layer(hidden, cos, sin, layout, gate=stage.adapter_gate(layout, device=hidden.device)), position_ids, layout_ints, docs
 
 
 class FinalNormPipe(nn.Module):
