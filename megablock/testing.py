@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import tempfile
 import traceback
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -124,6 +125,28 @@ def save_tiny_hf_model(path, family: str, seed: int = 0, with_tokenizer: bool = 
     if with_tokenizer:
         tiny_tokenizer(path, vocab_size=model.config.vocab_size)
     return model
+
+
+def randomize_adapters(model, rank: int, scale: float = 0.1) -> None:
+    """Give a model's LoRA B factors and mask-row delta non-zero values (apply_lora starts B at 0),
+    drawn as full tensors keyed by name and split, so every TP layout holds the same adapters
+    (A is already drawn that way by apply_lora). `rank`: the LoRA rank."""
+    from megablock.checkpoint.adapters import split_factor
+    from megablock.checkpoint.format import full_shapes
+    from megablock.model.lora import MASK_DELTA, base_weight_name
+
+    shapes = full_shapes(model.cfg, model.tp)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                shape = (shapes[base_weight_name(name)][0], rank)
+            elif name == MASK_DELTA:
+                shape = tuple(p.shape)
+            else:
+                continue
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            full = scale * torch.randn(shape, generator=g)
+            p.copy_(split_factor(model.cfg, name, full, model.tp, model.tp_rank).to(p.dtype))
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str):

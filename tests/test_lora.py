@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ import torch
 from megablock.diffusion.batch import build_batch
 from megablock.diffusion.layout import AttentionLayout
 from megablock.diffusion.loss import block_diffusion_loss
-from megablock.testing import run_distributed, save_tiny_hf_model
+from megablock.testing import randomize_adapters, run_distributed, save_tiny_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
 ENTRY = ROOT / "examples" / "pretrain_nbdiff.py"
@@ -81,27 +80,6 @@ def test_zero_b_is_exactly_the_base_model(assets, single_process):
     assert grads["embedding.mask_row_delta"].abs().sum() > 0  # block size 4 puts masks in the input
 
 
-def _randomize(model, settings):
-    """Non-zero B and mask-row delta, drawn as full tensors and split, so every TP layout holds
-    the same adapters (A is already drawn that way by apply_lora)."""
-    from megablock.checkpoint.format import full_shapes
-    from megablock.checkpoint.adapters import split_factor
-    from megablock.model.lora import MASK_DELTA, base_weight_name
-
-    shapes = full_shapes(model.cfg, model.tp)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("lora_B"):
-                shape = (shapes[base_weight_name(name)][0], settings.rank)
-            elif name == MASK_DELTA:
-                shape = tuple(p.shape)
-            else:
-                continue
-            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-            full = 0.1 * torch.randn(shape, generator=g)
-            p.copy_(split_factor(model.cfg, name, full, model.tp, model.tp_rank))
-
-
 def _tp_worker(rank, world, ckpt, out):
     from megablock.checkpoint import adapters
     from megablock.checkpoint import format as fmt
@@ -114,7 +92,7 @@ def _tp_worker(rank, world, ckpt, out):
     model, meta = load_model(ckpt, info)
     settings = LoraSection(enabled=True, **SETTINGS)
     lora.apply_lora(model, settings, seed=7)
-    _randomize(model, settings)
+    randomize_adapters(model, settings.rank)
     parts = _loss(model, _tokens(1), meta["mask_token_id"])
     parts.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

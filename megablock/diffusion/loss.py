@@ -267,9 +267,10 @@ def distill_kl(student_local: torch.Tensor, teacher_local: torch.Tensor, tempera
     the vocabulary sums are partial on each rank and all-reduced with an identity backward, so
     every rank's slice gets exactly its share T (q - p) of the gradient."""
     rank, size, group = _tp()
-    s = student_local.float() / temperature
+    dtype = torch.promote_types(student_local.dtype, torch.float32)  # fp32 at least
+    s = student_local.to(dtype) / temperature
     with torch.no_grad():
-        t = teacher_local.float() / temperature
+        t = teacher_local.to(dtype) / temperature
         t_max = t.max(-1, keepdim=True).values
         if group is not None:
             dist.all_reduce(t_max, op=dist.ReduceOp.MAX, group=group)
