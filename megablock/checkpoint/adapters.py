@@ -6,6 +6,10 @@ as in megablock.model.lora). `merge_into_shard` / `iter_merged_full_tensors` add
 mask-token delta) per TP rank or in full-tensor space; `peft_adapter` translates the adapters into
 a PEFT LoRA folder (the fused qkv / fc1 LoRA becomes q/k/v and gate/up LoRAs sharing A, with B cut
 by rows through the same grouped-layout mapping as the weight).
+
+A gated checkpoint (lora.scope=noised) holds a drafter: its adapters apply at draft positions
+only, so they can never be merged into the weights. It loads as the frozen base plus attached,
+gated adapters (`attach_adapters`), and exports as the base unchanged plus an adapter folder.
 """
 from __future__ import annotations
 
@@ -31,6 +35,36 @@ def checkpoint_meta(settings: LoraSection, trainable: Optional[int] = None) -> d
     """megablock.json["lora"]."""
     fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "enabled"}
     return {**fields, "scaling": settings.scaling, "dir": LORA_DIR, "trainable_parameters": trainable}
+
+
+def is_gated(meta: dict) -> bool:
+    """A checkpoint whose adapters are a gated drafter (lora.scope=noised)."""
+    return (meta.get("lora") or {}).get("scope", "all") == "noised"
+
+
+def _refuse_merge(ckpt, meta: dict) -> None:
+    if is_gated(meta):
+        raise CheckpointError(
+            f"{ckpt} holds a gated drafter (lora.scope=noised): its adapters apply only at draft positions, so "
+            "they cannot be merged into the weights. Decode it with tools/generate.py --ckpt, export it with "
+            "tools/export_hf.py (base unchanged + drafter folder), or train on from its base (model.init_from = "
+            "the base checkpoint) with lora.scope=noised")
+
+
+def attach_adapters(model, ckpt, meta: dict) -> None:
+    """Apply the checkpoint's LoRA settings to `model` (a stage holding the frozen base) and load
+    its adapters, resharded to the model's TP rank: the unmerged form, which a gated drafter needs."""
+    from megablock.model.lora import apply_lora
+
+    settings = LoraSection.from_saved(meta["lora"])
+    apply_lora(model, settings)
+    full = full_adapters(ckpt, meta)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in full:
+                p.copy_(split_factor(model.cfg, name, full[name], model.tp, model.tp_rank).to(p.dtype))
+            elif name.endswith((".lora_A", ".lora_B")) or name == MASK_DELTA:
+                raise CheckpointError(f"{ckpt}: the adapter files have no {name}; the checkpoint is incomplete")
 
 
 def adapter_shard_path(ckpt, tp_rank: int, pp_rank: int) -> Path:
@@ -108,6 +142,7 @@ def merge_into_shard(ckpt, meta: dict, shard: dict, tp_rank: int, pp_rank: int) 
     checkpoint without LoRA): W_k += s * B_k A_k for both column and row-parallel layouts."""
     if not meta.get("lora"):
         return shard
+    _refuse_merge(ckpt, meta)
     cfg = model_config(meta)
     scaling = LoraSection.from_saved(meta["lora"]).scaling
     adapters = load_adapter_shard(ckpt, tp_rank, pp_rank)
@@ -128,10 +163,13 @@ def merge_into_shard(ckpt, meta: dict, shard: dict, tp_rank: int, pp_rank: int) 
 def iter_merged_full_tensors(ckpt, meta: dict, merge_lora: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """`format.iter_full_tensors` with the adapters merged in full-tensor space (W + s * B A on
     the merged factors; the mask-token delta always). `merge_lora=False` leaves the LoRA
-    factors out (for a base model + separate PEFT adapter). Streams like the plain iterator."""
-    if not meta.get("lora"):
+    factors out (for a base model + separate PEFT adapter). Streams like the plain iterator.
+    A gated drafter's base is the frozen base itself (no mask-token delta either), and only
+    that can be asked for (merge_lora=False)."""
+    if not meta.get("lora") or (is_gated(meta) and not merge_lora):
         yield from iter_full_tensors(ckpt, meta)
         return
+    _refuse_merge(ckpt, meta)
     cfg = model_config(meta)
     scaling = LoraSection.from_saved(meta["lora"]).scaling
     index = {}  # adapter name -> pipeline stage holding it

@@ -19,19 +19,23 @@ from .mappings import get_family
 logger = logging.getLogger(__name__)
 
 
-def stage_shard(ckpt, meta: dict, parallel: ParallelInfo, layers_per_stage: Optional[list] = None) -> dict:
+def stage_shard(ckpt, meta: dict, parallel: ParallelInfo, layers_per_stage: Optional[list] = None,
+                merge_lora: bool = True) -> dict:
     """The tensors of `parallel`'s (TP rank, PP stage): read directly when the checkpoint was
     saved at the same layout, else resharded through full tensors (any saved TP x PP loads at any
-    other). A LoRA checkpoint's adapters (CKPT/lora/) are merged into the weights."""
+    other). A LoRA checkpoint's adapters (CKPT/lora/) are merged into the weights; with
+    `merge_lora=False` (a gated drafter's base) they are left out."""
     cfg = model_config(meta)
     tp, tp_rank, pp, pp_rank = parallel.tp, parallel.tp_rank, parallel.pp, parallel.pp_rank
     wanted = [len(r) for r in stage_layer_ranges(cfg.num_layers, pp, layers_per_stage)]
+    merge = merge_lora and bool(meta.get("lora"))
     if meta["tp"] == tp and meta["pp"] == pp and meta["layers_per_stage"] == wanted:
-        return adapters.merge_into_shard(ckpt, meta, load_shard(ckpt, tp_rank, pp_rank), tp_rank, pp_rank)
+        shard = load_shard(ckpt, tp_rank, pp_rank)
+        return adapters.merge_into_shard(ckpt, meta, shard, tp_rank, pp_rank) if merge else shard
     # Resharding reads the whole model on each rank; convert at the training layout
     # (tools/convert_hf.py --tp --pp) to avoid that for large models.
     logger.info("resharding %s from TP%d x PP%d to TP%d x PP%d", ckpt, meta["tp"], meta["pp"], tp, pp)
-    full = dict(adapters.iter_merged_full_tensors(ckpt, meta)) if meta.get("lora") else load_full_state_dict(ckpt)
+    full = dict(adapters.iter_merged_full_tensors(ckpt, meta)) if merge else load_full_state_dict(ckpt)
     return shard_state_dict(full, cfg, tp, tp_rank, pp, pp_rank, layers_per_stage)
 
 

@@ -231,7 +231,9 @@ class SFTWindows:
             toks, flags = idx_mod.IndexedDataset(p), idx_mod.IndexedDataset(flags_prefix(p))
             if len(toks) != len(flags) or not np.array_equal(toks.index.sequence_lengths, flags.index.sequence_lengths):
                 raise ValueError(f"{p} and {flags_prefix(p)} disagree on document lengths: re-run preprocessing")
-            docs.extend((np.asarray(toks[i]), np.asarray(flags[i])) for i in range(len(toks)))
+            # Copies: the arrays would otherwise view the datasets' memory maps, which close when the
+            # next prefix's datasets replace these (a second prefix then read freed memory).
+            docs.extend((np.array(toks[i]), np.array(flags[i])) for i in range(len(toks)))
         lo, hi = _split_range(len(docs), split, which)
         order = lo + np.random.default_rng(seed).permutation(hi - lo)
         self.seq_len = L = seq_len

@@ -19,6 +19,7 @@ from typing import Optional
 
 import torch
 
+from megablock.checkpoint import adapters
 from megablock.checkpoint import format as fmt
 from megablock.checkpoint.convert import FolderSource
 from megablock.checkpoint.loading import model_from_hf_tensors, stage_shard
@@ -97,16 +98,20 @@ def load_hf_folder(path, dtype=torch.float32, parallel: Optional[ParallelInfo] =
 
 
 def load_checkpoint(path, dtype=torch.float32, parallel: Optional[ParallelInfo] = None) -> InferenceModel:
-    """A megablock checkpoint (converted or from training, LoRA adapters merged) saved at any
-    TP x PP; resharded in memory when the saved layout differs from `parallel`'s TP (pp = 1)."""
+    """A megablock checkpoint (converted or from training; LoRA adapters merged, a gated drafter's
+    attached, gated) saved at any TP x PP; resharded in memory when the saved layout differs from
+    `parallel`'s TP (pp = 1)."""
     parallel = parallel or current_parallel()
     ckpt = fmt.resolve_checkpoint(path)
     meta = fmt.read_metadata(ckpt)
     cfg = fmt.model_config(meta)
     model = BlockDiffusionLM(cfg, parallel, dtype=dtype, initialize=False)
     # The same reader as training's init_from: resharded when the layout differs, and a LoRA
-    # checkpoint's adapters merged into the weights.
-    model.load_weights({k: v.to(dtype) for k, v in stage_shard(ckpt, meta, parallel).items()})
+    # checkpoint's adapters merged into the weights; a gated drafter's stay apart, gated.
+    gated = adapters.is_gated(meta)
+    model.load_weights({k: v.to(dtype) for k, v in stage_shard(ckpt, meta, parallel, merge_lora=not gated).items()})
+    if gated:
+        adapters.attach_adapters(model, ckpt, meta)
     tokenizer = None
     if (ckpt / fmt.TOKENIZER_DIR).is_dir():
         from transformers import AutoTokenizer  # deferred: transformers takes seconds to import

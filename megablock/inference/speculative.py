@@ -133,6 +133,14 @@ class SpeculativeOutput(GenerationOutput):
     """Drafts checked in each verified block (every row's blocks, in order)."""
     accepted: list = field(default_factory=list)
     """Drafts kept in each of those blocks."""
+    row_forwards: list = field(default_factory=list)
+    """Forwards each prompt's row took part in (prefill included): a row's tokens per forward
+    is what it would be decoded alone, whatever the batch."""
+
+    @property
+    def row_tokens_per_forward(self) -> float:
+        """Mean over rows of new tokens / the row's forwards (tokens per forward at batch 1)."""
+        return sum(len(t) / max(f, 1) for t, f in zip(self.tokens, self.row_forwards)) / max(len(self.tokens), 1)
 
     @property
     def mean_accepted(self) -> float:
@@ -149,6 +157,7 @@ class SpeculativeOutput(GenerationOutput):
     def report(self) -> dict:
         return {"verified_blocks": len(self.accepted), "mean_accepted": round(self.mean_accepted, 4),
                 "acceptance_rate": round(self.acceptance_rate, 4),
+                "row_tokens_per_forward": round(self.row_tokens_per_forward, 4),
                 "accepted_histogram": {str(k): v for k, v in self.histogram().items()}}
 
 
@@ -366,7 +375,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
         drafts: list[list[int]] = [[] for _ in range(n)]
         qs: list = [None] * n
         append = [list(p) for p in prompts]  # the prefill: prompts are "pending" tokens with no drafts
-        forwards = 0
+        forwards, row_forwards = 0, [0] * n
         while rows:
             b = len(rows)
             # Never draft past the token budget: kept drafts + the next token must fit.
@@ -374,6 +383,8 @@ class SpeculativeSampler(BlockDiffusionSampler):
             if not fused and cfg.drafts_per_block > 0 and forwards > 0 and max(room) > 0:
                 d, q, f = self._peek_draft(cache, [a[0] for a in append], cfg, generator)
                 forwards += f
+                for r in rows:
+                    row_forwards[r] += f
                 drafts = [d[i].tolist() for i in range(b)]
                 qs = [None if q is None else q[i] for i in range(b)]
             drafts = [d[: max(k, 0)] for d, k in zip(drafts, room)]
@@ -384,6 +395,8 @@ class SpeculativeSampler(BlockDiffusionSampler):
             noised = self._next_block(cache, tokens, B, overlap) if fused else None
             app_hidden, noise_hidden = self._forward(cache, tokens, noised)
             forwards += 1
+            for r in rows:
+                row_forwards[r] += 1
             # AR logits of each row's last known token and its drafts: [b, max drafts + 1, V].
             width = max(len(d) for d in drafts) + 1
             at = (torch.tensor(known)[:, None] - 1 + torch.arange(width)).clamp(max=app_hidden.shape[1] - 1)
@@ -435,7 +448,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
             append, drafts, qs = next_append, next_drafts, next_qs
 
         return SpeculativeOutput(out, forwards, time.perf_counter() - t0, self.pad_token_id,
-                                 drafted=drafted, accepted=accepted)
+                                 drafted=drafted, accepted=accepted, row_forwards=row_forwards)
 
 
 def speculative_sampler(im) -> SpeculativeSampler:

@@ -1,0 +1,288 @@
+#!/usr/bin/env python
+"""A drafter for SmolLM2-135M-Instruct: gated LoRA on the noised positions (lora.scope=noised), the
+verifier the untouched base model, against the full-model recipe at the same token budget.
+
+    python benchmarks/parallel_adaptation.py --until data --out PREP ...     # once: base, prompts, distilled data
+    python benchmarks/drafter_adaptation.py --prep PREP [--out DIR]          # resumable; rerun to continue
+    python benchmarks/drafter_adaptation.py --prep PREP --report-only        # tables and plot from what exists
+
+Every arm trains in chunks of --chunk-tokens (`train.exit_after_steps`, the learning-rate schedule
+fixed by the whole --tokens budget, so the chunks are one exact run) and gets a curve point after
+each chunk: greedy speculative decoding of the held-out prompts (batched; every row's count is
+its count at batch 1) at B = 4 and 8 in the three layouts, drafts kept per verified block and
+tokens per forward. The arms take turns (the one with the fewest tokens trains next) up to
+--round-tokens each; then the best gated arm (most tokens per forward at B = 8, one forward per
+block, masked layout) continues to --tokens. An interruption loses at most the chunk in flight.
+
+Data (all prepared by parallel_adaptation.py --until data under PREP, plus one file made here):
+  - distilled: the base model's own greedy continuations of 1,200 corpus prompts (SFT format:
+    the response tokens are scored), which is what the drafter must predict;
+  - raw: documents of the three corpora's training parts (the first 90%, where the train prompts
+    come from; the held-out prompts are from the last 10%) as SFT records with an empty prompt,
+    so every token is scored: in the blend, about --raw-tokens of them.
+Arms (ARMS below): gated LoRA rank 64 at two learning rates without distillation and the higher
+one with it (diffusion.distill_weight 1), all at block size 2 -> 4 -> 8 with half the blocks'
+first slot masked (the one-forward layout) and lambda = 0; and the full-model recipe (lambda 0.5,
+lr 3e-5, block size 1 -> 2 -> 4 -> 8) on the same blend, with its AR perplexity on held-out
+Wikipedia text against the base (a gated arm's AR model is the base itself).
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from parallel_adaptation import CORPORA, PY, latest_step, load_prompts, log, run  # noqa: E402
+
+TOKENS_PER_STEP = 512  # 4 sequences of L = 128
+GATED = {"lora.enabled": "true", "lora.scope": "noised", "lora.rank": 64, "lora.alpha": 128,
+         "diffusion.ar_loss_weight": 0, "diffusion.first_slot_mask_prob": 0.5}
+ARMS = {
+    "gated_lr3e-4": {**GATED, "train.lr": 3e-4},
+    "gated_lr1e-3": {**GATED, "train.lr": 1e-3},
+    "gated_lr1e-3_kl": {**GATED, "train.lr": 1e-3, "diffusion.distill_weight": 1.0},
+    "full_lr3e-5": {"diffusion.ar_loss_weight": 0.5, "train.lr": 3e-5, "diffusion.first_slot_mask_prob": 0.5},
+}
+LAYOUTS = {"one pass, masked": dict(fused=True, next_draft="masked"),
+           "one pass, overlap": dict(fused=True, next_draft="overlap"),
+           "two passes": dict(fused=False)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prep", required=True, help="output folder of parallel_adaptation.py --until data")
+    p.add_argument("--corpora", default=str(ROOT.parent / "shared" / "data"), help="folder with the corpora")
+    p.add_argument("--out", default=str(ROOT / "study" / "drafter"))
+    p.add_argument("--arms", default=",".join(ARMS), help="comma-separated names of ARMS")
+    p.add_argument("--tokens", type=int, default=524288, help="the schedule's budget (the best gated arm's tokens)")
+    p.add_argument("--round-tokens", type=int, default=131072, help="every arm trains this far before the best continues")
+    p.add_argument("--chunk-tokens", type=int, default=32768, help="tokens per training launch and curve point")
+    p.add_argument("--raw-tokens", type=int, default=240000, help="raw-corpus tokens in the blend (about)")
+    p.add_argument("--curve-prompts", type=int, default=24)
+    p.add_argument("--gen-tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--report-only", action="store_true")
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- data
+def raw_records(args, out: Path, tokenizer) -> Path:
+    """Documents of the corpora's training parts, about --raw-tokens in all, as SFT records."""
+    path = out / "raw.jsonl"
+    if path.is_file():
+        return path
+    from megablock.data.preprocess import iter_documents
+
+    per_corpus, rows = args.raw_tokens // len(CORPORA), []
+    for name, (file, split) in CORPORA.items():
+        docs = list(iter_documents(str(Path(args.corpora) / file), text_split=split))
+        cut, count = int(len(docs) * 0.9), 0
+        stride = max(1, cut // 4000)  # spread over the training part, not its first chapters
+        for doc in docs[:cut:stride]:
+            if count >= per_corpus:
+                break
+            rows.append({"prompt": "", "response": doc, "corpus": name})
+            count += len(tokenizer(doc, add_special_tokens=False)["input_ids"])
+        log(f"raw {name}: {count} tokens from {sum(r['corpus'] == name for r in rows)} documents")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+    return path
+
+
+def prepare(args, prep: Path, out: Path, env: dict) -> dict:
+    from transformers import AutoTokenizer
+
+    base = prep / "base"
+    tok = AutoTokenizer.from_pretrained(str(base / "tokenizer"))
+    raw = out / "data" / "raw"
+    if not Path(f"{raw}.flags.idx").is_file():
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        run([PY, "tools/preprocess_data.py", "--format", "sft", "--input", raw_records(args, out, tok), "--tokenizer",
+             base / "tokenizer", "--output-prefix", raw, "--quiet"], out / "logs" / "data.log", env)
+    return {"base": base, "hf": prep / "base_hf", "heldout": prep / "prompts_heldout.jsonl",
+            "heldout_text": prep / "data" / "heldout_wiki", "data": [prep / "data" / "distilled", raw]}
+
+
+# ----------------------------------------------------------------------------- training
+def stages(arm: str, tokens: int) -> list:
+    if arm.startswith("gated"):  # at B = 1 nothing is masked: the drafter starts at 2
+        return [{"block_size": 2, "tokens": tokens // 16}, {"block_size": 4, "tokens": tokens // 8}, {"block_size": 8}]
+    return [{"block_size": 1, "tokens": tokens // 16}, {"block_size": 2, "tokens": tokens // 16},
+            {"block_size": 4, "tokens": tokens // 8}, {"block_size": 8}]
+
+
+def train_chunk(args, arm: str, paths: dict, out: Path, env: dict) -> None:
+    save = out / arm
+    steps, chunk = args.tokens // TOKENS_PER_STEP, args.chunk_tokens // TOKENS_PER_STEP
+    lr = ARMS[arm]["train.lr"]
+    sets = {
+        "model.init_from": paths["base"], "data.prefix": json.dumps([str(p) for p in paths["data"]]),
+        "data.format": "sft", "data.split": "100,0,0", "data.seq_len": 128,
+        "checkpoint.save_dir": save, "checkpoint.resume": "true", "checkpoint.interval": chunk,
+        "checkpoint.keep_last": 1, "train.steps": steps, "train.exit_after_steps": chunk,
+        "train.micro_batch_size": 4, "train.global_batch_size": 4, "train.eval_interval": 0,
+        "train.min_lr": lr / 10, "train.warmup_steps": 16, "diffusion.stages": json.dumps(stages(arm, args.tokens)),
+        **ARMS[arm],
+    }
+    t0 = time.perf_counter()
+    run([PY, "examples/pretrain_nbdiff.py", "--config", "examples/configs/quickstart_cpu.yaml", "--set",
+         *[f"{k}={v}" for k, v in sets.items()]], out / "logs" / f"train_{arm}.log", env)
+    log(f"{arm}: trained to step {latest_step(save)} in {time.perf_counter() - t0:.0f} s")
+
+
+def consumed(out: Path, arm: str) -> int:
+    return latest_step(out / arm) * TOKENS_PER_STEP
+
+
+# ----------------------------------------------------------------------------- measurement
+def curve_point(args, ckpt: Path, paths: dict) -> dict:
+    """Greedy speculative decoding of the held-out prompts at B = 4, 8 in every layout."""
+    import torch
+
+    from megablock.cli import launched_parallel
+    from megablock.inference.loading import load
+    from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
+
+    torch.set_num_threads(args.threads)
+    im = load(ckpt=str(ckpt), parallel=launched_parallel())
+    im.eos_token_ids = []  # fixed-length rows
+    prompts = load_prompts(paths["heldout"], im.tokenizer)[: args.curve_prompts]
+    sampler, point = speculative_sampler(im), {}
+    for B in (4, 8):
+        for name, layout in LAYOUTS.items():
+            o = sampler.generate(prompts, SpeculativeConfig(block_size=B, max_new_tokens=args.gen_tokens, **layout))
+            point[f"B{B} {name}"] = {"kept_per_block": round(o.mean_accepted, 4),
+                                     "offered_per_block": round(sum(o.drafted) / max(len(o.drafted), 1), 3),
+                                     "tokens_per_forward": round(o.row_tokens_per_forward, 4),
+                                     "histogram": o.histogram()}
+    return point
+
+
+def add_curve_point(args, arm: str, paths: dict, out: Path) -> None:
+    curve = out / f"curve_{arm}.jsonl"
+    points = [json.loads(x) for x in curve.read_text().splitlines()] if curve.is_file() else []
+    tokens = consumed(out, arm)
+    if any(p["tokens"] == tokens for p in points):
+        return
+    ckpt = paths["base"] if tokens == 0 else out / arm
+    t0 = time.perf_counter()
+    point = {"tokens": tokens, **curve_point(args, ckpt, paths)}
+    with curve.open("a") as f:
+        f.write(json.dumps(point) + "\n")
+    m = point["B8 one pass, masked"]
+    log(f"{arm} @ {tokens} tokens: B=8 one pass (masked) {m['kept_per_block']:.2f} kept per block, "
+        f"{m['tokens_per_forward']:.2f} tokens/forward ({time.perf_counter() - t0:.0f} s)")
+
+
+def ar_perplexity(ckpt: Path, paths: dict, out: Path, name: str, env: dict) -> dict:
+    path = out / "eval" / f"ar_{name}.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = run([PY, "tools/evaluate.py", "--ckpt", ckpt, "--data", paths["heldout_text"], "--seq-len", 128,
+                      "--block-size", 1, "--max-tokens", 8192, "--json", "--quiet"], out / "logs" / "eval.log", env)
+        path.write_text(result.strip().splitlines()[-1])
+    return json.loads(path.read_text())
+
+
+def best_gated(args, out: Path, arms: list) -> str:
+    def score(arm):
+        curve = out / f"curve_{arm}.jsonl"
+        if not curve.is_file():
+            return -1.0
+        return json.loads(curve.read_text().splitlines()[-1])["B8 one pass, masked"]["tokens_per_forward"]
+    return max((a for a in arms if a.startswith("gated")), key=score)
+
+
+# ----------------------------------------------------------------------------- report
+def report(args, out: Path, arms: list) -> str:
+    lines = ["| arm | tokens | " + " | ".join(f"{k}: kept / offered, tok/fwd" for k in
+                                               (f"B{B} {n}" for B in (4, 8) for n in LAYOUTS)) + " |",
+             "|---|---|" + "---|" * (2 * len(LAYOUTS))]
+    for arm in arms:
+        curve = out / f"curve_{arm}.jsonl"
+        for p in (json.loads(x) for x in (curve.read_text().splitlines() if curve.is_file() else [])):
+            cells = [f"{p[k]['kept_per_block']:.2f} / {p[k]['offered_per_block']:.1f}, {p[k]['tokens_per_forward']:.2f}"
+                     for k in (f"B{B} {n}" for B in (4, 8) for n in LAYOUTS)]
+            lines.append(f"| {arm} | {p['tokens']} | " + " | ".join(cells) + " |")
+    for path in sorted((out / "eval").glob("ar_*.json")):
+        r = json.loads(path.read_text())
+        lines.append(f"\nAR perplexity ({path.stem[3:]}, {r['tokens']} held-out Wikipedia tokens): {r['ar_ppl']:.3f}")
+    return "\n".join(lines)
+
+
+def plot(out: Path, arms: list) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for arm in arms:
+        curve = out / f"curve_{arm}.jsonl"
+        if not curve.is_file():
+            continue
+        points = [json.loads(x) for x in curve.read_text().splitlines()]
+        t = [p["tokens"] / 1000 for p in points]
+        for ax, (key, field) in zip(axes, [("B4 one pass, masked", "kept_per_block"),
+                                           ("B8 one pass, masked", "kept_per_block"),
+                                           ("B8 one pass, masked", "tokens_per_forward")]):
+            ax.plot(t, [p[key][field] for p in points], marker="o", label=arm)
+            ax.set_title(f"{key}: {field.replace('_', ' ')}")
+            ax.set_xlabel("training tokens (thousands)")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(out / "drafter.png", dpi=110)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out, prep = Path(args.out), Path(args.prep)
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown:
+        sys.exit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    if not (prep / "data" / "distilled.flags.idx").is_file():
+        sys.exit(f"{prep} has no distilled data: run benchmarks/parallel_adaptation.py --until data --out {prep} first")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1",
+           "TOKENIZERS_PARALLELISM": "false"}
+    paths = prepare(args, prep, out, env)
+    if not args.report_only:
+        for arm in arms:  # the base's point: every arm starts from the same model
+            if not (out / f"curve_{arm}.jsonl").is_file() and (out / "curve_base.jsonl").is_file():
+                (out / f"curve_{arm}.jsonl").write_text((out / "curve_base.jsonl").read_text())
+        if not (out / "curve_base.jsonl").is_file():
+            add_curve_point(args, "base", paths, out)
+            for arm in arms:
+                (out / f"curve_{arm}.jsonl").write_text((out / "curve_base.jsonl").read_text())
+        while True:
+            todo = [a for a in arms if consumed(out, a) < args.round_tokens]
+            if not todo:
+                best = best_gated(args, out, arms)
+                if consumed(out, best) >= args.tokens:
+                    break
+                todo = [best]
+            arm = min(todo, key=lambda a: consumed(out, a))
+            train_chunk(args, arm, paths, out, env)
+            add_curve_point(args, arm, paths, out)
+        ar_perplexity(paths["base"], paths, out, "base", env)
+        for arm in arms:
+            if not arm.startswith("gated"):
+                ar_perplexity(out / arm, paths, out, arm, env)
+    text = report(args, out, arms)
+    (out / "report.md").write_text(text + "\n")
+    plot(out, arms)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
