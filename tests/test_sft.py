@@ -273,3 +273,18 @@ def test_training_runs_on_sft_data_with_the_confidence_term(tmp_path):
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["block_size"] for m in metrics if "loss" in m] == [1, 4, 4, 4]
     assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+
+
+def test_two_prefixes_pack_the_conversations_of_both(tmp_path, tok_dir):
+    # The first prefix's datasets are closed when the second's are opened: its documents must
+    # have been copied out (they once viewed freed memory maps, and packing segfaulted).
+    first = [{"prompt": "To be,", "response": " or not to be."}, {"prompt": "The quick", "response": " brown fox."}]
+    second = [{"prompt": "", "response": " In the beginning God created the heaven and the earth."}]
+    for name, rows in (("a", first), ("b", second)):
+        preprocess_sft([_jsonl(tmp_path / f"{name}.jsonl", rows)], str(tok_dir / "plain"), str(tmp_path / name),
+                       progress=False)
+    w = SFTWindows([str(tmp_path / "a"), str(tmp_path / "b")], 8, seed=0)
+    docs = _read(str(tmp_path / "a"))[0] + _read(str(tmp_path / "b"))[0]
+    order = np.random.default_rng(0).permutation(len(docs))
+    assert w.tokens.tolist() == sum((docs[i] for i in order), [])
+    assert len(w) > 0
