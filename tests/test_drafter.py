@@ -296,3 +296,91 @@ def test_gated_drafter_eos_inside_a_block_equals_hf_generate():
     for fused, layout in MODES:
         cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, fused=fused, next_draft=layout)
         assert speculative_sampler(im).generate(PROMPTS[:2], cfg).tokens == expected
+
+
+# --- a trained gated run: export (base unchanged + drafter folder), reload, decode -------------------
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def gated_run(tmp_path_factory):
+    from megablock.data.preprocess import preprocess
+
+    root = tmp_path_factory.mktemp("gated_run")
+    save_tiny_hf_model(root / "hf", "llama")
+    convert(root / "base", hf_dir=root / "hf", mask_token="<|mask|>", progress=False, log=lambda *a: None)
+    inputs = sorted(str(p) for p in (ROOT / "examples" / "data").glob("*.txt.gz"))
+    preprocess(inputs, str(root / "base" / "tokenizer"), str(root / "data"), workers=1, progress=False)
+    run_distributed(_train_gated, 1, root)
+    return root
+
+
+def _train_gated(rank, world, root):
+    from megablock.config import load_config
+    from megablock.training.trainer import Trainer
+
+    overrides = [f"model.init_from={root / 'base'}", f"data.prefix={root / 'data'}", f"checkpoint.save_dir={root / 'run'}",
+                 f"data.cache_dir={root / 'cache'}", "lora.enabled=true", "lora.rank=4", "lora.alpha=8",
+                 "lora.scope=noised", "diffusion.ar_loss_weight=0", "diffusion.distill_weight=0.5",
+                 'diffusion.stages=[{"block_size": 2, "tokens": 256}, {"block_size": 4}]', "train.lr=3e-2"]
+    Trainer(load_config(str(ROOT / "examples" / "configs" / "tiny.yaml"), overrides)).run()
+
+
+def _spec(im, prompts, B=4, fused=True):
+    from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
+
+    o = speculative_sampler(im).generate(prompts, SpeculativeConfig(block_size=B, max_new_tokens=12, fused=fused))
+    return o.tokens, o.accepted
+
+
+def test_export_writes_the_base_unchanged_and_a_drafter_that_decodes_as_the_checkpoint(gated_run, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from megablock.checkpoint.export import export
+    from megablock.inference.loading import load
+    from megablock.parallel.state import initialize_parallel
+
+    initialize_parallel(1, 1)
+    export(gated_run / "run", tmp_path / "out", progress=False, log=lambda *a: None)
+    export(gated_run / "base", tmp_path / "base_out", progress=False, log=lambda *a: None)
+    out = tmp_path / "out"
+    assert (out / "model.safetensors").read_bytes() == (tmp_path / "base_out" / "model.safetensors").read_bytes()
+    original = AutoModelForCausalLM.from_pretrained(str(gated_run / "hf")).state_dict()
+    exported = AutoModelForCausalLM.from_pretrained(str(out)).state_dict()
+    for name, t in original.items():  # the base, bit for bit (the export adds the mask token's row)
+        assert torch.equal(exported[name][: t.shape[0]], t), name
+    drafter = out / "drafter"
+    assert {p.name for p in drafter.iterdir()} >= {"adapter_config.json", "adapter_model.safetensors",
+                                                   "megablock_drafter.json", "megablock_drafter.safetensors"}
+    prompts = [[5, 6, 7, 8, 9], [40, 41], list(range(60, 71))]
+    from_ckpt = load(ckpt=str(gated_run / "run"))
+    assert from_ckpt.model.lora.scope == "noised"
+    from_folder = load(hf_dir=str(out), drafter=str(drafter))
+    for fused in (True, False):
+        got, want = _spec(from_folder, prompts, fused=fused), _spec(from_ckpt, prompts, fused=fused)
+        assert got == want
+        assert got[0] == _spec(load(hf_dir=str(out)), prompts, fused=fused)[0]  # lossless against the base
+    # The adapters trained: the drafts differ from the untrained noised half's.
+    assert _spec(from_folder, prompts)[1] != _spec(load(hf_dir=str(out)), prompts)[1]
+    # PEFT reads the adapter layout (applied everywhere, as PEFT does: not the gated drafter).
+    from peft import PeftModel
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(out)), str(drafter))
+
+
+def test_a_gated_checkpoint_is_never_merged(gated_run, tmp_path):
+    from megablock.checkpoint import format as fmt
+    from megablock.checkpoint.export import export
+    from megablock.checkpoint.loading import stage_shard
+    from megablock.inference.loading import load
+    from megablock.parallel.state import initialize_parallel
+
+    info = initialize_parallel(1, 1)
+    ckpt = fmt.resolve_checkpoint(gated_run / "run")
+    with pytest.raises(fmt.CheckpointError, match="gated drafter"):
+        stage_shard(ckpt, fmt.read_metadata(ckpt), info)  # what training's model.init_from reads
+    with pytest.raises(ValueError, match="--drafter goes with --hf-dir"):
+        load(ckpt=str(ckpt), drafter=str(tmp_path))
+    export(gated_run / "base", tmp_path / "plain", progress=False, log=lambda *a: None)
+    with pytest.raises(fmt.CheckpointError, match="not a drafter folder"):
+        load(hf_dir=str(tmp_path / "plain"), drafter=str(tmp_path / "plain"))

@@ -54,17 +54,7 @@ def _refuse_merge(ckpt, meta: dict) -> None:
 def attach_adapters(model, ckpt, meta: dict) -> None:
     """Apply the checkpoint's LoRA settings to `model` (a stage holding the frozen base) and load
     its adapters, resharded to the model's TP rank: the unmerged form, which a gated drafter needs."""
-    from megablock.model.lora import apply_lora
-
-    settings = LoraSection.from_saved(meta["lora"])
-    apply_lora(model, settings)
-    full = full_adapters(ckpt, meta)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name in full:
-                p.copy_(split_factor(model.cfg, name, full[name], model.tp, model.tp_rank).to(p.dtype))
-            elif name.endswith((".lora_A", ".lora_B")) or name == MASK_DELTA:
-                raise CheckpointError(f"{ckpt}: the adapter files have no {name}; the checkpoint is incomplete")
+    attach_full_adapters(model, LoraSection.from_saved(meta["lora"]), full_adapters(ckpt, meta), ckpt)
 
 
 def adapter_shard_path(ckpt, tp_rank: int, pp_rank: int) -> Path:
@@ -240,6 +230,79 @@ def write_peft_adapter(ckpt, meta: dict, out_dir, dtype: torch.dtype, base_model
     (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file(tensors, str(out_dir / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out_dir
+
+
+# ----------------------------------------------------------------------------- gated drafter folder
+DRAFTER_CONFIG = "megablock_drafter.json"
+DRAFTER_EXTRA = "megablock_drafter.safetensors"
+
+
+def write_drafter(ckpt, meta: dict, out_dir, dtype: torch.dtype, base_model_path: Optional[str] = None) -> Path:
+    """A gated drafter as a folder beside its base: PEFT's LoRA layout (adapter_config.json,
+    adapter_model.safetensors: what `PeftModel.from_pretrained` reads) plus what PEFT has no place
+    for, in files of their own: the gate (megablock_drafter.json: the adapters apply at draft
+    positions only) and the mask-token row delta (megablock_drafter.safetensors). Loaded by plain
+    PEFT the adapters would apply everywhere, which is a different model than the base verifier:
+    decode it with megablock (tools/generate.py --hf-dir BASE --drafter DIR)."""
+    out = write_peft_adapter(ckpt, meta, out_dir, dtype, base_model_path)
+    settings = LoraSection.from_saved(meta["lora"])
+    extra = {k: v.to(dtype).contiguous() for k, v in full_adapters(ckpt, meta).items() if k == MASK_DELTA}
+    if extra:
+        save_file(extra, str(out / DRAFTER_EXTRA), metadata={"format": "pt"})
+    info = {"scope": settings.scope, "rank": settings.rank, "alpha": settings.alpha,
+            "target_modules": list(settings.target_modules), "mask_token_id": meta.get("mask_token_id"),
+            "mask_row_delta": bool(extra), "base_model": base_model_path}
+    (out / DRAFTER_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
+    return out
+
+
+def read_drafter(folder, cfg) -> tuple[LoraSection, dict[str, torch.Tensor]]:
+    """(settings, full megablock adapter tensors) of a folder written by `write_drafter`, for a
+    model of config `cfg`: the PEFT q/k/v (gate/up) LoRAs fused back through the weight mappings."""
+    folder = Path(folder)
+    info_path, weights = folder / DRAFTER_CONFIG, folder / "adapter_model.safetensors"
+    if not info_path.is_file() or not weights.is_file():
+        raise CheckpointError(f"{folder} is not a drafter folder (needs {DRAFTER_CONFIG} and adapter_model.safetensors, "
+                              "as tools/export_hf.py writes for a lora.scope=noised run)")
+    info = json.loads(info_path.read_text())
+    if info.get("mask_token_id") != cfg.mask_token_id:
+        raise CheckpointError(f"{folder} was trained with mask token {info.get('mask_token_id')}, the model has "
+                              f"{cfg.mask_token_id}: use the base folder it was exported with")
+    with safe_open(str(weights), "pt") as f:
+        peft = {k: f.get_tensor(k) for k in f.keys()}
+    family = get_family(cfg.arch)
+    full = {}
+    for bound in family.params(cfg):
+        parts = bound.name.split(".")
+        if parts[0] != "layers" or parts[-1] != "weight" or parts[-2] not in info["target_modules"]:
+            continue
+        hf = [n[: -len(".weight")] for n in bound.hf_names()]
+        key = lambda module, part: f"base_model.model.{module}.lora_{part}.weight"  # noqa: E731
+        missing = [key(m, "B") for m in hf if key(m, "B") not in peft]
+        if missing:
+            raise CheckpointError(f"{folder}: adapter_model.safetensors has no {missing[0]}; re-export the drafter")
+        stem = bound.name[: -len(".weight")]
+        full[f"{stem}.lora_A"] = peft[key(hf[0], "A")]
+        full[f"{stem}.lora_B"] = bound.to_megablock(lambda name: peft[key(name[: -len(".weight")], "B")], cfg)
+    if info.get("mask_row_delta"):
+        with safe_open(str(folder / DRAFTER_EXTRA), "pt") as f:
+            full[MASK_DELTA] = f.get_tensor(MASK_DELTA)
+    settings = LoraSection(enabled=True, rank=info["rank"], alpha=info["alpha"], target_modules=info["target_modules"],
+                           train_mask_token_row=bool(info.get("mask_row_delta")), scope=info["scope"])
+    return settings, full
+
+
+def attach_full_adapters(model, settings: LoraSection, full: dict, source) -> None:
+    """apply_lora with `settings`, then load full (TP = 1) adapter tensors, split to the model's TP rank."""
+    from megablock.model.lora import apply_lora
+
+    apply_lora(model, settings)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name in full:
+                p.copy_(split_factor(model.cfg, name, full[name], model.tp, model.tp_rank).to(p.dtype))
+            elif name.endswith((".lora_A", ".lora_B")) or name == MASK_DELTA:
+                raise CheckpointError(f"{source}: the adapter files have no {name}; they are incomplete")
 
 
 def check_adapter_shards(ckpt, meta: dict, required: bool = False) -> None:

@@ -16,6 +16,10 @@ as the tensors stream: W + alpha/r * B A, and the mask-token row delta (megabloc
 `lora_separate=True` instead writes the base (everything but the LoRA factors: frozen weights,
 trained norms and mask row) to OUT and a PEFT LoRA folder to OUT/adapter, which
 `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT), OUT/adapter)` loads.
+
+A gated drafter (lora.scope=noised) is never merged: OUT is the base exactly as it was trained
+on (the same tensors as an export of the base checkpoint), and OUT/drafter the adapters
+(`adapters.write_drafter`: PEFT's layout plus the gate and the mask-row delta).
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ MAX_SHARD_BYTES = 5 * 10**9
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 ADAPTER_DIR = "adapter"
+DRAFTER_DIR = "drafter"
 
 
 # Tokenizer files an export copies from CKPT/tokenizer/ (those present there, plus the usual
@@ -51,7 +56,8 @@ TOKENIZER_FILES = frozenset({
 def _exported(name: str, ckpt: Path) -> bool:
     """Whether `name` at the top of an output folder is something export writes (what --force may
     replace)."""
-    if name in (WEIGHTS_NAME, INDEX_NAME, "config.json", "generation_config.json", ADAPTER_DIR) or name in TOKENIZER_FILES:
+    if name in (WEIGHTS_NAME, INDEX_NAME, "config.json", "generation_config.json", ADAPTER_DIR, DRAFTER_DIR) \
+            or name in TOKENIZER_FILES:
         return True
     if name.startswith("model-") and name.endswith(".safetensors"):
         return True
@@ -127,10 +133,10 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
     if cfg.padded_vocab_size(meta["tp"]) != meta["padded_vocab_size"]:
         raise fmt.CheckpointError(f"{ckpt}/megablock.json: padded_vocab_size disagrees with the model config; re-convert")
     check_shards(ckpt, meta)
-    tensors, lora = fmt.iter_full_tensors(ckpt, meta), None
+    tensors, gated = fmt.iter_full_tensors(ckpt, meta), adapters.is_gated(meta)
     if meta.get("lora") or lora_separate:
         adapters.check_adapter_shards(ckpt, meta, required=lora_separate)
-        tensors = adapters.iter_merged_full_tensors(ckpt, meta, merge_lora=not lora_separate)
+        tensors = adapters.iter_merged_full_tensors(ckpt, meta, merge_lora=not (lora_separate or gated))
 
     # Plan the HF tensors (names, shapes) on meta tensors, then the files they go to.
     shapes = fmt.full_shapes(cfg, meta["tp"])
@@ -174,7 +180,9 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(meta, dtype), indent=2) + "\n")
         if meta.get("generation_config"):
             (tmp / "generation_config.json").write_text(json.dumps(meta["generation_config"], indent=2) + "\n")
-        if lora_separate:
+        if gated:
+            adapters.write_drafter(ckpt, meta, tmp / DRAFTER_DIR, torch_dtype, base_model_path=str(out))
+        elif lora_separate:
             adapters.write_peft_adapter(ckpt, meta, tmp / ADAPTER_DIR, torch_dtype, base_model_path=str(out))
         tok = ckpt / fmt.TOKENIZER_DIR
         if tok.is_dir():
@@ -191,7 +199,7 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
         "out": str(out), "ckpt": str(ckpt), "arch": cfg.arch, "parameters": parameter_count(cfg)[1],
         "files": len(files), "dtype": dtype, "from_tp": meta["tp"], "from_pp": meta["pp"],
         "seconds": round(time.time() - start, 2),
-        "lora": None if not meta.get("lora") else ("separate" if lora_separate else "merged"),
+        "lora": None if not meta.get("lora") else ("drafter" if gated else "separate" if lora_separate else "merged"),
     }
     log(f"exported {cfg.arch} ({summary['parameters']:,} parameters, {meta['tp']}x{meta['pp']} shards) to "
         f"{out} as {family.hf_class} in {len(files)} file(s), {dtype}, in {summary['seconds']} s")

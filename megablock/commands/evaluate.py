@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="megablock checkpoint folder (or a training save dir with 'latest')")
     src.add_argument("--hf-dir", help="Hugging Face model folder (plain, or exported by export_hf.py)")
+    p.add_argument("--drafter", help="with --hf-dir: a drafter folder (export_hf.py of a lora.scope=noised run, "
+                                     "OUT/drafter) that drafts for the untouched base (--mode speculative)")
     p.add_argument("--data", required=True, help="indexed dataset prefix (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--seq-len", type=int, required=True, help="L: tokens per evaluation window")
     p.add_argument("--block-size", type=int, required=True, help="B: diffusion block size (1 = AR)")
@@ -96,7 +98,7 @@ def run(args) -> int:
         raise EvaluationError(f"--max-tokens {args.max_tokens} is less than one window of --seq-len {args.seq_len}")
     check_block_size(args.block_size, args.seq_len, mask_token_id=0, shift=True)  # ranges before loading
     windows = eval_windows(args.data, args.seq_len, args.max_tokens)
-    em = load(ckpt=args.ckpt, hf_dir=args.hf_dir, dtype=args.dtype, parallel=launched_parallel())
+    em = load(ckpt=args.ckpt, hf_dir=args.hf_dir, dtype=args.dtype, parallel=launched_parallel(), drafter=args.drafter)
     vocab = em.model.cfg.vocab_size
     if int(windows.max()) >= vocab:
         raise EvaluationError(

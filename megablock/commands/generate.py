@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="megablock checkpoint folder (or a training save dir with 'latest')")
     src.add_argument("--hf-dir", help="Hugging Face model folder (plain, or exported by export_hf.py)")
+    p.add_argument("--drafter", help="with --hf-dir: a drafter folder (export_hf.py of a lora.scope=noised run, "
+                                     "OUT/drafter) that drafts for the untouched base (--mode speculative)")
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--prompt-file", help="file with one prompt per line (decoded as one batch)")
@@ -102,7 +104,7 @@ def generate_config(args):
 def run(args) -> int:
     prompts = read_prompts(args)
     cfg = generate_config(args)
-    im = load(ckpt=args.ckpt, hf_dir=args.hf_dir, dtype=args.dtype, parallel=launched_parallel())
+    im = load(ckpt=args.ckpt, hf_dir=args.hf_dir, dtype=args.dtype, parallel=launched_parallel(), drafter=args.drafter)
     if im.tokenizer is None:
         raise UsageError(f"no tokenizer in {args.ckpt or args.hf_dir}; the model folder needs one to encode prompts")
     cfg.shift = im.shift

@@ -125,9 +125,12 @@ def load_checkpoint(path, dtype=torch.float32, parallel: Optional[ParallelInfo] 
     )
 
 
-def load(ckpt=None, hf_dir=None, dtype: str = "fp32", parallel: Optional[ParallelInfo] = None) -> InferenceModel:
+def load(ckpt=None, hf_dir=None, dtype: str = "fp32", parallel: Optional[ParallelInfo] = None,
+         drafter=None) -> InferenceModel:
     """Exactly one of `ckpt` / `hf_dir`; clear errors for a missing folder or a bad dtype. The
-    model is moved to `parallel.device` (default: the current layout's) and put in eval mode."""
+    model is moved to `parallel.device` (default: the current layout's) and put in eval mode.
+    `drafter`: a drafter folder (tools/export_hf.py of a lora.scope=noised run) attached, gated,
+    to the `hf_dir` base."""
     parallel = parallel or current_parallel()
     if (ckpt is None) == (hf_dir is None):
         raise ValueError("pass exactly one of ckpt or hf_dir")
@@ -136,7 +139,15 @@ def load(ckpt=None, hf_dir=None, dtype: str = "fp32", parallel: Optional[Paralle
     folder = Path(ckpt if ckpt is not None else hf_dir)
     if not folder.is_dir():
         raise FileNotFoundError(f"{'checkpoint' if ckpt is not None else 'HF model'} folder {folder} does not exist")
+    if drafter is not None and hf_dir is None:
+        raise ValueError("--drafter goes with --hf-dir (the base folder it was exported with); a checkpoint "
+                         "given with --ckpt carries its own adapters")
     loader = load_checkpoint if ckpt is not None else load_hf_folder
     im = loader(folder, fmt.DTYPES[dtype], parallel)
+    if drafter is not None:
+        if not Path(drafter).is_dir():
+            raise FileNotFoundError(f"drafter folder {drafter} does not exist")
+        settings, full = adapters.read_drafter(drafter, im.model.cfg)
+        adapters.attach_full_adapters(im.model, settings, full, drafter)
     im.model.to(parallel.device).eval()
     return im
