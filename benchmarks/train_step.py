@@ -10,7 +10,12 @@ heads (GQA), vocab 32000 (untied head), fp32, batch 1, torch.set_num_threads(2).
   (a) ar     : an AR step on L tokens (AttentionLayout "ar"; build_batch with B = 1),
   (b) sdpa   : a block-diffusion step, B = 16, context_causal, [xt ; x0] = 2L tokens, attention
                impl "sdpa" (the exact CPU fast path),
-  (c) dense  : the same batch with impl "dense" (SDPA with the 2L x 2L bool mask).
+  (c) dense  : the same batch with impl "dense" (SDPA with the 2L x 2L bool mask),
+  (d) gated  : (--configs ... gated) the gated drafter's step on (b)'s batch: a second model,
+               frozen, with LoRA rank --lora-rank on every linear gated to the noised half
+               (lora.scope=noised), lambda = 0, the clean half run once without autograd
+               (lora.clean_pass=cached). Compared with (b), the full-model step (issue 23's target:
+               <= 0.6x in time and in tensor peak at L = 2048).
 A step is forward -> block_diffusion_loss (on a real DiffusionBatch from build_batch) -> backward.
 Batches (noise, masks of the batch) are built outside the timed region; gradients are reset to
 None before every step (untimed), so each step allocates its gradients like a training step.
@@ -56,11 +61,14 @@ from common import (  # noqa: E402
     run_worker, setup_cpu, stats, table,
 )
 
-CONFIGS = ("ar", "sdpa", "dense")
-LABEL = {"ar": "(a) AR, L tokens", "sdpa": "(b) BD sdpa, 2L", "dense": "(c) BD dense, 2L"}
+CONFIGS = ("ar", "sdpa", "dense", "gated")
+LABEL = {"ar": "(a) AR, L tokens", "sdpa": "(b) BD sdpa, 2L", "dense": "(c) BD dense, 2L",
+         "gated": "(d) gated drafter, 2L"}
+DEFAULT_CONFIGS = ("ar", "sdpa", "dense")
 VOCAB = 32000
 MASK_ID = VOCAB - 1
 TARGET_TIME, TARGET_MEM = 2.0, 2.0  # issue 17, at L = 2048
+GATED_TARGET = 0.6  # issue 23: the gated step against the full-model step (b), time and tensor peak
 
 
 def parse_args(argv=None):
@@ -79,7 +87,7 @@ def parse_args(argv=None):
                    help="memory only (byte counts do not depend on machine load; time them on a quiet machine)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the attention / head+loss timings")
     p.add_argument("--profile", action="store_true", help="torch.profiler op table for (a) and (b) at the largest L")
-    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS),
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(DEFAULT_CONFIGS),
                    help="which steps to run (the AR step is always run: the ratios need it)")
     p.add_argument("--loss", choices=["selected", "full"], default="selected",
                    help="selected: the head and CE only at loss positions, in chunks (training's path); "
@@ -93,15 +101,25 @@ def parse_args(argv=None):
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: bf16 weights, compiled FlexAttention, peak memory from torch.cuda, MFU")
     p.add_argument("--vocab", type=int, default=VOCAB)
+    p.add_argument("--lora-rank", type=int, default=64, help="(d): rank of the gated LoRA (alpha = 2 x rank)")
     p.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     p.add_argument("--worker-length", type=int, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
-def build_model(args):
+def build_model(args, gated: bool = False):
+    """The benchmark model; `gated`: frozen, with LoRA on every linear gated to the noised half."""
     import torch
     from megablock.model.config import ModelConfig
     from megablock.model.transformer import BlockDiffusionLM
+
+    if gated:
+        from megablock.config import LoraSection
+        from megablock.model.lora import apply_lora
+
+        model = build_model(args)
+        apply_lora(model, LoraSection(enabled=True, rank=args.lora_rank, alpha=2.0 * args.lora_rank, scope="noised"))
+        return model
 
     torch.manual_seed(0)
     cfg = ModelConfig(
@@ -132,8 +150,10 @@ def step_fn(model, config: str, batch, args):
     from megablock.training.engine import DiffusionObjective
 
     impl = "dense" if config == "dense" else ("auto" if args.device == "cuda" else "sdpa")
-    lam = args.ar_loss_weight
-    objective = DiffusionObjective(model, LossWeights(lam, chunk_tokens=args.loss_chunk_tokens), drop_unmasked=not args.keep_unmasked_blocks)
+    lam = 0.0 if config == "gated" else args.ar_loss_weight  # the gated drafter has no AR loss to train
+    objective = DiffusionObjective(model, LossWeights(lam, chunk_tokens=args.loss_chunk_tokens),
+                                   drop_unmasked=not args.keep_unmasked_blocks,
+                                   clean_pass="cached" if config == "gated" else "joint")
 
     def step():
         model.set_attention_impl(impl)
@@ -151,9 +171,10 @@ def step_fn(model, config: str, batch, args):
     return step
 
 
-def zero_grad(model):
+def zero_grad(*models):
     def before(_name=None):
-        model.zero_grad(set_to_none=True)
+        for model in models:
+            model.zero_grad(set_to_none=True)
         gc.collect()
 
     return before
@@ -214,7 +235,7 @@ def head_loss_fn(model, batch, args):
 def worker(args) -> dict:
     setup_cpu(args.threads)
     init_single_process()
-    model = build_model(args)
+    model = build_model(args, gated=args.worker == "gated")
     L = args.worker_length
     batch = make_batch(args.worker, L, args.block_size, args)
     step = step_fn(model, args.worker, batch, args)
@@ -313,28 +334,31 @@ def main(argv=None) -> int:
     print(f"machine: {machine_note()}; warm-up 1 + {args.repeats} interleaved repeats")
 
     configs = ["ar"] + [c for c in CONFIGS if c in args.configs and c != "ar"]
+    models = {c: model for c in configs}
+    if "gated" in configs:
+        models["gated"] = build_model(args, gated=True)
     dropping = args.loss == "selected" and not args.keep_unmasked_blocks  # the full-logits path carries 2L
     print(f"loss: {args.loss} (chunk {args.loss_chunk_tokens}), recompute: {args.recompute}, "
           f"lambda {args.ar_loss_weight}, noised blocks without a mask {'dropped' if dropping else 'kept'}")
     results, ratios, rows, brows = {}, {}, [], []
     for L in args.lengths:
         batches = {c: make_batch(c, L, args.block_size, args) for c in configs}
-        steps = {c: step_fn(model, c, batches[c], args) for c in configs}
+        steps = {c: step_fn(models[c], c, batches[c], args) for c in configs}
         nan = float("nan")
         res = {c: {"tokens": batches[c].layout.total_len, "min_s": nan, "median_s": nan, "cores": nan}
                for c in configs}
         if not args.no_timing:
             cpu = {}
-            times = interleaved(steps, args.repeats, warmup=1, before=zero_grad(model), cpu=cpu)
+            times = interleaved(steps, args.repeats, warmup=1, before=zero_grad(*set(models.values())), cpu=cpu)
             res = {c: {"tokens": batches[c].layout.total_len, **stats(times[c], cpu[c])} for c in configs}
 
         if not args.no_breakdown and not args.no_timing:
             parts = {}
-            for c in configs:
+            for c in (c for c in configs if c != "gated"):  # (d) has no attention call of its own shape
                 parts[f"attn_{c}"] = attention_fn(cfg, c, batches[c])
                 parts[f"head_{c}"] = head_loss_fn(model, batches[c], args)
             pt = interleaved(parts, args.repeats, warmup=1, before=zero_grad(model))
-            for c in configs:
+            for c in (c for c in configs if c != "gated"):
                 attn = min(pt[f"attn_{c}"]) * cfg.num_layers
                 head = min(pt[f"head_{c}"])
                 res[c].update(attention_s=attn, head_loss_s=head, rest_s=res[c]["min_s"] - attn - head)
@@ -361,14 +385,15 @@ def main(argv=None) -> int:
 
         a = res["ar"]
         ratios[L] = {}
-        for c, tag in (("sdpa", "b/a"), ("dense", "c/a")):
-            if c not in res:
+        for c, tag, ref in (("sdpa", "b/a", "ar"), ("dense", "c/a", "ar"), ("gated", "d/b", "sdpa")):
+            if c not in res or ref not in res:
                 continue
-            ratios[L][f"{tag}_time"] = res[c]["min_s"] / a["min_s"]
-            ratios[L][f"{tag}_time_median"] = res[c]["median_s"] / a["median_s"]
-            if "tensor_peak_mib" in a:
-                ratios[L][f"{tag}_memory"] = res[c]["tensor_peak_mib"] / a["tensor_peak_mib"]
-                ratios[L][f"{tag}_rss"] = res[c]["rss_delta_mib"] / a["rss_delta_mib"]
+            r = res[ref]
+            ratios[L][f"{tag}_time"] = res[c]["min_s"] / r["min_s"]
+            ratios[L][f"{tag}_time_median"] = res[c]["median_s"] / r["median_s"]
+            if "tensor_peak_mib" in r:
+                ratios[L][f"{tag}_memory"] = res[c]["tensor_peak_mib"] / r["tensor_peak_mib"]
+                ratios[L][f"{tag}_rss"] = res[c]["rss_delta_mib"] / r["rss_delta_mib"]
         for c in configs:
             r = res[c]
             rows.append({"L": L, "config": LABEL[c], "tokens": r["tokens"], "min": r["min_s"],
@@ -415,6 +440,16 @@ def main(argv=None) -> int:
               f"{'met' if target['time_met'] else 'MISSED'})"
               + (f", b/a memory {r['b/a_memory']:.2f} (<= {TARGET_MEM}: "
                  f"{'met' if target['memory_met'] else 'MISSED'})" if "b/a_memory" in r else ""))
+    if 2048 in ratios and "d/b_time" in ratios[2048]:
+        r = ratios[2048]
+        target = {**(target or {}), "d/b_time_at_2048": r["d/b_time"], "d/b_time_median_at_2048": r["d/b_time_median"],
+                  "gated_target": GATED_TARGET, "gated_time_met": r["d/b_time"] <= GATED_TARGET}
+        line = (f"gated drafter vs full-model step at L = 2048: time {r['d/b_time']:.2f} best "
+                f"({r['d/b_time_median']:.2f} median)")
+        if "d/b_memory" in r:
+            target.update({"d/b_memory_at_2048": r["d/b_memory"], "gated_memory_met": r["d/b_memory"] <= GATED_TARGET})
+            line += f", tensor peak {r['d/b_memory']:.2f}"
+        print(f"{line} (target <= {GATED_TARGET} each)")
     print(json.dumps({
         "benchmark": "train_step",
         "model": {"layers": cfg.num_layers, "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
