@@ -28,13 +28,18 @@ B in --block-sizes, each draft layout (one pass per block with the next block's 
 masked or overlapping, or a separate draft pass): mean accepted drafts per block, tokens per
 forward, tokens/s (median and best of --repeats, interleaved) and the ratio to Hugging Face
 `generate` at the same batch in the same run, and whether the greedy tokens equal the model's own
-AR decoding (B = 1 of the sampler).
+AR decoding (B = 1 of the sampler). `--prompt-file` takes the prompts from a file (at batch 1 each is
+decoded alone); `--hf-dir BASE --drafter DIR` decodes with a gated drafter over the untouched base,
+which is then also HF's model. Each row also gives what one forward costs in AR steps of the same
+sampler, and, at batch 1, a model (not a measurement) of its speed against HF if a forward cost one
+AR step, as a memory-bound GPU forward over 2B slots nearly does.
 
 Prints a table, then one JSON object on the last line.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -153,6 +158,28 @@ LAYOUTS = {"one-pass masked": dict(fused=True, next_draft="masked"),
            "two-pass": dict(fused=False)}
 
 
+def read_prompt_file(path: str) -> list[str]:
+    """Prompts of a file: JSON lines with a "prompt" (benchmarks' held-out prompt files) or plain lines."""
+    lines = [x for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
+    return [json.loads(x)["prompt"] if x.lstrip().startswith("{") else x for x in lines]
+
+
+def one_by_one(fn, prompts: list):
+    """A runner that decodes each prompt alone (batch 1) and pools the results into one."""
+    def run():
+        outs = [fn([p]) for p in prompts]
+        if isinstance(outs[0], list):  # HF: rows of tokens
+            return [o[0] for o in outs]
+        pooled = dataclasses.replace(outs[0], tokens=[o.tokens[0] for o in outs],
+                                     forwards=sum(o.forwards for o in outs), seconds=sum(o.seconds for o in outs))
+        if hasattr(pooled, "accepted"):
+            pooled = dataclasses.replace(pooled, accepted=sum((o.accepted for o in outs), []),
+                                         drafted=sum((o.drafted for o in outs), []),
+                                         row_forwards=sum((o.row_forwards for o in outs), []))
+        return pooled
+    return run
+
+
 def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
     import statistics
 
@@ -168,19 +195,27 @@ def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
                                                         attn_implementation="sdpa").eval()
     clock = time.perf_counter if args.clock == "wall" else time.process_time
     rows, checks = [], []
+    texts = read_prompt_file(args.prompt_file) if args.prompt_file else PROMPTS
     for batch in args.batches:
-        prompts = [im.tokenizer(p)["input_ids"] for p in (PROMPTS * batch)[:batch]]
-        fns = {"ar": lambda prompts=prompts: ar_sampler.generate(prompts, GenerateConfig(block_size=1, max_new_tokens=n))}
+        # With a prompt file, batch 1 decodes every prompt of it alone; batch k the first k together.
+        alone = args.prompt_file is not None and batch == 1
+        chosen = texts if alone else (texts * batch)[:batch]
+        prompts = [im.tokenizer(p, add_special_tokens=False)["input_ids"] for p in chosen]
+
+        def runner(fn):
+            return one_by_one(fn, prompts) if alone else (lambda: fn(prompts))
+        fns = {"ar": runner(lambda ps: ar_sampler.generate(ps, GenerateConfig(block_size=1, max_new_tokens=n)))}
         if hf_model is not None:
-            fns["hf"] = hf_batch_runner(hf_model, prompts, n)
+            fns["hf"] = runner(lambda ps: hf_batch_runner(hf_model, ps, n)())
         for B in args.block_sizes:
             for name in args.layouts:
                 cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, **LAYOUTS[name])
                 if cfg.drafts_per_block < 1:
                     continue
-                fns[(B, name)] = lambda prompts=prompts, cfg=cfg: spec.generate(prompts, cfg)
+                fns[(B, name)] = runner(lambda ps, cfg=cfg: spec.generate(ps, cfg))
         timed = timed_runs(fns, args.repeats, clock)
-        total = batch * n
+        total = len(prompts) * n
+        batch = 1 if alone else batch
         ar_times, ar_out = timed["ar"]
         hf_times = timed["hf"][0] if "hf" in timed else None
         # HF's min_new_tokens forbids EOS while our runs ignore it (they may emit one and go on),
@@ -198,17 +233,25 @@ def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
             best, med = total / min(times), total / statistics.median(times)
             row = dict(batch=batch, block_size=B, layout=name, forwards=res.forwards,
                        tokens_per_forward=total / res.forwards, tokens_per_s_best=best, tokens_per_s_median=med,
-                       same_as_ar=res.tokens == ar_out.tokens)
+                       same_as_ar=res.tokens == ar_out.tokens,
+                       # what one forward costs here, in AR steps of the same sampler (medians)
+                       forward_cost_x_ar=(statistics.median(times) / res.forwards)
+                       / (statistics.median(ar_times) / ar_out.forwards))
             if key != "ar":
                 row.update(mean_accepted=res.mean_accepted, drafts_per_block=SpeculativeConfig(
                     block_size=B, **LAYOUTS[name]).drafts_per_block, acceptance_rate=res.acceptance_rate,
                     accepted_histogram=res.histogram())
+                if batch == 1:
+                    # A model, not a measurement: the speed if a forward cost one AR step (as on a GPU,
+                    # where a pass over 2B slots at batch 1 is memory bound), relative to HF generate.
+                    ar_vs_hf = statistics.median(hf_times) / statistics.median(ar_times) if hf_times else None
+                    row["modeled_vs_hf_one_ar_step"] = None if ar_vs_hf is None else row["tokens_per_forward"] * ar_vs_hf
             if hf_times:
                 row.update(vs_hf_best=min(hf_times) / min(times),
                            vs_hf_median=statistics.median(hf_times) / statistics.median(times))
             rows.append(row)
         if hf_times:
-            rows.append(dict(batch=batch, block_size=1, layout="HF generate", forwards=n,
+            rows.append(dict(batch=batch, block_size=1, layout="HF generate", forwards=total // batch,
                              tokens_per_forward=batch, tokens_per_s_best=total / min(hf_times),
                              tokens_per_s_median=total / statistics.median(hf_times), vs_hf_best=1.0, vs_hf_median=1.0))
 
@@ -220,14 +263,17 @@ def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
     for c in checks:
         print(f"batch {c['batch']}: megablock AR (B=1) tokens == HF generate tokens (before the first EOS): "
               f"{c['ar_tokens_equal_hf']}")
-    print(f"{'batch':>5} {'B':>3} {'layout':<17} {'acc/blk':>9} {'fwd':>5} {'tok/fwd':>8} {'tok/s med':>10} "
-          f"{'tok/s best':>10} {'vs HF med':>9} {'vs HF best':>10} {'=AR':>4}")
+    print(f"{'batch':>5} {'B':>3} {'layout':<17} {'acc/blk':>9} {'fwd':>5} {'tok/fwd':>8} {'fwd cost':>8} "
+          f"{'tok/s med':>10} {'tok/s best':>10} {'vs HF med':>9} {'vs HF best':>10} {'model':>6} {'=AR':>4}")
     for r in rows:
         acc = f"{r['mean_accepted']:.2f}/{r['drafts_per_block']}" if "mean_accepted" in r else "-"
-        vs = lambda k: f"{r[k]:.2f}" if k in r else "-"  # noqa: E731
+        vs = lambda k: f"{r[k]:.2f}" if r.get(k) is not None else "-"  # noqa: E731
         print(f"{r['batch']:>5} {r['block_size']:>3} {r['layout']:<17} {acc:>9} {r['forwards']:>5} "
-              f"{r['tokens_per_forward']:>8.2f} {r['tokens_per_s_median']:>10.1f} {r['tokens_per_s_best']:>10.1f} "
-              f"{vs('vs_hf_median'):>9} {vs('vs_hf_best'):>10} {str(r.get('same_as_ar', '-')):>4}")
+              f"{r['tokens_per_forward']:>8.2f} {vs('forward_cost_x_ar'):>8} {r['tokens_per_s_median']:>10.1f} "
+              f"{r['tokens_per_s_best']:>10.1f} {vs('vs_hf_median'):>9} {vs('vs_hf_best'):>10} "
+              f"{vs('modeled_vs_hf_one_ar_step'):>6} {str(r.get('same_as_ar', '-')):>4}")
+    print("fwd cost: seconds per forward / seconds per AR step of the sampler (medians). model: tokens/s vs HF "
+          "if a forward cost one AR step (a model of a memory-bound GPU forward, not a measurement).")
 
     def clean(v):
         if isinstance(v, float):
@@ -266,6 +312,10 @@ def main(argv=None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8], help="speculative mode: batch sizes")
     p.add_argument("--layouts", nargs="+", choices=list(LAYOUTS), default=list(LAYOUTS),
                    help="speculative mode: draft layouts")
+    p.add_argument("--drafter", help="with --hf-dir: a drafter folder (export of a lora.scope=noised run); the HF "
+                                     "baseline is then the base folder itself")
+    p.add_argument("--prompt-file", help="speculative mode: prompts (JSON lines with 'prompt', or plain lines); "
+                                         "batch 1 decodes each alone")
     p.add_argument("--dtype", default="fp32", choices=options(WeightDtype))
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -287,7 +337,8 @@ def main(argv=None) -> None:
         ckpt = args.ckpt
         if ckpt is None and args.hf_dir is None:
             ckpt = str(speculative_checkpoint(hf_folder, Path(args.cache_dir)))
-        im = load(ckpt=ckpt, hf_dir=None if ckpt else hf_folder, dtype=args.dtype, parallel=parallel)
+        im = load(ckpt=ckpt, hf_dir=None if ckpt else hf_folder, dtype=args.dtype, parallel=parallel,
+                  drafter=args.drafter)
         if im.mask_token_id is None:
             sys.exit(f"{hf_folder}: speculative decoding drafts with the mask token and this model has none; "
                      "convert it with tools/convert_hf.py (and train it) first")
