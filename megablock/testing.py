@@ -127,6 +127,36 @@ def save_tiny_hf_model(path, family: str, seed: int = 0, with_tokenizer: bool = 
     return model
 
 
+def training_assets(root, family: str = "llama", ckpt_name: str = "ckpt") -> Path:
+    """A tiny converted checkpoint (root/CKPT_NAME, with a mask token) and the repo's public-domain
+    text sample tokenized with its tokenizer (root/data): what training tests start from."""
+    from megablock.checkpoint.convert import convert
+    from megablock.data.preprocess import preprocess
+
+    root = Path(root)
+    save_tiny_hf_model(root / "hf", family)
+    convert(root / ckpt_name, hf_dir=root / "hf", mask_token=MASK_TOKEN, progress=False, log=lambda *a: None)
+    inputs = sorted(str(p) for p in (Path(__file__).resolve().parents[1] / "examples" / "data").glob("*.txt.gz"))
+    if not inputs:
+        raise FileNotFoundError("examples/data has no corpus sample")
+    preprocess(inputs, str(root / ckpt_name / "tokenizer"), str(root / "data"), workers=1, progress=False)
+    return root
+
+
+SPECULATIVE_LAYOUTS = ((False, "masked"), (True, "masked"), (True, "overlap"))
+"""(fused, next_draft): two forwards per block, and the two layouts of the one-forward mode."""
+
+
+def speculative_configs(max_new_tokens: int, block_sizes=(2, 4, 8)):
+    """Every valid speculative layout at each block size (overlap needs B >= 3)."""
+    from megablock.inference.speculative import SpeculativeConfig
+
+    for B in block_sizes:
+        for fused, layout in SPECULATIVE_LAYOUTS:
+            if not (layout == "overlap" and B == 2):
+                yield SpeculativeConfig(block_size=B, max_new_tokens=max_new_tokens, fused=fused, next_draft=layout)
+
+
 def randomize_adapters(model, rank: int, scale: float = 0.1) -> None:
     """Give a model's LoRA B factors and mask-row delta non-zero values (apply_lora starts B at 0),
     drawn as full tensors keyed by name and split, so every TP layout holds the same adapters

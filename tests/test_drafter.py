@@ -15,7 +15,8 @@ from megablock.checkpoint.convert import convert  # noqa: E402
 from megablock.config import ConfigError, Config, LoraSection  # noqa: E402
 from megablock.diffusion.batch import build_batch, drop_unmasked_blocks  # noqa: E402
 from megablock.diffusion.loss import LossWeights, distill_kl, objective, selected_block_diffusion_loss  # noqa: E402
-from megablock.testing import peaked_model, randomize_adapters, run_distributed, save_tiny_hf_model  # noqa: E402
+from megablock.testing import (peaked_model, randomize_adapters, run_distributed, save_tiny_hf_model,  # noqa: E402
+                               speculative_configs, training_assets)
 
 MASK = 299
 EOD = 7
@@ -240,7 +241,6 @@ def test_gated_and_distillation_settings_are_checked(bad, needle):
 
 # --- lossless decoding with a gated drafter ----------------------------------------------------------
 PROMPTS = [list(range(20, 28)), [5, 6, 7], list(range(40, 53)), [101]]
-MODES = [(False, "masked"), (True, "masked"), (True, "overlap")]
 
 
 def _hf_greedy(hf, prompt, n, eos):
@@ -269,12 +269,8 @@ def test_speculative_with_a_gated_drafter_equals_hf_generate_on_the_base(family)
     im = _gated_inference_model(hf)
     expected = [_hf_greedy(hf, p, n, im.eos_token_ids) for p in PROMPTS]
     sampler = speculative_sampler(im)
-    for B in (2, 4, 8):
-        for fused, layout in MODES:
-            if layout == "overlap" and B == 2:
-                continue
-            cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, fused=fused, next_draft=layout)
-            assert sampler.generate(PROMPTS, cfg).tokens == expected, (B, fused, layout)
+    for cfg in speculative_configs(n):
+        assert sampler.generate(PROMPTS, cfg).tokens == expected, cfg
     # The same adapters over every position change the verifier: the output is no longer the base's.
     ungated = speculative_sampler(_gated_inference_model(hf, "all"))
     assert ungated.generate(PROMPTS, SpeculativeConfig(block_size=4, max_new_tokens=n)).tokens != expected
@@ -293,8 +289,7 @@ def test_gated_drafter_eos_inside_a_block_equals_hf_generate():
     im.eos_token_ids = [eos]
     expected = [_hf_greedy(hf, p, n, eos) for p in PROMPTS[:2]]
     assert expected[0] == free[0][: free[0].index(eos) + 1] and expected[1] == free[1]
-    for fused, layout in MODES:
-        cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, fused=fused, next_draft=layout)
+    for cfg in speculative_configs(n, (B,)):
         assert speculative_sampler(im).generate(PROMPTS[:2], cfg).tokens == expected
 
 
@@ -304,13 +299,7 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def gated_run(tmp_path_factory):
-    from megablock.data.preprocess import preprocess
-
-    root = tmp_path_factory.mktemp("gated_run")
-    save_tiny_hf_model(root / "hf", "llama")
-    convert(root / "base", hf_dir=root / "hf", mask_token="<|mask|>", progress=False, log=lambda *a: None)
-    inputs = sorted(str(p) for p in (ROOT / "examples" / "data").glob("*.txt.gz"))
-    preprocess(inputs, str(root / "base" / "tokenizer"), str(root / "data"), workers=1, progress=False)
+    root = training_assets(tmp_path_factory.mktemp("gated_run"), ckpt_name="base")
     run_distributed(_train_gated, 1, root)
     return root
 

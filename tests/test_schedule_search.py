@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megablock.testing import run_distributed, save_tiny_hf_model
+from megablock.testing import run_distributed, training_assets
 from megablock.training.schedule_search import candidate_intervals
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,15 +26,7 @@ ADAPTIVE = ["diffusion.schedule=adaptive", "diffusion.schedule_search_widths=[0.
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from megablock.checkpoint.convert import convert
-    from megablock.data.preprocess import preprocess
-
-    root = tmp_path_factory.mktemp("search")
-    save_tiny_hf_model(root / "hf", "llama")
-    convert(root / "ckpt", hf_dir=root / "hf", mask_token="<|mask|>", progress=False, log=lambda *a: None)
-    inputs = sorted(str(p) for p in (ROOT / "examples" / "data").glob("*.txt.gz"))
-    preprocess(inputs, str(root / "ckpt" / "tokenizer"), str(root / "data"), workers=1, progress=False)
-    return root
+    return training_assets(tmp_path_factory.mktemp("search"))
 
 
 def _sets(assets, save_dir, *extra):
