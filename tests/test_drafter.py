@@ -85,7 +85,7 @@ def _clean_half_worker(rank, world, ckpt):
             cache = RowKVCache(ids.shape[0], 32, ids.device)
             cache.begin(12, torch.full((ids.shape[0],), 12), 4, torch.full((ids.shape[0],), 12))
             pos = torch.cat([torch.arange(12), torch.arange(12, 16)]).expand(ids.shape[0], -1)
-            outs.append(m.head(m.encode(torch.cat([ids, draft], 1), pos, batch.layout, kv_cache=cache)))
+            outs.append(m.head(m.encode(torch.cat([ids, draft], 1), pos, kv_cache=cache)))
             cache.end()
         out["decode_clean_equal"] = torch.equal(outs[0][:, :12], outs[1][:, :12])
         out["decode_draft_diff"] = _maxdiff(outs[0][:, 12:], outs[1][:, 12:])

@@ -101,7 +101,7 @@ def split_factor(cfg, adapter: str, full: torch.Tensor, tp: int, rank: int) -> t
     return bound.split(full, tp, rank, cfg) if sharded else full
 
 
-def _adapter_names(ckpt, meta: dict, pp_rank: int) -> list[str]:
+def _adapter_names(ckpt, pp_rank: int) -> list[str]:
     with safe_open(str(adapter_shard_path(ckpt, 0, pp_rank)), "pt") as f:
         return list(f.keys())
 
@@ -164,7 +164,7 @@ def iter_merged_full_tensors(ckpt, meta: dict, merge_lora: bool = True) -> Itera
     scaling = LoraSection.from_saved(meta["lora"]).scaling
     index = {}  # adapter name -> pipeline stage holding it
     for s in range(meta["pp"]):
-        for name in _adapter_names(ckpt, meta, s):
+        for name in _adapter_names(ckpt, s):
             index[name] = s
 
     def factor(name: str) -> torch.Tensor:

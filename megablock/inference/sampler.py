@@ -42,7 +42,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megablock.diffusion.layout import AttentionLayout
 
 from .kv_cache import KVCache
 from .sampling import SamplingParams, choose_tokens, select_commits
@@ -123,8 +122,7 @@ class BlockDiffusionSampler:
     # --- model calls ------------------------------------------------------------------------------
     def _hidden(self, cache: KVCache, ids, pos, append: bool, valid=None) -> torch.Tensor:
         cache.begin(ids.shape[1], append, valid)
-        layout = AttentionLayout("ar", ids.shape[1])  # unused with a cache; the layers want one
-        hidden = self.model.encode(ids, pos, layout, kv_cache=cache)
+        hidden = self.model.encode(ids, pos, kv_cache=cache)
         cache.end()
         return hidden
 

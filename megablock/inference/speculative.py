@@ -65,7 +65,6 @@ import torch
 import torch.nn.functional as F
 
 from megablock.config import NextDraft, options
-from megablock.diffusion.layout import AttentionLayout
 
 from .sampler import BlockDiffusionSampler, GenerationOutput
 from .sampling import SamplingParams, filter_logits, select_commits
@@ -81,7 +80,7 @@ class SpeculativeConfig:
     seed: int = 0
     fused: bool = True
     """One forward per block: the verify pass also drafts the next block (see the module doc)."""
-    next_draft: str = "masked"
+    next_draft: NextDraft = "masked"
     """Layout of the fused next block: "masked" (first slot masked) or "overlap" (first slot the
     last verified draft)."""
     draft_steps: int = 1
@@ -308,8 +307,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
             ids = torch.cat([ids, tokens.cpu()], dim=1)
             pos = torch.cat([pos, start[:, None] + torch.arange(n_noise)], dim=1)
         cache.begin(n_app, a, n_noise, None if noised is None else sees)
-        layout = AttentionLayout("ar", ids.shape[1])  # unused with a cache; the layers want one
-        hidden = self.model.encode(ids.to(dev), pos.to(dev), layout, kv_cache=cache)
+        hidden = self.model.encode(ids.to(dev), pos.to(dev), kv_cache=cache)
         cache.end()
         return hidden[:, :n_app], (hidden[:, n_app:] if n_noise else None)
 

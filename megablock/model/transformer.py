@@ -91,12 +91,15 @@ class BlockDiffusionLM(nn.Module):
             return self.embedding(input_ids)
         return self.embedding(input_ids, adapter_gate=gate)
 
-    def encode(self, input_ids, position_ids, layout: AttentionLayout, kv_cache=None) -> torch.Tensor:
-        """Embedding and decoder layers: the final hidden states before the norm and the head."""
+    def encode(self, input_ids, position_ids, layout: Optional[AttentionLayout] = None, kv_cache=None) -> torch.Tensor:
+        """Embedding and decoder layers: the final hidden states before the norm and the head. The
+        attention follows `layout`, or, in decoding, `kv_cache` (which then needs no layout)."""
+        if layout is None and kv_cache is None:
+            raise ValueError("encode needs an attention layout or a KV cache")
         gate = self.adapter_gate(layout, kv_cache, input_ids.device)
         return self.run_layers(self.embed(input_ids, gate), position_ids, layout, kv_cache, gate)
 
-    def run_layers(self, hidden, position_ids, layout: AttentionLayout, kv_cache=None, gate=None):
+    def run_layers(self, hidden, position_ids, layout: Optional[AttentionLayout], kv_cache=None, gate=None):
         cos, sin = rope_cos_sin(self.cfg, position_ids, hidden.dtype)
         if gate is None:
             gate = self.adapter_gate(layout, kv_cache, hidden.device)
@@ -148,7 +151,7 @@ class BlockDiffusionLM(nn.Module):
                     logits[..., mask_id - start] = float("-inf")
         return logits
 
-    def forward(self, input_ids, position_ids, layout: AttentionLayout, kv_cache=None):
+    def forward(self, input_ids, position_ids, layout: Optional[AttentionLayout] = None, kv_cache=None):
         return self.head(self.encode(input_ids, position_ids, layout, kv_cache))
 
     def weights(self) -> dict:
