@@ -52,6 +52,7 @@ from megablock.checkpoint.format import (
 )
 from megablock.config import LoraSection
 from megablock.model.lora import split_weights
+from megablock.training.resume_check import BASE_FILE
 
 logger = logging.getLogger(__name__)
 STEP_PREFIX = "step_"
@@ -169,9 +170,11 @@ def _disk_full(err: BaseException, save_dir: Path) -> bool:
 def save_training_checkpoint(
     *, engine, model, info, save_dir: str, state: TrainerState, run_config: dict,
     source_meta: dict, tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
-    trainable_parameters: Optional[int] = None,
+    trainable_parameters: Optional[int] = None, lora_base: Optional[dict] = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final step folder."""
+    """Collective: every rank calls it. Returns the final step folder. `lora_base` (LoRA runs,
+    rank 0): the fingerprint of the frozen base (resume_check.base_fingerprint), saved as
+    BASE_FILE so resume can refuse another base."""
     save_dir = Path(save_dir)
     name = step_dir_name(state.step)
     tmp = save_dir / (name + ".tmp")
@@ -179,7 +182,7 @@ def save_training_checkpoint(
         return _save_training_checkpoint(
             engine=engine, model=model, info=info, save_dir=save_dir, state=state, run_config=run_config,
             source_meta=source_meta, tokenizer_dir=tokenizer_dir, keep_last=keep_last, zero_stage=zero_stage,
-            trainable_parameters=trainable_parameters,
+            trainable_parameters=trainable_parameters, lora_base=lora_base,
         )
     except (OSError, RuntimeError) as err:
         if not _disk_full(err, save_dir):
@@ -203,7 +206,7 @@ def save_training_checkpoint(
 def _save_training_checkpoint(
     *, engine, model, info, save_dir: Path, state: TrainerState, run_config: dict,
     source_meta: dict, tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
-    trainable_parameters: Optional[int],
+    trainable_parameters: Optional[int], lora_base: Optional[dict],
 ) -> Path:
     name = step_dir_name(state.step)
     final, tmp = save_dir / name, save_dir / (name + ".tmp")
@@ -243,6 +246,8 @@ def _save_training_checkpoint(
         write_metadata(tmp, meta)
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
         (tmp / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        if lora_base is not None:
+            (tmp / BASE_FILE).write_text(json.dumps(lora_base, indent=2) + "\n")
         if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
         if final.exists():

@@ -22,7 +22,7 @@ from megablock.training.checkpointing import (
 from megablock.training.engine import build_engine
 from megablock.training.metrics import MetricsWriter, device_peak_flops
 from megablock.training.optim import follow_configured_schedule
-from megablock.training.resume_check import check_resume
+from megablock.training.resume_check import base_fingerprint, check_base, check_resume
 from megablock.training.run_dir import claim_save_dir
 from megablock.training.schedule_search import SearchLog, SearchResult, search_interval
 from megablock.training.setup import build_data, build_model, resolve_and_check_model, tokenizer_dir_of
@@ -93,6 +93,7 @@ class Trainer:
         self.metrics = MetricsWriter(cfg.checkpoint.save_dir, self.is_logger)
         self.search_log = SearchLog(cfg.checkpoint.save_dir, self.is_logger and self.search_data is not None)
         self._stop_signal = False
+        self.lora_base: Optional[dict] = None  # fingerprint of the frozen base (LoRA from a checkpoint)
 
     # ------------------------------------------------------------------ resume and save
     def maybe_resume(self) -> None:
@@ -103,6 +104,8 @@ class Trainer:
             logger.info("checkpoint.resume: no checkpoint in %s yet; starting from step 0", self.cfg.checkpoint.save_dir)
             return
         check_resume(ckpt, self.cfg.to_dict(), self.model_cfg)  # refuse config changes that break exactness
+        if self._lora_on_checkpoint():
+            self.lora_base = check_base(ckpt, self.source_ckpt)  # the adapters' base is still model.init_from
         scheduler = self.engine.ds.lr_scheduler
         configured_lrs = list(scheduler.base_lrs)
         self.state = load_training_state(self.engine.ds, self.model, ckpt, self.info.rank)
@@ -115,14 +118,20 @@ class Trainer:
                     ckpt, self.state.step, self.state.consumed_tokens, self.state.step + 1, lrs[0],
                     self.cfg.train.lr, self.cfg.train.steps)
 
+    def _lora_on_checkpoint(self) -> bool:
+        return self.cfg.lora.enabled and self.source_ckpt is not None
+
     def save(self) -> None:
         if self.cfg.checkpoint.save_dir is None:
             return
+        if self._lora_on_checkpoint() and self.is_logger and self.lora_base is None:
+            self.lora_base = base_fingerprint(self.source_ckpt)  # hashed once per run (then by size and mtime)
         save_training_checkpoint(
             engine=self.engine.ds, model=self.model, info=self.info, save_dir=self.cfg.checkpoint.save_dir,
             state=self.state, run_config=self.cfg.to_dict(), source_meta=self.source_meta,
             tokenizer_dir=tokenizer_dir_of(self.source_ckpt), keep_last=self.cfg.checkpoint.keep_last,
             zero_stage=self.cfg.parallel.zero_stage, trainable_parameters=self.trainable_parameters,
+            lora_base=self.lora_base if self.is_logger else None,
         )
 
     # ------------------------------------------------------------------ signals
