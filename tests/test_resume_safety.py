@@ -30,6 +30,7 @@ def run(tmp_path_factory):
                str(root / "data"), progress=False)
     proc = _train(root, "train.steps=2")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((root / "save" / "checkpoints.json").read_text()) == {"checkpoints": ["step_0000002"]}
     return root
 
 

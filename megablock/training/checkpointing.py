@@ -8,6 +8,8 @@ SAVE/step_0000100/
     trainer_state.json                                   (step, consumed samples/tokens, stage)
     rng/rank00000.safetensors, config.yaml               (RNG states: tensors + JSON, no pickle)
 SAVE/latest                                              (names the newest complete step folder)
+SAVE/checkpoints.json                                    (the step folders this run wrote: the only
+                                                          ones keep_last pruning deletes; run_dir)
 
 A save is written into `step_X.tmp`, renamed when every rank has finished, and only then named
 in `latest` (itself replaced atomically): an interrupted save never becomes `latest`. A save that
@@ -53,6 +55,7 @@ from megablock.checkpoint.format import (
 from megablock.config import LoraSection
 from megablock.model.lora import split_weights
 from megablock.training.resume_check import BASE_FILE
+from megablock.training.run_dir import prune_checkpoints, record_checkpoint
 
 logger = logging.getLogger(__name__)
 STEP_PREFIX = "step_"
@@ -250,13 +253,16 @@ def _save_training_checkpoint(
             (tmp / BASE_FILE).write_text(json.dumps(lora_base, indent=2) + "\n")
         if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+        # On record before the rename, so a kill in between never leaves a step folder the run
+        # would not own (pruning and overwrite delete only folders on record).
+        record_checkpoint(save_dir, name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         latest_tmp = save_dir / (LATEST_FILE + ".tmp")
         latest_tmp.write_text(name + "\n")
         os.replace(latest_tmp, save_dir / LATEST_FILE)
-        _prune(save_dir, keep_last, keep=name)
+        prune_checkpoints(save_dir, keep_last, keep=name)
         logger.info("saved checkpoint %s", final)
     _barrier()
     return final
@@ -269,13 +275,6 @@ def _gather_weights(model, zero_stage: int) -> dict:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             return {k: v.detach().clone() for k, v in model.weights().items()}
     return {k: v.detach() for k, v in model.weights().items()}
-
-
-def _prune(save_dir: Path, keep_last: int, keep: str) -> None:
-    steps = sorted(p for p in save_dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in steps[: max(0, len(steps) - keep_last)]:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_checkpoint(save_dir: Optional[str]) -> Optional[Path]:
