@@ -68,6 +68,42 @@ def test_resume_at_other_tp_names_the_key_not_deepspeed_keys(run):
     assert "Missing key" not in out and "size mismatch" not in out
 
 
+class _Planted:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("damage", ["planted", "truncated"])
+def test_resume_does_not_unpickle_a_planted_deepspeed_state(run, tmp_path, damage):
+    """Issue 25.5: an object planted in mp_rank_00_model_states.pt ran a command on resume (rc 0).
+    DeepSpeed's files are loaded with weights_only=True; a truncated one is named (issue 25.10)."""
+    import shutil
+
+    import torch
+
+    save = tmp_path / "save"
+    shutil.copytree(run / "save", save)
+    states = save / "step_0000002" / "deepspeed" / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "PWNED"
+    if damage == "planted":
+        sd = torch.load(states, weights_only=False)
+        sd["planted"] = _Planted(marker)
+        torch.save(sd, states)
+    else:
+        states.write_bytes(states.read_bytes()[: states.stat().st_size // 2])
+    before = _files(save)
+    proc = _train(run, "checkpoint.resume=true", "train.steps=3", f"checkpoint.save_dir={save}")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert not marker.exists(), "resume ran a command planted in the checkpoint"
+    expected = "refusing to unpickle it" if damage == "planted" else "cannot be read"
+    assert f"{states} " in proc.stderr and expected in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and "unexpected error" not in proc.stderr
+    assert _files(save) == before
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory):
     """A finished 2-step LoRA run in SAVE on the base in ckpt/."""

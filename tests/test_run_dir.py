@@ -309,6 +309,7 @@ def _training_ckpt(tmp_path):
     convert(ckpt, hf_dir=tmp_path / "hf", progress=False, log=lambda *a: None)
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2}))
     (ckpt / "rng").mkdir()
+    (ckpt / "deepspeed").mkdir()
     return ckpt
 
 
@@ -318,9 +319,38 @@ def test_resume_does_not_run_a_planted_rng_pickle(tmp_path):
     torch.save({"python": _Planted(marker), "numpy": None, "torch": None}, ckpt / "rng" / "rank00000.pt")
     engine = SimpleNamespace(load_checkpoint=lambda *a, **k: (str(ckpt), {}))
     model = SimpleNamespace(lora=None)
-    with pytest.raises(RuntimeError, match="refusing to unpickle"):
+    with pytest.raises(ck.CheckpointLoadError, match="refusing to unpickle"):
         ck.load_training_state(engine, model, ckpt, 0)
     assert not marker.exists(), "resume ran a command planted in the checkpoint"
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("no deepspeed", r"step_0000002/deepspeed is missing: the checkpoint is incomplete"),
+    ("trainer_state not json", r"step_0000002/trainer_state.json cannot be read \(JSONDecodeError"),
+    ("trainer_state unknown key", r"step_0000002/trainer_state.json cannot be read \(TypeError"),
+    ("rng truncated", r"step_0000002/rng/rank00000.safetensors cannot be read"),
+])
+def test_damaged_checkpoint_files_are_named(tmp_path, damage, message):
+    """Issue 25.10: a missing deepspeed/ was an empty AssertionError; a bad trainer_state.json or
+    a truncated RNG file did not name the file; all printed as "an unexpected error"."""
+    ckpt = _training_ckpt(tmp_path)
+    ck.save_rng_state(ckpt / "rng" / "rank00000.safetensors")
+    loaded = []
+    engine = SimpleNamespace(load_checkpoint=lambda *a, **k: loaded.append(1) or (str(ckpt), {}))
+    if damage == "no deepspeed":
+        (ckpt / "deepspeed").rmdir()
+    elif damage == "trainer_state not json":
+        (ckpt / "trainer_state.json").write_text('{"step": 2')
+    elif damage == "trainer_state unknown key":
+        (ckpt / "trainer_state.json").write_text('{"step": 2, "stepz": 3}')
+    else:
+        rng = ckpt / "rng" / "rank00000.safetensors"
+        rng.write_bytes(rng.read_bytes()[:40])
+    with pytest.raises(ck.CheckpointLoadError, match=message) as err:
+        ck.load_training_state(engine, SimpleNamespace(lora=None), ckpt, 0)
+    assert "resume from another step folder" in str(err.value) or "Resume from another" in str(err.value)
+    assert isinstance(err.value, ValueError)  # the CLI prints it as one expected line
+    assert loaded == ([1] if damage == "rng truncated" else [])  # refused before DeepSpeed loads
 
 
 # ------------------------------------------------------------------ disk full

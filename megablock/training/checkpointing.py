@@ -18,8 +18,9 @@ fails because the disk is full says so (DiskFullError) and removes its partial f
 Trust: megablock's own files (safetensors, JSON, YAML) cannot run code when read; the RNG states
 used to be a pickle (rng/rank*.pt), and such files from older checkpoints are read only with
 torch.load(weights_only=True) and the three numpy globals an RNG state needs. DeepSpeed's engine
-state in deepspeed/ is a pickle that DeepSpeed loads with weights_only=False: resuming trusts
-the checkpoint folder as much as running code from it.
+state in deepspeed/ is a pickle that DeepSpeed itself loads with weights_only=False; resume hands
+DeepSpeed a checkpoint engine that loads it with weights_only=True and an allowlist of the few
+DeepSpeed classes its files hold (DEEPSPEED_SAFE_GLOBALS), so a planted object is refused, not run.
 
 LoRA runs (lora.enabled): model/ keeps the complete frozen base (equal to model.init_from's
 weights, plus trained norms with lora.train_norms), so every reader of model/ finds a whole
@@ -37,8 +38,10 @@ import errno
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -102,6 +105,10 @@ RNG_FILE = "rank{rank:05d}.safetensors"
 LEGACY_RNG_FILE = "rank{rank:05d}.pt"
 
 
+class CheckpointLoadError(ValueError):
+    """A file of a training checkpoint is damaged or not what megablock wrote (one line: the file, the fix)."""
+
+
 class DiskFullError(OSError):
     """A checkpoint could not be written because its file system is full."""
 
@@ -126,11 +133,18 @@ def save_rng_state(path: Path) -> None:
 def load_rng_state(path: Path) -> None:
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        scalars = json.loads(f.metadata()["rng"])
-        py_state = tuple(int(x) for x in f.get_tensor("python_state").tolist())
-        np_keys = f.get_tensor("numpy_keys").numpy().astype(np.uint32)
-        torch_state = f.get_tensor("torch")
+    try:
+        with safe_open(str(path), "pt") as f:
+            scalars = json.loads(f.metadata()["rng"])
+            py_state = tuple(int(x) for x in f.get_tensor("python_state").tolist())
+            np_keys = f.get_tensor("numpy_keys").numpy().astype(np.uint32)
+            torch_state = f.get_tensor("torch")
+    except Exception as e:  # safetensors raises its own SafetensorError for a truncated header or body
+        raise CheckpointLoadError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}): the RNG state is truncated "
+            f"or damaged. Resume from another step folder (edit {path.parent.parent.parent / LATEST_FILE}), or delete "
+            f"{path.parent} to resume without restoring the RNG (the run is then not bit-exact)"
+        ) from None
     random.setstate((scalars["python_version"], py_state, scalars["python_gauss"]))
     np.random.set_state((scalars["numpy_kind"], np_keys, scalars["numpy_pos"], scalars["numpy_has_gauss"],
                          scalars["numpy_gauss"]))
@@ -151,11 +165,63 @@ def load_legacy_rng_state(path: Path) -> None:
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
     except Exception as e:  # UnpicklingError names the forbidden global; bad structure is TypeError/KeyError
-        raise RuntimeError(
+        raise CheckpointLoadError(
             f"{path} is not a plain RNG state ({str(e).splitlines()[0][:200]}); refusing to unpickle it, since "
             f"that could run code planted in the checkpoint. If you trust the folder, delete {path.parent} to "
             f"resume without restoring the RNG (the run is then not bit-exact), or resume from another step"
         ) from None
+
+
+def deepspeed_safe_globals() -> list:
+    """The globals DeepSpeed's engine and ZeRO files pickle besides tensors and builtins (found by
+    loading the files of ZeRO 0-3, bf16 and LoRA runs with weights_only=True): plain records and an
+    enum, none of which runs code when rebuilt."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine with `load` unpickling under weights_only=True and
+    `deepspeed_safe_globals()` (everything else is delegated to the engine it wraps)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def load(self, path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointLoadError(
+                f"{path} holds more than DeepSpeed's engine state ({str(e).splitlines()[0][:240]}); refusing to "
+                f"unpickle it, since that could run code planted in the checkpoint. Resume from another step "
+                f"folder (edit {Path(path).parent.parent.parent / LATEST_FILE}) or one you trust"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file
+            raise CheckpointLoadError(
+                f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}): the file is truncated "
+                f"or damaged. Resume from another step folder (edit {Path(path).parent.parent.parent / LATEST_FILE})"
+            ) from None
+
+
+@contextmanager
+def weights_only_loads(engine):
+    """Within the block, DeepSpeed's `engine` loads its files with WeightsOnlyCheckpointEngine."""
+    inner = getattr(engine, "checkpoint_engine", None)
+    if inner is None:
+        yield
+        return
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(inner)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
 
 
 def _disk_full(err: BaseException, save_dir: Path) -> bool:
@@ -283,6 +349,13 @@ def latest_checkpoint(save_dir: Optional[str]) -> Optional[Path]:
     return resolve_checkpoint(save_dir)
 
 
+def read_trainer_state(path: Path, fix: str) -> TrainerState:
+    try:
+        return TrainerState.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # missing, not JSON, unknown or missing keys
+        raise CheckpointLoadError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {fix}") from None
+
+
 def load_training_state(engine, model, ckpt: Path, rank: int) -> TrainerState:
     """Restore engine (weights, optimizer, scheduler) and trainer state from a step folder."""
     lora_settings = model.lora
@@ -290,16 +363,21 @@ def load_training_state(engine, model, ckpt: Path, rank: int) -> TrainerState:
     if (lora_settings is None) != (saved is None) or (
         saved is not None and LoraSection.from_saved(saved) != lora_settings
     ):
-        raise RuntimeError(
+        raise CheckpointLoadError(
             f"{ckpt} was saved with lora={saved} but this run has lora="
             f"{lora_settings}; resume with the same lora settings"
         )
+    other = f"resume from another step folder (edit {ckpt.parent / LATEST_FILE})"
+    if not (ckpt / "deepspeed").is_dir():  # DeepSpeed would fail with an empty AssertionError
+        raise CheckpointLoadError(f"{ckpt}/deepspeed is missing: the checkpoint is incomplete (a copy without it?); "
+                                  f"{other}, or copy the folder back")
+    state = read_trainer_state(ckpt / "trainer_state.json", other)  # before DeepSpeed loads anything
     # LoRA checkpoints hold only the trainable parameters (the frozen base comes from init_from).
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True,
-                                          load_lr_scheduler_states=True, load_module_strict=lora_settings is None)
+    with weights_only_loads(engine):
+        load_path, _ = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True, load_module_strict=lora_settings is None)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no engine state in {ckpt}/deepspeed; the checkpoint is incomplete")
-    state = TrainerState.from_dict(json.loads((ckpt / "trainer_state.json").read_text()))
+        raise CheckpointLoadError(f"DeepSpeed found no engine state in {ckpt}/deepspeed; the checkpoint is incomplete: {other}")
     rng_file, legacy = ckpt / "rng" / RNG_FILE.format(rank=rank), ckpt / "rng" / LEGACY_RNG_FILE.format(rank=rank)
     if rng_file.is_file():
         load_rng_state(rng_file)
