@@ -107,3 +107,31 @@ def test_training_entry_prints_one_line_and_exits_1(tmp_path):
                              capture_output=True, text=True, env=env, timeout=120)
     assert missing.returncode == 1 and "Traceback" in missing.stderr
     assert missing.stderr.strip().splitlines()[-1].startswith("error: checkpoint folder")
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.weight_decay=.inf", "train.grad_clip=.nan",
+                                      "diffusion.eps=-.inf"])
+def test_non_finite_numbers_are_refused(override):
+    """Issue 25.11: train.lr=.inf and train.weight_decay=.inf passed validation (.inf > 0)."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}=.* must be a finite number"):
+        load_config(TINY, [override])
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    """Issue 25.10 / 25.11: a second `train:` section silently dropped the first's keys; a
+    non-UTF8 file and a top-level list were unexpected errors (UnicodeDecodeError, AttributeError)."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  steps: 5\ndata:\n  seq_len: 32\ntrain:\n  lr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml line 5 .*the key 'train' appears twice \(lines 1 and 5\)"):
+        load_config(str(twice))
+    with pytest.raises(ConfigError, match=r"--set train: .*'lr' appears twice"):
+        load_config(None, ["train={lr: 1, lr: 2}"])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("train:\n  lr: 1.0e-4  # r\xe9glage\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml is not UTF-8 text \(byte 24"):
+        load_config(str(latin))
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- train:\n    lr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"list.yaml should be a mapping of sections .* got a list"):
+        load_config(str(listed))

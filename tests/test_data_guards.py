@@ -124,6 +124,23 @@ def test_truncated_files_name_the_file(tmp_path, tok):
         open_indexed(prefix)
 
 
+def test_corrupt_idx_error_has_no_traceback_after_it(tmp_path, tok, monkeypatch):
+    """Issue 25.10: megatron's IndexedDataset.__del__ printed an AttributeError traceback after
+    the one-line .idx error."""
+    import gc
+    import sys
+
+    prefix = _dataset(tmp_path, tok, "ds", [f"document {i} with some words" for i in range(20)])
+    idx = Path(prefix + ".idx")
+    idx.write_bytes(idx.read_bytes()[: idx.stat().st_size // 2])
+    ignored = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    with pytest.raises(DatasetFileError, match=r"ds\.idx is truncated or corrupt"):
+        open_indexed(prefix)
+    gc.collect()
+    assert not ignored, [str(u.exc_value) for u in ignored]
+
+
 def test_interrupted_install_never_leaves_a_mismatched_pair(tmp_path, tok, monkeypatch):
     old = _dataset(tmp_path, tok, "ds", ["old text"] * 3)
     new_docs = [f"a much longer new document number {i}" for i in range(30)]

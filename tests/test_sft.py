@@ -273,3 +273,16 @@ def test_training_runs_on_sft_data_with_the_confidence_term(tmp_path):
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["block_size"] for m in metrics if "loss" in m] == [1, 4, 4, 4]
     assert all(np.isfinite(m["loss"]) for m in metrics if "loss" in m)
+
+
+def test_lone_surrogate_names_the_file_and_line(tmp_path, tok_dir, capsys):
+    """Issue 25.10: a lone surrogate ("\\ud800") was the tokenizer's TypeError, no file or line."""
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "x\\ud800y", "response": "b"}\n')
+    with pytest.raises(PreprocessError, match=r"s.jsonl line 2: the text holds \\ud800, a lone UTF-16 surrogate"):
+        preprocess_sft([str(src)], str(tok_dir / "plain"), str(tmp_path / "x"), progress=False)
+    rc = preprocess_main(["--format", "sft", "--input", str(src), "--tokenizer", str(tok_dir / "plain"),
+                          "--output-prefix", str(tmp_path / "x"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "line 2" in err and "unexpected" not in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("x*"))  # nothing written

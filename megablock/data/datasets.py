@@ -102,9 +102,14 @@ def open_indexed(prefix: str):
     _, _, idx_mod = import_megatron_datasets()
     check_prefix_exists(prefix)
     remake = f"re-create it with tools/preprocess_data.py --output-prefix {prefix}"
+    ds = idx_mod.IndexedDataset.__new__(idx_mod.IndexedDataset)
     try:
-        ds = idx_mod.IndexedDataset(prefix)
+        ds.__init__(prefix)
     except (AssertionError, ValueError, struct.error, OSError) as e:
+        # Its __del__ deletes .bin_reader and .index, which a failed __init__ may not have set:
+        # without these, Python prints that AttributeError's traceback after our one-line error.
+        ds.__dict__.setdefault("bin_reader", None)
+        ds.__dict__.setdefault("index", None)
         raise DatasetFileError(f"dataset index {prefix}.idx is truncated or corrupt ({e}); {remake}") from None
     index = ds.index
     if len(index) == 0:

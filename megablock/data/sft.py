@@ -145,9 +145,16 @@ def iter_records(path: str) -> Iterator[tuple[dict, str]]:
         if not line.strip():
             continue
         try:
-            yield json.loads(line), f"{path} line {n}"
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             raise PreprocessError(f"{path} line {n}: invalid JSON ({e.msg}); fix or remove the line") from None
+        try:  # JSON may escape a lone surrogate ("\ud800"): not text, and the tokenizer's TypeError names nothing
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start:e.end].encode("unicode_escape").decode()
+            raise PreprocessError(f"{path} line {n}: the text holds {bad}, a lone UTF-16 surrogate (not a character); "
+                                  f"fix the escape (a pair such as \\ud83d\\ude00) or remove the line") from None
+        yield record, f"{path} line {n}"
 
 
 def preprocess_sft(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, append_eod: bool = True,

@@ -30,8 +30,9 @@ from megablock.training.setup import build_data, build_model, resolve_and_check_
 logger = logging.getLogger(__name__)
 
 
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (e.g. repeated non-finite losses); the last good checkpoint stays."""
+class TrainingStopped(ValueError):
+    """The run cannot go on (e.g. repeated non-finite losses); the last good checkpoint stays. A
+    ValueError like every expected error: the tools print its message as one line."""
 
 
 @dataclass
@@ -120,6 +121,16 @@ class Trainer:
 
     def _lora_on_checkpoint(self) -> bool:
         return self.cfg.lora.enabled and self.source_ckpt is not None
+
+    def _what_remains(self) -> str:
+        """Which checkpoint a stopped run leaves (none when it stopped before its first save)."""
+        save_dir = self.cfg.checkpoint.save_dir
+        if save_dir is None:
+            return "No checkpoint was saved (checkpoint.save_dir is not set)"
+        latest = latest_checkpoint(save_dir)
+        if latest is None:
+            return f"No checkpoint was saved in {save_dir} before it stopped"
+        return f"The last good checkpoint, {latest.name} in {save_dir}, remains 'latest'"
 
     def save(self) -> None:
         if self.cfg.checkpoint.save_dir is None:
@@ -230,8 +241,8 @@ class Trainer:
                 bar.close()
                 raise TrainingStopped(
                     f"{nonfinite.in_a_row} consecutive steps had a non-finite loss (last: step {self.state.step}); "
-                    f"stopping. The last good checkpoint in {cfg.checkpoint.save_dir} remains 'latest'; "
-                    f"lower train.lr or check the data, then resume with checkpoint.resume=true"
+                    f"stopping. {self._what_remains()}; lower train.lr or check the data, then "
+                    + ("resume with checkpoint.resume=true" if latest_checkpoint(cfg.checkpoint.save_dir) else "start again")
                 )
 
             last = self.state.step >= t.steps
