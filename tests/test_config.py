@@ -135,3 +135,18 @@ def test_config_file_errors_name_the_file(tmp_path):
     listed.write_text("- train:\n    lr: 1.0e-4\n")
     with pytest.raises(ConfigError, match=r"list.yaml should be a mapping of sections .* got a list"):
         load_config(str(listed))
+
+
+def test_seq_len_past_the_models_positions_is_warned(caplog):
+    """Issue 25.12: data.seq_len=512 on a model with 256 positions said nothing."""
+    import logging
+
+    from megablock.training.setup import warn_past_positions
+
+    model = ModelConfig(arch="llama", vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2,
+                        num_attention_heads=4, num_kv_heads=2, max_position_embeddings=256)
+    with caplog.at_level(logging.WARNING, logger="megablock.training.setup"):
+        warn_past_positions(load_config(TINY, ["data.seq_len=512"]), model)
+        warn_past_positions(load_config(TINY, ["data.seq_len=256"]), model)
+    [record] = caplog.records
+    assert "data.seq_len=512 is longer than the model's 256 positions" in record.message and "256..511" in record.message

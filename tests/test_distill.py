@@ -138,8 +138,14 @@ def test_generation_past_the_models_positions_is_refused(tmp_path, im):
                                            r"positions .*lower max_new_tokens to \d+ or less"):
         distill(im, PROMPTS, str(out), max_new_tokens=100000, progress=False)
     assert not out.exists() and not (tmp_path / "d.jsonl.settings.json").exists()
-    with pytest.raises(ValueError, match="past the model's 256 positions"):  # the sampler itself refuses too
+    # Issue 25.12: both samplers refuse too (generate.py: a 501-token prompt plus 400 new tokens).
+    from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
+
+    with pytest.raises(ValueError, match="a prompt of 250 tokens plus max_new_tokens=7 reaches position 257"):
         im.sampler().generate([[5] * 250], GenerateConfig(block_size=1, max_new_tokens=7))
+    with pytest.raises(ValueError, match="shorten the prompt to fewer than 256 tokens"):
+        speculative_sampler(im).generate([[5] * 300], SpeculativeConfig(block_size=4, max_new_tokens=4))
+    assert len(im.sampler().generate([[5] * 250], GenerateConfig(block_size=1, max_new_tokens=6)).tokens[0]) == 6
 
 
 

@@ -286,3 +286,27 @@ def test_lone_surrogate_names_the_file_and_line(tmp_path, tok_dir, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and "line 2" in err and "unexpected" not in err and len(err.strip().splitlines()) == 1
     assert not list(tmp_path.glob("x*"))  # nothing written
+
+
+def test_long_prompts_are_counted_and_warned_once(tmp_path, tok_dir, caplog):
+    """Issue 25.12: SFT prompts longer than seq_len left 76 of 1,259 windows, silently."""
+    import logging
+
+    from megablock.training.setup import warn_long_prompts
+
+    rows = [{"prompt": "In the beginning God created the heaven and the earth. " * 3, "response": " Amen."},
+            {"prompt": "To be,", "response": " or not to be."}, {"prompt": "The quick", "response": " brown fox."}]
+    w = _packed(tmp_path, tok_dir, rows, 16, seed=0)
+    tokens, flags = _read(str(tmp_path / "p"))
+    longest = max(f.index(1) for f in flags)
+    assert (w.conversations, w.long_prompts, w.longest_prompt) == (3, 1, longest) and longest >= 16
+    with caplog.at_level(logging.WARNING, logger="megablock.training.setup"):
+        warn_long_prompts(w, 16)
+    [record] = caplog.records
+    assert f"1 of 3 conversations have a prompt of >= data.seq_len=16 tokens (longest {longest})" in record.message
+    assert f"{len(w)} of {w.windows_total} packed windows kept" in record.message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megablock.training.setup"):
+        (tmp_path / "short").mkdir()
+        warn_long_prompts(_packed(tmp_path / "short", tok_dir, rows[1:], 16, seed=0), 16)
+    assert not caplog.records

@@ -250,6 +250,12 @@ class SFTWindows:
             self.tokens = np.concatenate([docs[i][0] for i in order]).astype(np.int64)
             self.flags = np.concatenate([docs[i][1] for i in order]).astype(bool)
             self.doc = np.repeat(np.arange(len(order)), [len(docs[i][0]) for i in order])
+        # Conversations whose prompt alone fills a window: their responses are trained with a cut
+        # prompt, and their prompt-only windows are dropped (build_sft_data warns with the numbers).
+        prompt_lengths = [int(np.argmax(docs[i][1])) if docs[i][1].any() else len(docs[i][1]) for i in order]
+        self.conversations = len(order)
+        self.long_prompts = sum(1 for n in prompt_lengths if n >= L)
+        self.longest_prompt = max(prompt_lengths, default=0)
         n = len(self.tokens) // L
         first = 1 if shift else 0
         targets = self.flags[: n * L].reshape(n, L)[:, first:]
