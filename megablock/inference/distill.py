@@ -189,7 +189,7 @@ def distill(im: InferenceModel, prompts: Sequence[str], out: str, *, max_new_tok
     if empty:
         raise DistillError(f"prompts {empty[:8]} encode to no tokens; remove empty prompts")
     try:
-        check_positions([len(e) for e in encoded_all], max_new_tokens, im.model.cfg.max_position_embeddings)
+        check_positions([len(e) for e in encoded_all], max_new_tokens, im.model.cfg)
     except ValueError as e:
         raise DistillError(str(e)) from None
     path = Path(out)

@@ -344,7 +344,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
         cfg.validate(self.mask_token_id)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
-        check_positions([len(p) for p in prompts], cfg.max_new_tokens, self.model.cfg.max_position_embeddings)
+        check_positions([len(p) for p in prompts], cfg.max_new_tokens, self.model.cfg)
         t0 = time.perf_counter()
         B, dev, n = cfg.block_size, self.device, len(prompts)
         generator = torch.Generator(device=dev).manual_seed(cfg.seed)

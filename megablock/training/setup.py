@@ -51,8 +51,9 @@ def resolve_and_check_model(cfg: Config) -> tuple[ModelConfig, dict, Optional[Pa
 
 def warn_past_positions(cfg: Config, model_cfg: ModelConfig) -> None:
     """Training windows longer than the model's positions are not refused (training there is how
-    a context is extended), but they are rarely meant: say so once, with the numbers."""
-    if cfg.data.seq_len > model_cfg.max_position_embeddings:
+    a context is extended), but with plain RoPE they are rarely meant: say so once, with the
+    numbers (a scaled RoPE, model.rope_scaling, is made to reach past them)."""
+    if model_cfg.rope_scaling is None and cfg.data.seq_len > model_cfg.max_position_embeddings:
         logger.warning(
             "data.seq_len=%d is longer than the model's %d positions (max_position_embeddings): positions %d..%d "
             "were never trained and start from RoPE extrapolation; lower data.seq_len unless this run extends the "
