@@ -135,8 +135,6 @@ class Trainer:
     def save(self) -> None:
         if self.cfg.checkpoint.save_dir is None:
             return
-        if self._lora_on_checkpoint() and self.is_logger and self.lora_base is None:
-            self.lora_base = base_fingerprint(self.source_ckpt)  # hashed once per run (then by size and mtime)
         save_training_checkpoint(
             engine=self.engine.ds, model=self.model, info=self.info, save_dir=self.cfg.checkpoint.save_dir,
             state=self.state, run_config=self.cfg.to_dict(), source_meta=self.source_meta,
@@ -207,6 +205,10 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         self.maybe_resume()
+        if self._lora_on_checkpoint() and self.is_logger and self.lora_base is None:
+            # Before training, not at the first save: what the saves record is the base this run was
+            # built from. Hashed once per run; later launches compare sizes and mtimes first.
+            self.lora_base = base_fingerprint(self.source_ckpt)
         peak = device_peak_flops()
         nonfinite = NonFinitePolicy(t.max_nonfinite_steps)
         bar = tqdm(total=t.steps, initial=self.state.step, disable=not self.is_logger, dynamic_ncols=True, desc="train")
