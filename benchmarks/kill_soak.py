@@ -4,6 +4,8 @@ checkpoint save), resumed each time, compared step by step with an uninterrupted
 
     python benchmarks/kill_soak.py                      # 4 kills over a 40-step run
     python benchmarks/kill_soak.py --kills 10 --steps 60 --seed 1
+    python benchmarks/kill_soak.py --variant adaptive   # diffusion.schedule=adaptive (searches resumed)
+    python benchmarks/kill_soak.py --variant lora       # LoRA: adapters only in DeepSpeed's state
 
 Setup (in --workdir, default a temporary folder): a tiny random Llama (2 layers, hidden 64)
 converted with a mask token, the committed Shakespeare sample preprocessed with its tokenizer,
@@ -18,9 +20,15 @@ metrics line). After each kill: `latest` must name a complete checkpoint (megabl
 trainer_state.json, model shards, DeepSpeed state) or be absent (no checkpoint yet). Relaunch
 until --kills kills were delivered, then once more to the end of the run.
 
+Variants (--variant): plain (tiny.yaml); adaptive (diffusion.schedule=adaptive with a search
+every 4 steps: the searched interval is trainer state, and schedule_search.jsonl must list every
+search exactly once); lora (lora.enabled with the mask-token row and norms: the frozen base comes
+from model.init_from on every resume, checked against the checkpoint's base.json).
+
 Compared: metrics.jsonl of the soak run against the reference: the same steps 1..N exactly once,
-and loss, diffusion_loss, ar_loss, grad_norm, lr, block_size equal bit for bit (CPU fp32 resume
-is exact). "mid-save" counts kills after which a step_*.tmp folder written by that launch was
+and loss, diffusion_loss, ar_loss, grad_norm, lr, block_size (and clip_min, clip_max,
+loss_variance of the adaptive variant) equal bit for bit (CPU fp32 resume is exact); with
+adaptive, schedule_search.jsonl too (the same searches, each once). "mid-save" counts kills after which a step_*.tmp folder written by that launch was
 left behind (the kill really landed inside a save).
 
 Prints a table of kills, then one JSON object on the last line.
@@ -44,7 +52,14 @@ if str(ROOT) not in sys.path:
 
 ENTRY = ROOT / "examples" / "pretrain_nbdiff.py"
 CONFIG = ROOT / "examples" / "configs" / "tiny.yaml"
-KEYS = ("loss", "diffusion_loss", "ar_loss", "grad_norm", "lr", "block_size", "consumed_tokens")
+KEYS = ("loss", "diffusion_loss", "ar_loss", "grad_norm", "lr", "block_size", "consumed_tokens",
+        "clip_min", "clip_max", "loss_variance")
+VARIANTS = {
+    "plain": [],
+    "adaptive": ["diffusion.schedule=adaptive", "diffusion.schedule_search_interval=4",
+                 "diffusion.schedule_search_draws=2", "diffusion.schedule_search_widths=[0.5, 1.0]"],
+    "lora": ["lora.enabled=true", "lora.rank=4", "lora.train_mask_token_row=true", "lora.train_norms=true"],
+}
 
 
 def prepare(work: Path) -> None:
@@ -60,12 +75,24 @@ def prepare(work: Path) -> None:
                    str(work / "data"), progress=False)
 
 
-def command(work: Path, save: Path, steps: int, interval: int, resume: bool) -> list[str]:
+def command(work: Path, save: Path, steps: int, interval: int, resume: bool, variant: str = "plain") -> list[str]:
     sets = [f"model.init_from={work / 'ckpt'}", f"data.prefix={work / 'data'}", f"checkpoint.save_dir={save}",
             f"data.cache_dir={work / 'cache'}", f"train.steps={steps}", f"checkpoint.interval={interval}",
             "train.eval_interval=0", "train.log_interval=1", "checkpoint.keep_last=2",
-            f"checkpoint.resume={'true' if resume else 'false'}"]
+            f"checkpoint.resume={'true' if resume else 'false'}", *VARIANTS[variant]]
     return [sys.executable, str(ENTRY), "--config", str(CONFIG), "--set", *sets]
+
+
+def searches(save: Path) -> list[dict]:
+    """schedule_search.jsonl (adaptive variant), complete lines only."""
+    path = save / "schedule_search.jsonl"
+    out = []
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            pass
+    return out
 
 
 ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
@@ -112,7 +139,7 @@ def saving_since(save: Path, t: float) -> bool:
 def one_launch(work, save, args, rng, mode) -> dict:
     """Launch; kill per `mode` (None: let it finish). Returns what happened."""
     logged_before = len(metrics(save))
-    proc = subprocess.Popen(command(work, save, args.steps, args.interval, True), env=ENV, cwd=ROOT,
+    proc = subprocess.Popen(command(work, save, args.steps, args.interval, True, args.variant), env=ENV, cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     started = time.time()
     killed = False
@@ -160,6 +187,8 @@ def main(argv=None) -> int:
     p.add_argument("--save-fraction", type=float, default=0.5, help="share of kills aimed at a save in progress")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--variant", choices=sorted(VARIANTS), default="plain",
+                   help="plain | adaptive (noise-schedule searches) | lora (adapters on a frozen base)")
     p.add_argument("--workdir", help="keep the assets and runs here (default: a temporary folder)")
     args = p.parse_args(argv)
     rng = random.Random(args.seed)
@@ -174,7 +203,7 @@ def main(argv=None) -> int:
 
             shutil.rmtree(d)
     t0 = time.time()
-    ref = subprocess.Popen(command(work, ref_save, args.steps, args.interval, False), env=ENV, cwd=ROOT,
+    ref = subprocess.Popen(command(work, ref_save, args.steps, args.interval, False, args.variant), env=ENV, cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     ref.wait()
     if ref.returncode != 0:
@@ -196,6 +225,7 @@ def main(argv=None) -> int:
 
     steps_ok = [m["step"] for m in soak] == [m["step"] for m in reference] == list(range(1, args.steps + 1))
     mismatches = [(a["step"], k) for a, b in zip(reference, soak) for k in KEYS if a.get(k) != b.get(k)]
+    searches_ok = searches(soak_save) == searches(ref_save)  # both empty unless adaptive
     kills = [e for e in events if e["killed"]]
     survived = sum(1 for e in kills if e["latest_complete"])
     print(f"{'#':>3} {'mode':<7}{'killed':>7}{'mid-save':>9}{'logged':>8}  {'latest':<14}{'complete':>9}{'s':>7}")
@@ -208,14 +238,16 @@ def main(argv=None) -> int:
         "kills": len(kills), "kills_mid_save": sum(e["mid_save"] for e in kills), "kills_survived": survived,
         "launches": len(events), "final_rc": final["rc"], "steps": args.steps,
         "steps_compared": min(len(soak), len(reference)), "steps_exactly_once": steps_ok,
-        "mismatches": len(mismatches), "first_mismatches": mismatches[:5], "seconds": round(time.time() - t0, 1),
+        "mismatches": len(mismatches), "first_mismatches": mismatches[:5], "variant": args.variant,
+        "searches": len(searches(ref_save)), "searches_identical": searches_ok, "seconds": round(time.time() - t0, 1),
         "workdir": str(work),
     }
     print(f"kills survived {survived}/{len(kills)} ({result['kills_mid_save']} mid-save); steps compared "
           f"{result['steps_compared']}, bit-identical {result['steps_compared'] - len({s for s, _ in mismatches})}; "
-          f"steps exactly once: {steps_ok}")
+          f"steps exactly once: {steps_ok}" + (f"; searches {result['searches']}, identical: {searches_ok}"
+                                                  if args.variant == "adaptive" else ""))
     print(json.dumps(result))
-    ok = final["rc"] == 0 and steps_ok and not mismatches and survived == len(kills)
+    ok = final["rc"] == 0 and steps_ok and not mismatches and survived == len(kills) and searches_ok
     return 0 if ok else 1
 
 

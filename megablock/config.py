@@ -568,6 +568,14 @@ def _closest(name: str, options_) -> str:
     return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(options_)}"
 
 
+def _finite(key: str, value: float) -> float:
+    """No setting is meaningful at inf or nan, and range checks pass them (.inf > 0; nan compares
+    false both ways): train.lr=.inf used to validate."""
+    if not math.isfinite(value):
+        raise ConfigError(f"{key}={value!r} must be a finite number")
+    return value
+
+
 def _check_type(key: str, value: Any, annotation) -> Any:
     origin = typing.get_origin(annotation)
     allowed = typing.get_args(annotation) if origin is Union else (annotation,)
@@ -580,12 +588,14 @@ def _check_type(key: str, value: Any, annotation) -> Any:
         if base is Literal:
             return value  # membership is the section's check (with the list of options)
         if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return _finite(key, float(value))
         if base is float and isinstance(value, str):
             try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+            else:
+                return _finite(key, number)
         if base is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if base is int and isinstance(value, float) and value.is_integer():
@@ -626,9 +636,26 @@ def apply_override(data: dict, assignment: str) -> None:
         if not isinstance(node, dict):
             raise ConfigError(f"--set {key}: {part!r} is not a section")
     try:
-        node[parts[-1]] = yaml.safe_load(raw)
+        node[parts[-1]] = yaml.load(raw, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"--set {key}: the value {raw!r} is not valid YAML ({_yaml_problem(e)}); quote it") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping: PyYAML keeps the last one
+    silently, so a second `train:` section dropped every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while reading a mapping", node.start_mark,
+                    f"the key {key!r} appears twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    f"only the last would count: merge them", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -643,11 +670,17 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
         if not p.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                              f"UTF-8") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f" line {mark.line + 1}" if mark is not None else ""
             raise ConfigError(f"config file {path}{where} is not valid YAML ({_yaml_problem(e)})") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} should be a mapping of sections (model:, data:, train:, ...), "
+                              f"got a {type(data).__name__}: write `section:` lines with `key: value` under them")
     for assignment in overrides or []:
         apply_override(data, assignment)
     return Config.from_dict(data)

@@ -46,3 +46,29 @@ def test_every_tool_speaks_flags_and_exits_1(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == f"error: --hf-dir {tmp_path / 'nope'} does not exist; pass a Hugging Face model folder"
     usage = subprocess.run([sys.executable, "tools/export_hf.py"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and "--ckpt" in usage.stderr  # argparse: a malformed command line
+
+
+def test_expected_errors_are_one_line_not_unexpected(tmp_path, capsys):
+    """Issue 25.10: every PreprocessError and TrainingStopped printed "an unexpected error ...
+    report it"; TrainingStopped claimed a checkpoint "remains latest" when none existed."""
+    from types import SimpleNamespace
+
+    from megablock.commands.preprocess_data import main as preprocess_main
+    from megablock.training.trainer import Trainer, TrainingStopped
+
+    assert preprocess_main(["--input", str(tmp_path / "nope.txt"), "--tokenizer", str(tmp_path),
+                            "--output-prefix", str(tmp_path / "x"), "--quiet"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "nope.txt does not exist" in err and "unexpected" not in err and len(err.strip().splitlines()) == 1
+
+    def stopped(args):
+        raise TrainingStopped("2 consecutive steps had a non-finite loss")
+
+    assert run_tool(stopped, _parser().parse_args([]), _parser(), teardown=False) == EXIT_ERROR
+    assert "unexpected" not in capsys.readouterr().err
+    fresh = SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(save_dir=str(tmp_path / "run"))))
+    assert Trainer._what_remains(fresh) == f"No checkpoint was saved in {tmp_path / 'run'} before it stopped"
+    (tmp_path / "run" / "step_0000004").mkdir(parents=True)
+    (tmp_path / "run" / "step_0000004" / "megablock.json").write_text("{}")
+    (tmp_path / "run" / "latest").write_text("step_0000004\n")
+    assert "step_0000004" in Trainer._what_remains(fresh) and "remains 'latest'" in Trainer._what_remains(fresh)

@@ -107,3 +107,46 @@ def test_training_entry_prints_one_line_and_exits_1(tmp_path):
                              capture_output=True, text=True, env=env, timeout=120)
     assert missing.returncode == 1 and "Traceback" in missing.stderr
     assert missing.stderr.strip().splitlines()[-1].startswith("error: checkpoint folder")
+
+
+@pytest.mark.parametrize("override", ["train.lr=.inf", "train.weight_decay=.inf", "train.grad_clip=.nan",
+                                      "diffusion.eps=-.inf"])
+def test_non_finite_numbers_are_refused(override):
+    """Issue 25.11: train.lr=.inf and train.weight_decay=.inf passed validation (.inf > 0)."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}=.* must be a finite number"):
+        load_config(TINY, [override])
+
+
+def test_config_file_errors_name_the_file(tmp_path):
+    """Issue 25.10 / 25.11: a second `train:` section silently dropped the first's keys; a
+    non-UTF8 file and a top-level list were unexpected errors (UnicodeDecodeError, AttributeError)."""
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  steps: 5\ndata:\n  seq_len: 32\ntrain:\n  lr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml line 5 .*the key 'train' appears twice \(lines 1 and 5\)"):
+        load_config(str(twice))
+    with pytest.raises(ConfigError, match=r"--set train: .*'lr' appears twice"):
+        load_config(None, ["train={lr: 1, lr: 2}"])
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("train:\n  lr: 1.0e-4  # r\xe9glage\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml is not UTF-8 text \(byte 24"):
+        load_config(str(latin))
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- train:\n    lr: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"list.yaml should be a mapping of sections .* got a list"):
+        load_config(str(listed))
+
+
+def test_seq_len_past_the_models_positions_is_warned(caplog):
+    """Issue 25.12: data.seq_len=512 on a model with 256 positions said nothing."""
+    import logging
+
+    from megablock.training.setup import warn_past_positions
+
+    model = ModelConfig(arch="llama", vocab_size=320, hidden_size=64, intermediate_size=128, num_layers=2,
+                        num_attention_heads=4, num_kv_heads=2, max_position_embeddings=256)
+    with caplog.at_level(logging.WARNING, logger="megablock.training.setup"):
+        warn_past_positions(load_config(TINY, ["data.seq_len=512"]), model)
+        warn_past_positions(load_config(TINY, ["data.seq_len=256"]), model)
+    [record] = caplog.records
+    assert "data.seq_len=512 is longer than the model's 256 positions" in record.message and "256..511" in record.message

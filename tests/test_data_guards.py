@@ -124,6 +124,23 @@ def test_truncated_files_name_the_file(tmp_path, tok):
         open_indexed(prefix)
 
 
+def test_corrupt_idx_error_has_no_traceback_after_it(tmp_path, tok, monkeypatch):
+    """Issue 25.10: megatron's IndexedDataset.__del__ printed an AttributeError traceback after
+    the one-line .idx error."""
+    import gc
+    import sys
+
+    prefix = _dataset(tmp_path, tok, "ds", [f"document {i} with some words" for i in range(20)])
+    idx = Path(prefix + ".idx")
+    idx.write_bytes(idx.read_bytes()[: idx.stat().st_size // 2])
+    ignored = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)
+    with pytest.raises(DatasetFileError, match=r"ds\.idx is truncated or corrupt"):
+        open_indexed(prefix)
+    gc.collect()
+    assert not ignored, [str(u.exc_value) for u in ignored]
+
+
 def test_interrupted_install_never_leaves_a_mismatched_pair(tmp_path, tok, monkeypatch):
     old = _dataset(tmp_path, tok, "ds", ["old text"] * 3)
     new_docs = [f"a much longer new document number {i}" for i in range(30)]
@@ -185,3 +202,48 @@ def test_vocabulary_checked_when_every_stage_is_ar(tmp_path, tok):
     # At B = 1 no mask token is needed.
     model_cfg.vocab_size = top + 1
     build_data(cfg, model_cfg, SimpleNamespace(dp_rank=0, dp=1))
+
+
+@pytest.fixture(scope="module")
+def masked_text(tmp_path_factory):
+    """A converted tiny model with the mask token <|mask|>, and data whose text contains it 3 times."""
+    from megablock.checkpoint.convert import convert
+    from megablock.testing import save_tiny_hf_model
+
+    root = tmp_path_factory.mktemp("masked_text")
+    save_tiny_hf_model(root / "hf", "llama")
+    convert(root / "ckpt", hf_dir=root / "hf", mask_token="<|mask|>", progress=False, log=lambda *a: None)
+    docs = [f"document {i} with some words" + (" <|mask|> here" if i in (3, 17, 29) else "") for i in range(40)]
+    return root, _dataset(root, root / "ckpt" / "tokenizer", "ds", docs)
+
+
+def test_mask_token_in_the_data_is_refused_at_block_size_1(masked_text):
+    """Issue 25.2: a B = 1-only run skipped the mask check and reached an inf loss."""
+    from megablock.checkpoint.format import model_config, read_metadata
+    from megablock.training.setup import build_data
+
+    root, prefix = masked_text
+    model_cfg = model_config(read_metadata(root / "ckpt"))
+    cfg = load_config(str(ROOT / "examples/configs/tiny.yaml"), [
+        f"data.prefix={prefix}", f"data.cache_dir={root / 'cache'}", "train.eval_interval=0",
+        "diffusion.stages=[{block_size: 1}]",
+    ])
+    with pytest.raises(ValueError, match=rf"dataset {prefix} contains the mask token id {model_cfg.mask_token_id} 3 times"):
+        build_data(cfg, model_cfg, SimpleNamespace(dp_rank=0, dp=1))
+    assert not (root / "cache").exists()  # refused before megatron built any index
+
+
+def test_evaluate_refuses_data_with_the_mask_token(masked_text, capsys):
+    """Issue 25.2: evaluate.py printed "nelbo": Infinity with rc 0."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "tools" / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    root, prefix = masked_text
+    for block_size in ("1", "4"):
+        assert cli.main(["--ckpt", str(root / "ckpt"), "--data", prefix, "--seq-len", "16", "--block-size",
+                         block_size, "--json", "--quiet"]) == 1
+        out, err = capsys.readouterr()
+        assert f"{prefix} contains the model's mask token id" in err and " 3 times" in err, err
+        assert "Infinity" not in out and "nelbo" not in out

@@ -106,3 +106,56 @@ def test_cli_writes_records_that_sft_preprocessing_reads(tmp_path, im):
     counts = preprocess_sft([str(out)], str(tmp_path / "tok"), str(tmp_path / "sft"), progress=False)
     assert counts["documents"] == len(PROMPTS) and counts["response_tokens"] > 0
     assert len(SFTWindows(str(tmp_path / "sft"), 8)) > 0
+
+
+def test_rerun_with_other_settings_is_refused(tmp_path, im):
+    """Issue 25.7: a rerun with another --seed / --max-new-tokens / --batch-size appended to the
+    same file, silently mixing records of both settings."""
+    out = tmp_path / "d.jsonl"
+    kw = dict(max_new_tokens=4, batch_size=2, temperature=1.0, seed=7, progress=False)
+    distill(im, PROMPTS[:2], str(out), stop_after_batches=1, **kw)
+    before = out.read_bytes()
+    for change, message in [({"seed": 8}, "seed: d.jsonl has 7, this run 8"),
+                            ({"max_new_tokens": 5}, "max_new_tokens: d.jsonl has 4, this run 5"),
+                            ({"batch_size": 1}, "batch_size: d.jsonl has 2, this run 1")]:
+        with pytest.raises(DistillError, match=message):
+            distill(im, PROMPTS, str(out), **{**kw, **change})
+        assert out.read_bytes() == before  # nothing appended
+    with pytest.raises(DistillError, match="prompts_sha256"):
+        distill(im, PROMPTS[::-1][:2], str(out), **kw)
+    distill(im, PROMPTS[:2], str(out), **kw)  # the recorded settings resume it
+    # A file of records without a settings record (an older megablock) cannot be told apart.
+    (tmp_path / "old.jsonl").write_bytes(before)
+    with pytest.raises(DistillError, match="no old.jsonl.settings.json"):
+        distill(im, PROMPTS[:2], str(tmp_path / "old.jsonl"), **kw)
+    assert (tmp_path / "old.jsonl").read_bytes() == before
+
+
+def test_generation_past_the_models_positions_is_refused(tmp_path, im):
+    """Issue 25.7: --max-new-tokens 100000 ran past the model's 256 positions without a word."""
+    out = tmp_path / "d.jsonl"
+    with pytest.raises(DistillError, match=r"plus max_new_tokens=100000 reaches position .* past the model's 256 "
+                                           r"positions .*lower max_new_tokens to \d+ or less"):
+        distill(im, PROMPTS, str(out), max_new_tokens=100000, progress=False)
+    assert not out.exists() and not (tmp_path / "d.jsonl.settings.json").exists()
+    # Issue 25.12: both samplers refuse too (generate.py: a 501-token prompt plus 400 new tokens).
+    from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
+
+    with pytest.raises(ValueError, match="a prompt of 250 tokens plus max_new_tokens=7 reaches position 257"):
+        im.sampler().generate([[5] * 250], GenerateConfig(block_size=1, max_new_tokens=7))
+    with pytest.raises(ValueError, match="shorten the prompt to fewer than 256 tokens"):
+        speculative_sampler(im).generate([[5] * 300], SpeculativeConfig(block_size=4, max_new_tokens=4))
+    assert len(im.sampler().generate([[5] * 250], GenerateConfig(block_size=1, max_new_tokens=6)).tokens[0]) == 6
+
+
+
+def test_corpus_prompts_from_the_kjv_sample_and_zero_prompts(im):
+    """Issue 25.7: the default split made the one-verse-per-line kjv sample one document ("1 of 1
+    sampled ones"); --num-prompts 0 raised ZeroDivisionError."""
+    from pathlib import Path
+
+    kjv = str(Path(__file__).resolve().parents[1] / "examples" / "data" / "kjv_sample.txt.gz")
+    prompts = corpus_prompts(kjv, im.tokenizer, 4, 3, 6, seed=0)
+    assert len(set(prompts)) == 4
+    with pytest.raises(DistillError, match="num_prompts=0 must be >= 1"):
+        corpus_prompts(kjv, im.tokenizer, 0, 3, 6)

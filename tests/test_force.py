@@ -85,3 +85,29 @@ def test_force_replaces_only_what_the_tool_writes(models, tmp_path):
         convert(conv, hf_dir=models / "hf", force=True, **quiet)
     assert (conv / "deepspeed").is_dir() and (conv / "megablock.json").is_file()
     assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob("*.old-*"))
+
+
+def test_export_force_never_replaces_a_real_model(models, tmp_path):
+    """Issue 25.4: ownership judged by file names replaced a real model.safetensors. Only a folder
+    with the export marker (an earlier export) may be replaced."""
+    import export_hf
+    from megablock.checkpoint.export import EXPORT_MARKER
+
+    real = tmp_path / "real"
+    export(models / "ckpt", real, **quiet)
+    (real / EXPORT_MARKER).unlink()  # now: a model folder with exactly the names export writes
+    (real / "model.safetensors").write_bytes(b"the user's real weights")
+    before = {p.name: p.read_bytes() for p in real.iterdir()}
+    with pytest.raises(ConversionError, match=f"has no {EXPORT_MARKER}, so it is not an earlier output"):
+        export(models / "ckpt", real, force=True, **quiet)
+    assert export_hf.main(["--ckpt", str(models / "ckpt"), "--out", str(real), "--force", "--quiet"]) == 1
+    assert {p.name: p.read_bytes() for p in real.iterdir()} == before  # byte-identical
+    assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob("*.old-*"))
+
+    # convert_hf.py --force likewise needs its own megablock.json in the folder.
+    mine = tmp_path / "mine"
+    (mine / "model").mkdir(parents=True)
+    (mine / "model" / "keep.bin").write_bytes(b"mine")
+    with pytest.raises(ConversionError, match="has no megablock.json"):
+        convert(mine, hf_dir=models / "hf", force=True, **quiet)
+    assert (mine / "model" / "keep.bin").read_bytes() == b"mine"

@@ -215,3 +215,27 @@ def test_cuda_bf16_selected_loss_and_recompute_lower_the_peak():
     assert out["none"][0] == pytest.approx(ref, rel=1e-2)
     assert out["full"][0] == pytest.approx(out["none"][0], rel=1e-3)
     assert out["full"][1] < 0.7 * out["none"][1], out
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--device-memory-gb", "nan"], "--device-memory-gb nan must be a positive number"),
+    (["--device-memory-gb", "-5"], "--device-memory-gb -5.0 must be a positive number"),
+    (["--data-parallel", "0"], "--data-parallel 0 must be >= 1"),
+    (["--data-parallel", "-1"], "--data-parallel -1 must be >= 1"),
+    (["--data-parallel", "3"], "must be a multiple of micro_batch_size x data-parallel size"),
+    (["--set", "parallel.tensor=3"], "parallel.tensor/pipeline:"),
+    (["--block-size", "5"], "--block-size 5 must be >= 1 and divide data.seq_len"),
+])
+def test_estimate_memory_refuses_impossible_inputs(capsys, extra, message):
+    """Issue 25.9: nan memory answered "largest micro-batch 1024"; -5, DP 0 / -1 and a TP that
+    does not divide the heads returned rc 0."""
+    from pathlib import Path
+
+    from megablock.commands.estimate_memory import main
+
+    root = Path(__file__).resolve().parents[1]
+    args = ["--config", str(root / "examples/configs/qwen2.5_7b_cluster.yaml"),
+            "--hf-config", str(root / "examples/configs/hf/qwen2.5-7b.json"), "--data-parallel", "8", "--json"]
+    assert main(args + extra) == 1
+    out, err = capsys.readouterr()
+    assert message in err and "largest micro-batch" not in out and "unexpected" not in err, err

@@ -45,7 +45,28 @@ def _mask_past_vocab(m):
     m["model"]["mask_token_id"] = m["mask_token_id"] = m["vocab_size"] + 3
 
 
+def _qk_norm(m):
+    m["model"]["qk_norm"] = True
+
+
+def _eos_past_vocab(m):
+    m["model"]["eos_token_id"] = m["vocab_size"] + 7
+
+
+def _generation_eos_past_vocab(m):
+    m["generation_config"] = {"eos_token_id": [0, m["vocab_size"]]}
+
+
+def _mask_is_a_bool(m):
+    m["model"]["mask_token_id"] = m["mask_token_id"] = True
+
+
 @pytest.mark.parametrize("edit, message", [
+    # Issue 25.11: export ignored these (generate refused the qk_norm one).
+    (_qk_norm, r"model.qk_norm is True but a llama checkpoint has no query/key norms"),
+    (_eos_past_vocab, r"model.eos_token_id \d+ is outside the vocabulary"),
+    (_generation_eos_past_vocab, r"generation_config.eos_token_id \[0, \d+\] is outside the vocabulary"),
+    (_mask_is_a_bool, r"mask_token_id True is outside the vocabulary"),
     (_fewer_layers, r"contradicts its shards: model/tp00_pp000.safetensors holds layers\.1\."),
     (_other_vocab, r"contradicts its shards: .* has embedding.weight of shape \[\d+, 64\] where megablock.json implies \[256, 64\]"),
     (_mask_past_vocab, r"mask_token_id \d+ is outside the vocabulary|invalid model config"),

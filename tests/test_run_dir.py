@@ -67,6 +67,79 @@ def test_resume_without_checkpoint_restarts_metrics(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+def _tree_bytes(root: Path) -> dict:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def _user_folders(save: Path) -> dict:
+    """A copy of a checkpoint under a name of the user's, and a backup folder."""
+    (save / "step_0000003_keep" / "model").mkdir(parents=True)
+    (save / "step_0000003_keep" / "model" / "w.safetensors").write_bytes(b"weights")
+    (save / "step_backup").mkdir()
+    (save / "step_backup" / "notes.txt").write_text("mine")
+    return {k: v for k, v in _tree_bytes(save).items() if k.startswith(("step_0000003_keep", "step_backup"))}
+
+
+def test_pruning_deletes_only_the_runs_own_checkpoints(tmp_path):
+    """Issue 25.3: keep_last pruning deleted a user's step_0000003_keep (prefix match)."""
+    for step in (1, 2, 3):
+        (tmp_path / f"step_{step:07d}").mkdir()
+        run_dir.record_checkpoint(tmp_path, f"step_{step:07d}")
+    mine = _user_folders(tmp_path)
+    run_dir.prune_checkpoints(tmp_path, keep_last=1, keep="step_0000003")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoints.json", "step_0000003", "step_0000003_keep", "step_backup"]
+    assert run_dir.read_record(tmp_path) == ["step_0000003"]
+    assert {k: v for k, v in _tree_bytes(tmp_path).items() if k in mine} == mine  # byte-identical
+    # A save_dir from before the record: its exact-name step folders are the run's, nothing else.
+    legacy = tmp_path / "legacy"
+    for step in (1, 2, 3):
+        (legacy / f"step_{step:07d}").mkdir(parents=True)
+    mine = _user_folders(legacy)
+    run_dir.prune_checkpoints(legacy, keep_last=1, keep="step_0000003")
+    assert sorted(p.name for p in legacy.iterdir()) == [
+        "checkpoints.json", "step_0000003", "step_0000003_keep", "step_backup"]
+    assert {k: v for k, v in _tree_bytes(legacy).items() if k in mine} == mine
+
+
+def test_overwrite_keeps_user_folders_and_refuses_a_foreign_step_folder(tmp_path):
+    """Issue 25.3: checkpoint.overwrite=true deleted a user folder step_backup/."""
+    _old_run(tmp_path, steps=(5, 10))
+    run_dir.write_record(tmp_path, ["step_0000005", "step_0000010"])
+    (tmp_path / "schedule_search.jsonl").write_text('{"step": 2}\n')
+    mine = _user_folders(tmp_path)
+    run_dir.check_save_dir_policy(tmp_path, resume=False, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_0000003_keep", "step_backup"]  # issue 25.8 too
+    assert _tree_bytes(tmp_path) == mine
+
+    # A folder with a step name that the run did not write: a save of that step would replace it.
+    _old_run(tmp_path, steps=(5,))
+    run_dir.write_record(tmp_path, ["step_0000005"])
+    (tmp_path / "step_0000010").mkdir()
+    (tmp_path / "step_0000010" / "notes.txt").write_text("a copy of mine")
+    before = _tree_bytes(tmp_path)
+    for resume, overwrite in ((True, False), (False, True)):
+        with pytest.raises(ConfigError, match=r"holds step_0000010, named like this run's checkpoints but not"):
+            run_dir.check_save_dir_policy(tmp_path, resume=resume, overwrite=overwrite)
+        assert _tree_bytes(tmp_path) == before
+
+
+def test_fresh_run_beside_only_user_folders_is_not_refused(tmp_path):
+    _user_folders(tmp_path)
+    run_dir.check_save_dir_policy(tmp_path, resume=False, overwrite=False)  # step_backup/ is not a run
+
+
+def test_resume_without_checkpoint_restarts_the_schedule_search_log(tmp_path):
+    """Issue 25.8: schedule_search.jsonl kept the killed run's searches (rows 2, 4, 7, ... twice)."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": i}) + "\n" for i in (1, 2, 3)))
+    (tmp_path / "schedule_search.jsonl").write_text('{"step": 2}\n{"step": 4}\n')
+    run_dir.check_save_dir_policy(tmp_path, resume=True, overwrite=False)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "schedule_search.jsonl").exists()
+    (tmp_path / "schedule_search.jsonl").write_text('{"step": 2}\n')  # only searches: still a run
+    with pytest.raises(ConfigError, match=r"already holds a run \(schedule_search.jsonl\)"):
+        run_dir.check_save_dir_policy(tmp_path, resume=False, overwrite=False)
+
+
 def test_config_has_overwrite_key(tmp_path):
     cfg = load_config(None, ["checkpoint.overwrite=true"])
     assert cfg.checkpoint.overwrite is True and load_config(None, []).checkpoint.overwrite is False
@@ -236,6 +309,7 @@ def _training_ckpt(tmp_path):
     convert(ckpt, hf_dir=tmp_path / "hf", progress=False, log=lambda *a: None)
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 2}))
     (ckpt / "rng").mkdir()
+    (ckpt / "deepspeed").mkdir()
     return ckpt
 
 
@@ -245,9 +319,38 @@ def test_resume_does_not_run_a_planted_rng_pickle(tmp_path):
     torch.save({"python": _Planted(marker), "numpy": None, "torch": None}, ckpt / "rng" / "rank00000.pt")
     engine = SimpleNamespace(load_checkpoint=lambda *a, **k: (str(ckpt), {}))
     model = SimpleNamespace(lora=None)
-    with pytest.raises(RuntimeError, match="refusing to unpickle"):
+    with pytest.raises(ck.CheckpointLoadError, match="refusing to unpickle"):
         ck.load_training_state(engine, model, ckpt, 0)
     assert not marker.exists(), "resume ran a command planted in the checkpoint"
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("no deepspeed", r"step_0000002/deepspeed is missing: the checkpoint is incomplete"),
+    ("trainer_state not json", r"step_0000002/trainer_state.json cannot be read \(JSONDecodeError"),
+    ("trainer_state unknown key", r"step_0000002/trainer_state.json cannot be read \(TypeError"),
+    ("rng truncated", r"step_0000002/rng/rank00000.safetensors cannot be read"),
+])
+def test_damaged_checkpoint_files_are_named(tmp_path, damage, message):
+    """Issue 25.10: a missing deepspeed/ was an empty AssertionError; a bad trainer_state.json or
+    a truncated RNG file did not name the file; all printed as "an unexpected error"."""
+    ckpt = _training_ckpt(tmp_path)
+    ck.save_rng_state(ckpt / "rng" / "rank00000.safetensors")
+    loaded = []
+    engine = SimpleNamespace(load_checkpoint=lambda *a, **k: loaded.append(1) or (str(ckpt), {}))
+    if damage == "no deepspeed":
+        (ckpt / "deepspeed").rmdir()
+    elif damage == "trainer_state not json":
+        (ckpt / "trainer_state.json").write_text('{"step": 2')
+    elif damage == "trainer_state unknown key":
+        (ckpt / "trainer_state.json").write_text('{"step": 2, "stepz": 3}')
+    else:
+        rng = ckpt / "rng" / "rank00000.safetensors"
+        rng.write_bytes(rng.read_bytes()[:40])
+    with pytest.raises(ck.CheckpointLoadError, match=message) as err:
+        ck.load_training_state(engine, SimpleNamespace(lora=None), ckpt, 0)
+    assert "resume from another step folder" in str(err.value) or "Resume from another" in str(err.value)
+    assert isinstance(err.value, ValueError)  # the CLI prints it as one expected line
+    assert loaded == ([1] if damage == "rng truncated" else [])  # refused before DeepSpeed loads
 
 
 # ------------------------------------------------------------------ disk full

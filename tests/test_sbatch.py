@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "examples" / "slurm" / "pretrain_nbdiff.sbatch"
 
@@ -25,16 +27,20 @@ time.sleep(60)
 """
 
 
-def _stubs(tmp: Path) -> Path:
+RANK_LAUNCH = "os.execv(sys.executable, [sys.executable, out + '/fake_rank.py', 'pretrain_nbdiff.py', '--local_rank=0', out + '/ours'])\n"
+
+
+def _stubs(tmp: Path, deepspeed_tail: str = RANK_LAUNCH) -> Path:
+    """Stub srun, scontrol (answers `show hostnames`, logs every call to scontrol.log) and
+    deepspeed (records its arguments, then runs `deepspeed_tail`)."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir()
     (bin_dir / "srun").write_text('#!/bin/bash\nwhile [[ $1 == --* ]]; do shift; done\nexport SLURM_NODEID=0\nexec "$@"\n')
-    (bin_dir / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    (bin_dir / "scontrol").write_text(f'#!/bin/bash\necho "$*" >> {tmp}/scontrol.log\necho localhost\n')
     (bin_dir / "deepspeed").write_text(
         f"#!{sys.executable}\nimport json, os, sys\n"
         "out = os.environ['STUB_OUT']\n"
-        "json.dump(sys.argv[1:], open(out + '/args.json', 'w'))\n"
-        "os.execv(sys.executable, [sys.executable, out + '/fake_rank.py', 'pretrain_nbdiff.py', '--local_rank=0', out + '/ours'])\n"
+        "json.dump(sys.argv[1:], open(out + '/args.json', 'w'))\n" + deepspeed_tail
     )
     for f in bin_dir.iterdir():
         f.chmod(0o755)
@@ -52,7 +58,8 @@ def _wait_for(path: Path, seconds=30):
     return path.read_text()
 
 
-def test_sbatch_passes_values_as_arguments_and_signals_only_its_job(tmp_path):
+@pytest.mark.parametrize("warning", [signal.SIGUSR1, signal.SIGTERM])
+def test_sbatch_passes_values_as_arguments_and_signals_only_its_job(tmp_path, warning):
     bin_dir = _stubs(tmp_path)
     script = SBATCH.read_text()
     script = re.sub(r"^CONFIG=.*$", 'CONFIG="my configs/x.yaml; touch PWNED"', script, count=1, flags=re.M)
@@ -71,10 +78,12 @@ def test_sbatch_passes_values_as_arguments_and_signals_only_its_job(tmp_path):
     try:
         _wait_for(tmp_path / "ours.pid")
         other_pid = int(_wait_for(tmp_path / "other.pid"))
-        job.send_signal(signal.SIGUSR1)  # Slurm's preemption warning to the batch shell
+        job.send_signal(warning)  # Slurm's time-limit warning (USR1) or a preemption / scancel (TERM)
         out, _ = job.communicate(timeout=60)
         assert job.returncode == 0, out
         assert (tmp_path / "ours.usr1").exists(), f"this job's rank was not signalled:\n{out}"
+        # After the time-limit warning the job continues from its checkpoint; a TERM is Slurm's to requeue.
+        assert ("requeue 123" in (tmp_path / "scontrol.log").read_text()) == (warning == signal.SIGUSR1), out
         assert not (tmp_path / "other.usr1").exists() and other.poll() is None, "another job's rank was signalled"
         os.kill(other_pid, 0)
     finally:
@@ -86,3 +95,20 @@ def test_sbatch_passes_values_as_arguments_and_signals_only_its_job(tmp_path):
     assert args[-6:] == ["--config", "my configs/x.yaml; touch PWNED", "--set", "train.lr=2e-5",
                          "checkpoint.save_dir=runs/exp 2", "$(touch PWNED2)"]
     assert not list(tmp_path.glob("PWNED*")), "a config value ran as shell code"
+
+
+def _job_env(tmp_path, bin_dir):
+    return {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "STUB_OUT": str(tmp_path), "SLURM_JOB_ID": "123",
+            "SLURM_JOB_NODELIST": "localhost", "SLURM_JOB_NUM_NODES": "1"}
+
+
+def test_sbatch_exits_with_the_training_exit_code(tmp_path):
+    """Issue 25.6: with deepspeed returning 3 the script exited 0, so Slurm recorded COMPLETED."""
+    bin_dir = _stubs(tmp_path, deepspeed_tail="sys.exit(3)\n")
+    script = re.sub(r"^VENV=.*$", f"VENV={tmp_path / 'venv'}", SBATCH.read_text(), count=1, flags=re.M)
+    (tmp_path / "job.sbatch").write_text(script)
+    proc = subprocess.run(["bash", str(tmp_path / "job.sbatch")], cwd=tmp_path, env=_job_env(tmp_path, bin_dir),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "training exited with code 3" in proc.stdout
+    assert "requeue" not in (tmp_path / "scontrol.log").read_text()  # a failed run is not requeued

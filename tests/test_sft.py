@@ -288,3 +288,40 @@ def test_two_prefixes_pack_the_conversations_of_both(tmp_path, tok_dir):
     order = np.random.default_rng(0).permutation(len(docs))
     assert w.tokens.tolist() == sum((docs[i] for i in order), [])
     assert len(w) > 0
+
+
+def test_lone_surrogate_names_the_file_and_line(tmp_path, tok_dir, capsys):
+    """Issue 25.10: a lone surrogate ("\\ud800") was the tokenizer's TypeError, no file or line."""
+    src = tmp_path / "s.jsonl"
+    src.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "x\\ud800y", "response": "b"}\n')
+    with pytest.raises(PreprocessError, match=r"s.jsonl line 2: the text holds \\ud800, a lone UTF-16 surrogate"):
+        preprocess_sft([str(src)], str(tok_dir / "plain"), str(tmp_path / "x"), progress=False)
+    rc = preprocess_main(["--format", "sft", "--input", str(src), "--tokenizer", str(tok_dir / "plain"),
+                          "--output-prefix", str(tmp_path / "x"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "line 2" in err and "unexpected" not in err and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.glob("x*"))  # nothing written
+
+
+def test_long_prompts_are_counted_and_warned_once(tmp_path, tok_dir, caplog):
+    """Issue 25.12: SFT prompts longer than seq_len left 76 of 1,259 windows, silently."""
+    import logging
+
+    from megablock.training.setup import warn_long_prompts
+
+    rows = [{"prompt": "In the beginning God created the heaven and the earth. " * 3, "response": " Amen."},
+            {"prompt": "To be,", "response": " or not to be."}, {"prompt": "The quick", "response": " brown fox."}]
+    w = _packed(tmp_path, tok_dir, rows, 16, seed=0)
+    tokens, flags = _read(str(tmp_path / "p"))
+    longest = max(f.index(1) for f in flags)
+    assert (w.conversations, w.long_prompts, w.longest_prompt) == (3, 1, longest) and longest >= 16
+    with caplog.at_level(logging.WARNING, logger="megablock.training.setup"):
+        warn_long_prompts(w, 16)
+    [record] = caplog.records
+    assert f"1 of 3 conversations have a prompt of >= data.seq_len=16 tokens (longest {longest})" in record.message
+    assert f"{len(w)} of {w.windows_total} packed windows kept" in record.message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="megablock.training.setup"):
+        (tmp_path / "short").mkdir()
+        warn_long_prompts(_packed(tmp_path / "short", tok_dir, rows[1:], 16, seed=0), 16)
+    assert not caplog.records

@@ -256,13 +256,15 @@ def _overlap(out: Path, source: Path) -> Optional[str]:
     return None
 
 
-def prepare_out(out, force: bool, sources=(), owned=lambda name: name in CONVERT_OUTPUT) -> tuple[Path, Path]:
+def prepare_out(out, force: bool, sources=(), owned=lambda name: name in CONVERT_OUTPUT,
+                marker: str = fmt.METADATA_FILE) -> tuple[Path, Path]:
     """Check OUT can be written; return (out, temporary folder next to it).
 
     OUT may never be, hold or be inside a source (replacing it would delete what is being read,
     e.g. `export_hf.py --ckpt runs/A --out runs/A --force` wiping the run), with or without
-    --force. --force replaces a non-empty OUT only when everything in it is something this tool
-    writes (`owned(name)`): unrelated files are never deleted."""
+    --force. --force replaces a non-empty OUT only when it holds the tool's `marker` file (file
+    names alone cannot tell an earlier output from a real model with the same names) and
+    everything in it is something this tool writes (`owned(name)`): nothing else is deleted."""
     out = Path(out).resolve()
     for source in sources:
         if source is None:
@@ -279,12 +281,12 @@ def prepare_out(out, force: bool, sources=(), owned=lambda name: name in CONVERT
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise ConversionError(f"out={out} is not empty; choose an empty folder or pass force=True to replace it")
-        _check_only_owned(out, owned)
+        _check_only_owned(out, owned, marker)
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     return out, tmp
 
 
-def _check_only_owned(out: Path, owned) -> None:
+def _check_only_owned(out: Path, owned, marker: str) -> None:
     foreign = sorted(p.name for p in out.iterdir() if not owned(p.name))
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
@@ -292,14 +294,21 @@ def _check_only_owned(out: Path, owned) -> None:
             f"out={out} holds files this tool does not write ({shown}); force=True replaces only a previous "
             f"output of this tool. Move them away or choose another output folder"
         )
+    if not (out / marker).is_file():
+        raise ConversionError(
+            f"out={out} has no {marker}, so it is not an earlier output of this tool (a real model, or an output "
+            f"of an older megablock): force=True replaces only folders this tool wrote. Choose another output "
+            f"folder, or delete {out} yourself if it is yours to replace"
+        )
 
 
-def finish_out(tmp: Path, out: Path, owned=lambda name: name in CONVERT_OUTPUT) -> None:
+def finish_out(tmp: Path, out: Path, owned=lambda name: name in CONVERT_OUTPUT, marker: str = fmt.METADATA_FILE) -> None:
     """Move the finished temporary folder into place, replacing OUT when --force allowed it: the
     old OUT is renamed aside first and deleted last, so an interruption leaves the old or the new
     folder complete (plus the aside copy), never neither."""
     if out.exists():
-        _check_only_owned(out, owned)  # again: files may have appeared while we were writing
+        if any(out.iterdir()):  # an empty folder holds nothing to lose
+            _check_only_owned(out, owned, marker)  # again: files may have appeared while we were writing
         aside = out.with_name(f"{out.name}.old-{os.getpid()}")
         os.replace(out, aside)
         os.replace(tmp, out)

@@ -43,6 +43,9 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 ADAPTER_DIR = "adapter"
 DRAFTER_DIR = "drafter"
+# Written into every export: --force replaces only a folder that holds it (a real HF model with
+# the same file names, e.g. model.safetensors, is never replaced).
+EXPORT_MARKER = "megablock_export.json"
 
 
 # Tokenizer files an export copies from CKPT/tokenizer/ (those present there, plus the usual
@@ -56,7 +59,8 @@ TOKENIZER_FILES = frozenset({
 def _exported(name: str, ckpt: Path) -> bool:
     """Whether `name` at the top of an output folder is something export writes (what --force may
     replace)."""
-    if name in (WEIGHTS_NAME, INDEX_NAME, "config.json", "generation_config.json", ADAPTER_DIR, DRAFTER_DIR) \
+    if name in (WEIGHTS_NAME, INDEX_NAME, "config.json", "generation_config.json", ADAPTER_DIR, DRAFTER_DIR,
+                EXPORT_MARKER) \
             or name in TOKENIZER_FILES:
         return True
     if name.startswith("model-") and name.endswith(".safetensors"):
@@ -122,7 +126,8 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
     start = time.time()
     given = ckpt
     ckpt = fmt.resolve_checkpoint(ckpt)
-    out, tmp = prepare_out(out, force, sources=[given, ckpt], owned=lambda name: _exported(name, ckpt))
+    out, tmp = prepare_out(out, force, sources=[given, ckpt], owned=lambda name: _exported(name, ckpt),
+                           marker=EXPORT_MARKER)
     meta = fmt.read_metadata(ckpt)
     dtype = dtype or meta["dtype"]
     if dtype not in fmt.DTYPES:
@@ -191,7 +196,8 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
                     shutil.copy2(f, tmp / f.name)
         else:
             log(f"warning: {ckpt} has no tokenizer/; the export has none either")
-        finish_out(tmp, out, owned=lambda name: _exported(name, ckpt))
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "megablock tools/export_hf.py", "ckpt": str(ckpt)}) + "\n")
+        finish_out(tmp, out, owned=lambda name: _exported(name, ckpt), marker=EXPORT_MARKER)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -146,11 +146,13 @@ def check_metadata_consistent(ckpt, meta: dict, cfg: ModelConfig) -> None:
             f"{path}: vocab_size {meta['vocab_size']} / padded_vocab_size {meta['padded_vocab_size']} disagree with "
             f"its model config (vocab_size {cfg.vocab_size}, padded to {padded} at TP {meta['tp']}); {fix}")
     mask = meta.get("mask_token_id")
-    if mask is not None and not (isinstance(mask, int) and 0 <= mask < cfg.vocab_size):
+    if mask is not None and not _token_id(mask, cfg.vocab_size):
         raise CheckpointError(f"{path}: mask_token_id {mask} is outside the vocabulary (size {cfg.vocab_size}); {fix}")
     if mask != cfg.mask_token_id:
         raise CheckpointError(
             f"{path}: mask_token_id {mask} disagrees with its model config ({cfg.mask_token_id}); {fix}")
+    _check_special_tokens(path, meta, cfg, fix)
+    _check_qk_norm(path, cfg, fix)
     lps = meta["layers_per_stage"]
     for stage in range(meta["pp"]):
         want = shard_shapes(cfg, meta["tp"], meta["pp"], stage, lps)
@@ -173,6 +175,35 @@ def check_metadata_consistent(ckpt, meta: dict, cfg: ModelConfig) -> None:
                     f"{path} contradicts its shards: {shard.relative_to(Path(ckpt))} {what} "
                     f"(megablock.json: {cfg.num_layers} layers, vocab {cfg.vocab_size}, TP {meta['tp']}, PP {meta['pp']}); "
                     f"{fix}")
+
+
+def _token_id(value, vocab_size: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
+
+
+def _check_special_tokens(path: Path, meta: dict, cfg: ModelConfig, fix: str) -> None:
+    """bos / eos ids of the model config and generation_config (an int or a list of ints) must be
+    tokens of the vocabulary: an eos past it can never be sampled, so generation never stops, and
+    export would write it into config.json unchecked. (pad is not checked: some HF configs carry
+    pad_token_id -1, and megablock never feeds it to the model.)"""
+    gen = meta.get("generation_config") or {}
+    fields = [("model.bos_token_id", cfg.bos_token_id), ("model.eos_token_id", cfg.eos_token_id),
+              *((f"generation_config.{k}", gen.get(k)) for k in ("bos_token_id", "eos_token_id"))]
+    for name, value in fields:
+        for token in value if isinstance(value, list) else [value]:
+            if token is not None and not _token_id(token, cfg.vocab_size):
+                raise CheckpointError(f"{path}: {name} {value} is outside the vocabulary (size {cfg.vocab_size}); {fix}")
+
+
+def _check_qk_norm(path: Path, cfg: ModelConfig, fix: str) -> None:
+    """model.qk_norm must be what the family maps (Qwen3's q_norm / k_norm weights): the model
+    builds those norms from the flag, the shards and export follow the family, so a flipped flag
+    exported without them (or with random ones) while generation refused the checkpoint."""
+    mapped = any(b.name.endswith("q_layernorm.weight") for b in get_family(cfg.arch).params(cfg, layers=range(1)))
+    if mapped != cfg.qk_norm:
+        raise CheckpointError(
+            f"{path}: model.qk_norm is {cfg.qk_norm} but a {cfg.arch} checkpoint {'has' if mapped else 'has no'} "
+            f"query/key norms; {fix}")
 
 
 def model_config(meta: dict) -> ModelConfig:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from megablock.cli import add_common_flags, launched_parallel, run_tool
 from megablock.config import WeightDtype, options
@@ -39,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="length range of prompts cut from --corpus, in tokens")
     p.add_argument("--doc-range", type=int, nargs=2, default=None, metavar=("START", "END"),
                    help="cut prompts only from these documents of --corpus (e.g. keep held-out ones apart)")
-    p.add_argument("--text-split", choices=TEXT_SPLITS, default="blank-line", help="documents of a text --corpus")
+    p.add_argument("--text-split", choices=TEXT_SPLITS, default="auto",
+                   help="documents of a text --corpus (auto, as preprocess_data.py: blank-line blocks, or lines)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
@@ -66,7 +68,8 @@ def run(args) -> int:
             prompts = corpus_prompts(args.corpus, im.tokenizer, args.num_prompts, lo, hi, seed=args.seed,
                                      text_split=args.text_split, doc_range=tuple(args.doc_range) if args.doc_range else None)
         stats = distill(im, prompts, args.out, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, progress=not args.quiet)
+                        temperature=args.temperature, top_p=args.top_p, seed=args.seed, progress=not args.quiet,
+                        model=str(Path(args.ckpt or args.hf_dir).resolve()))
     print(json.dumps({"out": args.out, "prompts": stats.prompts, "written": stats.written,
                       "already_there": stats.skipped, "new_tokens": stats.new_tokens,
                       "seconds": round(stats.seconds, 2)}))

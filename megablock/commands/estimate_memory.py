@@ -13,12 +13,13 @@ megablock/training/memory.py's (what it counts and what it leaves out is written
 """
 import argparse
 import json
+import math
 from pathlib import Path
 
 from megablock.checkpoint.format import model_config, read_metadata, resolve_checkpoint
 from megablock.checkpoint.mappings import family_for_hf_config
 from megablock.cli import add_common_flags, run_tool
-from megablock.config import ConfigError, load_config
+from megablock.config import ConfigError, load_config, validate_model, validate_parallel_layout
 from megablock.model.config import ModelConfig
 from megablock.training.memory import GiB, estimate, format_table, largest_micro_batch
 
@@ -64,9 +65,24 @@ def resolve_architecture(cfg, hf_config) -> ModelConfig:
     )
 
 
+def check_inputs(args, cfg, m: ModelConfig) -> None:
+    """The checks a launch of this config would make (config.validate_model: TP/PP divide the
+    model; validate_parallel_layout: the batch arithmetic at this data-parallel size), and the
+    tool's own numbers: an estimate of a run that cannot start is no answer."""
+    if args.data_parallel < 1:
+        raise ConfigError(f"--data-parallel {args.data_parallel} must be >= 1 (the number of model replicas)")
+    if args.device_memory_gb is not None and not (math.isfinite(args.device_memory_gb) and args.device_memory_gb > 0):
+        raise ConfigError(f"--device-memory-gb {args.device_memory_gb} must be a positive number of GB (e.g. 80)")
+    if args.block_size is not None and not (args.block_size >= 1 and cfg.data.seq_len % args.block_size == 0):
+        raise ConfigError(f"--block-size {args.block_size} must be >= 1 and divide data.seq_len={cfg.data.seq_len}")
+    validate_model(cfg, m)
+    validate_parallel_layout(cfg, args.data_parallel * cfg.parallel.tensor * cfg.parallel.pipeline)
+
+
 def run(args) -> int:
     cfg = load_config(args.config, [a for group in args.set for a in group])
     m = resolve_architecture(cfg, args.hf_config)
+    check_inputs(args, cfg, m)
     dp = args.data_parallel
     stages = estimate(cfg, m, dp, block_size=args.block_size)
     p, t = cfg.parallel, cfg.train
@@ -81,7 +97,7 @@ def run(args) -> int:
                        "optimizer": s.optimizer, "activations": s.activations, "logits": s.logits,
                        "transient": s.transient, "peak": s.peak} for s in stages],
            "peak_bytes": max(s.peak for s in stages)}
-    if args.device_memory_gb:
+    if args.device_memory_gb is not None:
         fit = largest_micro_batch(cfg, m, dp, args.device_memory_gb * 1e9)
         out.update(device_memory_gb=args.device_memory_gb, largest_micro_batch=fit)
         print(f"largest micro-batch within {args.device_memory_gb:g} GB (10% kept free): {fit}"

@@ -105,6 +105,13 @@ def run(args) -> int:
             f"{args.data} has token id {int(windows.max())} but the model's vocabulary has {vocab} ids: "
             "it was tokenized with another tokenizer; re-run tools/preprocess_data.py with the model's tokenizer"
         )
+    mask_count = int((windows == em.mask_token_id).sum()) if em.mask_token_id is not None else 0
+    if mask_count:  # a masked logit as a target: the NELBO and AR NLL would print as Infinity
+        raise EvaluationError(
+            f"{args.data} contains the model's mask token id {em.mask_token_id} {mask_count} times in the evaluated "
+            "tokens: its logit is masked, so every such target has infinite loss. Re-tokenize the data without "
+            "the mask token's text (or evaluate a model converted with another --mask-token)"
+        )
     if em.trained_block_size not in (None, args.block_size) and not args.quiet:
         print(f"note: the model was trained at block size {em.trained_block_size}; evaluating at {args.block_size}",
               file=sys.stderr)

@@ -102,9 +102,14 @@ def open_indexed(prefix: str):
     _, _, idx_mod = import_megatron_datasets()
     check_prefix_exists(prefix)
     remake = f"re-create it with tools/preprocess_data.py --output-prefix {prefix}"
+    ds = idx_mod.IndexedDataset.__new__(idx_mod.IndexedDataset)
     try:
-        ds = idx_mod.IndexedDataset(prefix)
+        ds.__init__(prefix)
     except (AssertionError, ValueError, struct.error, OSError) as e:
+        # Its __del__ deletes .bin_reader and .index, which a failed __init__ may not have set:
+        # without these, Python prints that AttributeError's traceback after our one-line error.
+        ds.__dict__.setdefault("bin_reader", None)
+        ds.__dict__.setdefault("index", None)
         raise DatasetFileError(f"dataset index {prefix}.idx is truncated or corrupt ({e}); {remake}") from None
     index = ds.index
     if len(index) == 0:
@@ -278,16 +283,17 @@ def eval_windows(prefix: str, seq_len: int, max_tokens: Optional[int] = None) ->
 def check_vocabulary(
     prefix: Union[str, Sequence[Any]], vocab_size: int, mask_token_id: Optional[int], require_mask: bool = True
 ) -> dict:
-    """Check that every dataset's tokens fit the model's vocabulary and, with `require_mask`
-    (some stage masks tokens), that a usable mask token exists and never occurs in the data;
-    returns {"max_token_id", "tokens"}.  Scans the .bin files once (memory-mapped).
+    """Check that every dataset's tokens fit the model's vocabulary and that the model's mask
+    token (if it has one) never occurs in the data; with `require_mask` (some stage masks tokens)
+    a usable mask token must exist. Returns {"max_token_id", "tokens"}.  Scans the .bin files once
+    (memory-mapped).
 
-    The token-range check runs at every block size: an id past the vocabulary is an IndexError in
-    the embedding, and an id in the padding rows (vocab_size <= id < padded size) gets a masked
-    logit, i.e. loss = inf."""
-    if not require_mask:
-        mask_token_id = None
-    elif mask_token_id is None:
+    Both checks run at every block size: an id past the vocabulary is an IndexError in the
+    embedding, and an id in the padding rows (vocab_size <= id < padded size) gets a masked logit,
+    i.e. loss = inf; so does the mask token as a target (its logit is masked too), even at B = 1."""
+    if not require_mask and mask_token_id is not None and not 0 <= mask_token_id < vocab_size:
+        mask_token_id = None  # unusable, and not needed: its range is only an error where it masks
+    elif mask_token_id is None and require_mask:
         raise ValueError(
             "the model has no mask token id; convert it with tools/convert_hf.py --mask-token TEXT "
             "(adds the token to the tokenizer and the embedding)"
@@ -317,8 +323,9 @@ def check_vocabulary(
         if mask_count:
             raise ValueError(
                 f"dataset {path} contains the mask token id {mask_token_id} {mask_count} times: "
-                "real text would look like noise; pick a mask token that never occurs in text "
-                "(tools/convert_hf.py --mask-token) or re-tokenize the data"
+                "real text would look like noise, and the mask token is never a valid prediction (its "
+                "logit is masked: the loss is inf); pick a mask token that never occurs in text "
+                "(tools/convert_hf.py --mask-token) or re-tokenize the data without it"
             )
         max_id, total = max(max_id, path_max), total + int(stream.shape[0])
     return {"max_token_id": max_id, "tokens": total}

@@ -39,8 +39,9 @@ CHUNK_CHARS = 1 << 16  # ~64 KB of text per task: small enough to balance, big e
 CHUNK_DOCS = 1024
 
 
-class PreprocessError(Exception):
-    """An input or setup problem; the message says what is wrong and how to fix it."""
+class PreprocessError(ValueError):
+    """An input or setup problem; the message says what is wrong and how to fix it (a ValueError,
+    like every expected error: the tools print it as one line, not as "an unexpected error")."""
 
 
 # ----------------------------------------------------------------------------- tokenizers

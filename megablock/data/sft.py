@@ -145,9 +145,16 @@ def iter_records(path: str) -> Iterator[tuple[dict, str]]:
         if not line.strip():
             continue
         try:
-            yield json.loads(line), f"{path} line {n}"
+            record = json.loads(line)
         except json.JSONDecodeError as e:
             raise PreprocessError(f"{path} line {n}: invalid JSON ({e.msg}); fix or remove the line") from None
+        try:  # JSON may escape a lone surrogate ("\ud800"): not text, and the tokenizer's TypeError names nothing
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            bad = e.object[e.start:e.end].encode("unicode_escape").decode()
+            raise PreprocessError(f"{path} line {n}: the text holds {bad}, a lone UTF-16 surrogate (not a character); "
+                                  f"fix the escape (a pair such as \\ud83d\\ude00) or remove the line") from None
+        yield record, f"{path} line {n}"
 
 
 def preprocess_sft(inputs: Sequence[str], tokenizer: str, output_prefix: str, *, append_eod: bool = True,
@@ -245,6 +252,12 @@ class SFTWindows:
             self.tokens = np.concatenate([docs[i][0] for i in order]).astype(np.int64)
             self.flags = np.concatenate([docs[i][1] for i in order]).astype(bool)
             self.doc = np.repeat(np.arange(len(order)), [len(docs[i][0]) for i in order])
+        # Conversations whose prompt alone fills a window: their responses are trained with a cut
+        # prompt, and their prompt-only windows are dropped (build_sft_data warns with the numbers).
+        prompt_lengths = [int(np.argmax(docs[i][1])) if docs[i][1].any() else len(docs[i][1]) for i in order]
+        self.conversations = len(order)
+        self.long_prompts = sum(1 for n in prompt_lengths if n >= L)
+        self.longest_prompt = max(prompt_lengths, default=0)
         n = len(self.tokens) // L
         first = 1 if shift else 0
         targets = self.flags[: n * L].reshape(n, L)[:, first:]

@@ -14,12 +14,17 @@ The output is resumable: record i (one JSON object per line: id, prompt, respons
 is written once. Batches are fixed by prompt index (batch k = prompts k*n .. k*n+n-1) and batch k
 samples with seed + k, so a rerun after an interruption recomputes exactly the batches it had not
 finished, writes only the records still missing, and ends with the same file as an uninterrupted
-run. A torn last line (the process died mid-write) is cut off before resuming.
+run. A torn last line (the process died mid-write) is cut off before resuming. What decides the
+records (model, prompts, max_new_tokens, batch_size, sampling, seed) is kept beside the output in
+OUT.settings.json, and a rerun with other settings is refused: appending would silently mix
+records of two settings (seed 7 and seed 8) in one file. Prompt plus max_new_tokens must fit the
+model's positions (checked for every prompt before anything is generated).
 Generations made elsewhere (any JSONL with prompt/response, e.g. from a serving engine) are
 checked and written in the same format (`import_records`).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -31,7 +36,7 @@ from typing import Iterable, Optional, Sequence
 from megablock.data.preprocess import iter_documents
 
 from .loading import InferenceModel
-from .sampler import GenerateConfig
+from .sampler import GenerateConfig, check_positions
 from .sampling import SamplingParams
 
 
@@ -68,10 +73,13 @@ def read_prompt_file(path: str) -> list[str]:
 
 
 def corpus_prompts(corpus: str, tokenizer, count: int, min_tokens: int, max_tokens: int, *, seed: int = 0,
-                   text_split: str = "blank-line", doc_range: Optional[tuple[int, int]] = None) -> list[str]:
+                   text_split: str = "auto", doc_range: Optional[tuple[int, int]] = None) -> list[str]:
     """`count` prompts: the first k tokens (k uniform in [min_tokens, max_tokens]) of documents of
     `corpus` spread evenly over `doc_range` ([start, end) document indices; default all), among
-    the documents long enough for max_tokens."""
+    the documents long enough for max_tokens. Documents as preprocess_data.py cuts them (`auto`:
+    blank-line blocks, or lines in a file without blank lines, such as the repository's kjv sample)."""
+    if count < 1:
+        raise DistillError(f"num_prompts={count} must be >= 1")
     if not 1 <= min_tokens <= max_tokens:
         raise DistillError(f"prefix range [{min_tokens}, {max_tokens}] must satisfy 1 <= min <= max")
     docs = list(iter_documents(corpus, text_split=text_split))
@@ -117,6 +125,36 @@ def _done_ids(out: Path) -> set:
     return done
 
 
+def settings_path(out: Path) -> Path:
+    return out.with_name(out.name + ".settings.json")
+
+
+def check_settings(out: Path, settings: dict) -> None:
+    """Refuse to add records made with other `settings` to `out` (before anything in it is
+    touched); record the settings of a new output."""
+    record = settings_path(out)
+    has_records = out.is_file() and out.stat().st_size > 0
+    if record.is_file() and has_records:
+        try:
+            saved = json.loads(record.read_text())
+        except ValueError as e:
+            raise DistillError(f"{record} is not valid JSON ({e}); it records the settings of {out}: restore it, "
+                               f"or write to a new --out file") from None
+        diffs = [f"{k}: {out.name} has {saved.get(k)!r}, this run {settings.get(k)!r}"
+                 for k in sorted(set(saved) | set(settings)) if saved.get(k) != settings.get(k)]
+        if diffs:
+            raise DistillError(
+                f"{out} was written with other settings ({'; '.join(diffs)}); adding to it would mix records of "
+                f"both in one file. Rerun with the recorded settings ({record}) to resume it, or write to a new "
+                f"--out file"
+            )
+        return
+    if has_records:
+        raise DistillError(f"{out} holds records but no {record.name}, so the settings that made them are unknown "
+                           f"and a rerun could mix two settings in one file: write to a new --out file")
+    record.write_text(json.dumps(settings, indent=1) + "\n")
+
+
 def _append(out: Path, records: Iterable[dict]) -> None:
     with out.open("a", encoding="utf-8") as f:
         for r in records:
@@ -136,17 +174,31 @@ class DistillStats:
 
 def distill(im: InferenceModel, prompts: Sequence[str], out: str, *, max_new_tokens: int, batch_size: int = 8,
             temperature: float = 0.0, top_p: Optional[float] = None, seed: int = 0, progress: bool = True,
-            stop_after_batches: Optional[int] = None) -> DistillStats:
+            stop_after_batches: Optional[int] = None, model: Optional[str] = None) -> DistillStats:
     """Write the model's continuation of every prompt to `out` (resumable; module docstring).
-    `stop_after_batches` ends after that many generated batches (interruptions in tests)."""
+    `stop_after_batches` ends after that many generated batches (interruptions in tests); `model`
+    names the model (its folder) in the recorded settings."""
     from tqdm import tqdm  # deferred like the tools' other progress bars
 
     if im.tokenizer is None:
         raise DistillError("the model has no tokenizer to encode prompts and decode responses")
     if batch_size < 1 or max_new_tokens < 1:
         raise DistillError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be >= 1")
+    encoded_all = [im.tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    empty = [i for i, e in enumerate(encoded_all) if not e]
+    if empty:
+        raise DistillError(f"prompts {empty[:8]} encode to no tokens; remove empty prompts")
+    try:
+        check_positions([len(e) for e in encoded_all], max_new_tokens, im.model.cfg)
+    except ValueError as e:
+        raise DistillError(str(e)) from None
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    check_settings(path, {
+        "model": model, "prompts_sha256": hashlib.sha256(json.dumps(list(prompts)).encode()).hexdigest(),
+        "prompts": len(prompts), "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+        "temperature": temperature, "top_p": top_p, "seed": seed,
+    })
     done = _done_ids(path)
     sampler = im.sampler()
     start, written, new_tokens, batches = time.perf_counter(), 0, 0, 0
@@ -160,9 +212,7 @@ def distill(im: InferenceModel, prompts: Sequence[str], out: str, *, max_new_tok
                 continue
             if stop_after_batches is not None and batches >= stop_after_batches:
                 break
-            encoded = [im.tokenizer(prompts[i], add_special_tokens=False)["input_ids"] for i in ids]
-            if any(not e for e in encoded):
-                raise DistillError(f"a prompt among {ids} encodes to no tokens; remove empty prompts")
+            encoded = [encoded_all[i] for i in ids]
             cfg = GenerateConfig(block_size=1, max_new_tokens=max_new_tokens, shift=True,
                                  sampling=SamplingParams(temperature, None, top_p), seed=seed + first // batch_size)
             result = sampler.generate(encoded, cfg)

@@ -78,6 +78,22 @@ class GenerateConfig:
             )
 
 
+def check_positions(prompt_lengths: Sequence[int], max_new_tokens: int, model_cfg) -> None:
+    """Refuse a generation whose last token would sit past the model's max_position_embeddings
+    when its RoPE is plain: positions it was never trained at give garbage, not a shorter answer.
+    A scaled RoPE (model_cfg.rope_scaling: dynamic NTK, linear, llama3, ...) is made to reach past
+    the trained length, and is not limited here."""
+    longest, max_positions = max(prompt_lengths, default=0), model_cfg.max_position_embeddings
+    if model_cfg.rope_scaling is None and longest + max_new_tokens > max_positions:
+        room = max_positions - longest
+        raise ValueError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} reaches position "
+            f"{longest + max_new_tokens}, past the model's {max_positions} positions (max_position_embeddings): "
+            + (f"lower max_new_tokens to {room} or less, or shorten the prompt" if room > 0 else
+               f"shorten the prompt to fewer than {max_positions} tokens")
+        )
+
+
 @dataclass
 class GenerationOutput:
     tokens: list
@@ -151,6 +167,7 @@ class BlockDiffusionSampler:
         cfg.validate(self.mask_token_id)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        check_positions([len(p) for p in prompts], cfg.max_new_tokens, self.model.cfg)
         start = time.perf_counter()
         dev, B, n = self.device, cfg.block_size, len(prompts)
         generator = torch.Generator(device=dev).manual_seed(cfg.seed)

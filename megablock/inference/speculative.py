@@ -66,7 +66,7 @@ import torch.nn.functional as F
 
 from megablock.config import NextDraft, options
 
-from .sampler import BlockDiffusionSampler, GenerationOutput
+from .sampler import BlockDiffusionSampler, GenerationOutput, check_positions
 from .sampling import SamplingParams, filter_logits, select_commits
 
 NEXT_DRAFT = options(NextDraft)
@@ -359,6 +359,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
         cfg.validate(self.mask_token_id)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
+        check_positions([len(p) for p in prompts], cfg.max_new_tokens, self.model.cfg)
         t0 = time.perf_counter()
         B, dev, n = cfg.block_size, self.device, len(prompts)
         generator = torch.Generator(device=dev).manual_seed(cfg.seed)

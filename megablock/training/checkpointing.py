@@ -8,6 +8,8 @@ SAVE/step_0000100/
     trainer_state.json                                   (step, consumed samples/tokens, stage)
     rng/rank00000.safetensors, config.yaml               (RNG states: tensors + JSON, no pickle)
 SAVE/latest                                              (names the newest complete step folder)
+SAVE/checkpoints.json                                    (the step folders this run wrote: the only
+                                                          ones keep_last pruning deletes; run_dir)
 
 A save is written into `step_X.tmp`, renamed when every rank has finished, and only then named
 in `latest` (itself replaced atomically): an interrupted save never becomes `latest`. A save that
@@ -16,8 +18,9 @@ fails because the disk is full says so (DiskFullError) and removes its partial f
 Trust: megablock's own files (safetensors, JSON, YAML) cannot run code when read; the RNG states
 used to be a pickle (rng/rank*.pt), and such files from older checkpoints are read only with
 torch.load(weights_only=True) and the three numpy globals an RNG state needs. DeepSpeed's engine
-state in deepspeed/ is a pickle that DeepSpeed loads with weights_only=False: resuming trusts
-the checkpoint folder as much as running code from it.
+state in deepspeed/ is a pickle that DeepSpeed itself loads with weights_only=False; resume hands
+DeepSpeed a checkpoint engine that loads it with weights_only=True and an allowlist of the few
+DeepSpeed classes its files hold (DEEPSPEED_SAFE_GLOBALS), so a planted object is refused, not run.
 
 LoRA runs (lora.enabled): model/ keeps the complete frozen base (equal to model.init_from's
 weights, plus trained norms with lora.train_norms), so every reader of model/ finds a whole
@@ -35,8 +38,10 @@ import errno
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -52,6 +57,8 @@ from megablock.checkpoint.format import (
 )
 from megablock.config import LoraSection
 from megablock.model.lora import split_weights
+from megablock.training.resume_check import BASE_FILE
+from megablock.training.run_dir import prune_checkpoints, record_checkpoint
 
 logger = logging.getLogger(__name__)
 STEP_PREFIX = "step_"
@@ -98,6 +105,10 @@ RNG_FILE = "rank{rank:05d}.safetensors"
 LEGACY_RNG_FILE = "rank{rank:05d}.pt"
 
 
+class CheckpointLoadError(ValueError):
+    """A file of a training checkpoint is damaged or not what megablock wrote (one line: the file, the fix)."""
+
+
 class DiskFullError(OSError):
     """A checkpoint could not be written because its file system is full."""
 
@@ -122,11 +133,18 @@ def save_rng_state(path: Path) -> None:
 def load_rng_state(path: Path) -> None:
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        scalars = json.loads(f.metadata()["rng"])
-        py_state = tuple(int(x) for x in f.get_tensor("python_state").tolist())
-        np_keys = f.get_tensor("numpy_keys").numpy().astype(np.uint32)
-        torch_state = f.get_tensor("torch")
+    try:
+        with safe_open(str(path), "pt") as f:
+            scalars = json.loads(f.metadata()["rng"])
+            py_state = tuple(int(x) for x in f.get_tensor("python_state").tolist())
+            np_keys = f.get_tensor("numpy_keys").numpy().astype(np.uint32)
+            torch_state = f.get_tensor("torch")
+    except Exception as e:  # safetensors raises its own SafetensorError for a truncated header or body
+        raise CheckpointLoadError(
+            f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}): the RNG state is truncated "
+            f"or damaged. Resume from another step folder (edit {path.parent.parent.parent / LATEST_FILE}), or delete "
+            f"{path.parent} to resume without restoring the RNG (the run is then not bit-exact)"
+        ) from None
     random.setstate((scalars["python_version"], py_state, scalars["python_gauss"]))
     np.random.set_state((scalars["numpy_kind"], np_keys, scalars["numpy_pos"], scalars["numpy_has_gauss"],
                          scalars["numpy_gauss"]))
@@ -147,11 +165,63 @@ def load_legacy_rng_state(path: Path) -> None:
         np.random.set_state(rng["numpy"])
         torch.set_rng_state(rng["torch"])
     except Exception as e:  # UnpicklingError names the forbidden global; bad structure is TypeError/KeyError
-        raise RuntimeError(
+        raise CheckpointLoadError(
             f"{path} is not a plain RNG state ({str(e).splitlines()[0][:200]}); refusing to unpickle it, since "
             f"that could run code planted in the checkpoint. If you trust the folder, delete {path.parent} to "
             f"resume without restoring the RNG (the run is then not bit-exact), or resume from another step"
         ) from None
+
+
+def deepspeed_safe_globals() -> list:
+    """The globals DeepSpeed's engine and ZeRO files pickle besides tensors and builtins (found by
+    loading the files of ZeRO 0-3, bf16 and LoRA runs with weights_only=True): plain records and an
+    enum, none of which runs code when rebuilt."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+class WeightsOnlyCheckpointEngine:
+    """DeepSpeed's checkpoint engine with `load` unpickling under weights_only=True and
+    `deepspeed_safe_globals()` (everything else is delegated to the engine it wraps)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def load(self, path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(deepspeed_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise CheckpointLoadError(
+                f"{path} holds more than DeepSpeed's engine state ({str(e).splitlines()[0][:240]}); refusing to "
+                f"unpickle it, since that could run code planted in the checkpoint. Resume from another step "
+                f"folder (edit {Path(path).parent.parent.parent / LATEST_FILE}) or one you trust"
+            ) from None
+        except (RuntimeError, EOFError, OSError) as e:  # truncated or not a torch file
+            raise CheckpointLoadError(
+                f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}): the file is truncated "
+                f"or damaged. Resume from another step folder (edit {Path(path).parent.parent.parent / LATEST_FILE})"
+            ) from None
+
+
+@contextmanager
+def weights_only_loads(engine):
+    """Within the block, DeepSpeed's `engine` loads its files with WeightsOnlyCheckpointEngine."""
+    inner = getattr(engine, "checkpoint_engine", None)
+    if inner is None:
+        yield
+        return
+    engine.checkpoint_engine = WeightsOnlyCheckpointEngine(inner)
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine = inner
 
 
 def _disk_full(err: BaseException, save_dir: Path) -> bool:
@@ -169,9 +239,11 @@ def _disk_full(err: BaseException, save_dir: Path) -> bool:
 def save_training_checkpoint(
     *, engine, model, info, save_dir: str, state: TrainerState, run_config: dict,
     source_meta: dict, tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
-    trainable_parameters: Optional[int] = None,
+    trainable_parameters: Optional[int] = None, lora_base: Optional[dict] = None,
 ) -> Path:
-    """Collective: every rank calls it. Returns the final step folder."""
+    """Collective: every rank calls it. Returns the final step folder. `lora_base` (LoRA runs,
+    rank 0): the fingerprint of the frozen base (resume_check.base_fingerprint), saved as
+    BASE_FILE so resume can refuse another base."""
     save_dir = Path(save_dir)
     name = step_dir_name(state.step)
     tmp = save_dir / (name + ".tmp")
@@ -179,7 +251,7 @@ def save_training_checkpoint(
         return _save_training_checkpoint(
             engine=engine, model=model, info=info, save_dir=save_dir, state=state, run_config=run_config,
             source_meta=source_meta, tokenizer_dir=tokenizer_dir, keep_last=keep_last, zero_stage=zero_stage,
-            trainable_parameters=trainable_parameters,
+            trainable_parameters=trainable_parameters, lora_base=lora_base,
         )
     except (OSError, RuntimeError) as err:
         if not _disk_full(err, save_dir):
@@ -203,7 +275,7 @@ def save_training_checkpoint(
 def _save_training_checkpoint(
     *, engine, model, info, save_dir: Path, state: TrainerState, run_config: dict,
     source_meta: dict, tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
-    trainable_parameters: Optional[int],
+    trainable_parameters: Optional[int], lora_base: Optional[dict],
 ) -> Path:
     name = step_dir_name(state.step)
     final, tmp = save_dir / name, save_dir / (name + ".tmp")
@@ -243,15 +315,20 @@ def _save_training_checkpoint(
         write_metadata(tmp, meta)
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
         (tmp / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
+        if lora_base is not None:
+            (tmp / BASE_FILE).write_text(json.dumps(lora_base, indent=2) + "\n")
         if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
             shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
+        # On record before the rename, so a kill in between never leaves a step folder the run
+        # would not own (pruning and overwrite delete only folders on record).
+        record_checkpoint(save_dir, name)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
         latest_tmp = save_dir / (LATEST_FILE + ".tmp")
         latest_tmp.write_text(name + "\n")
         os.replace(latest_tmp, save_dir / LATEST_FILE)
-        _prune(save_dir, keep_last, keep=name)
+        prune_checkpoints(save_dir, keep_last, keep=name)
         logger.info("saved checkpoint %s", final)
     _barrier()
     return final
@@ -266,17 +343,17 @@ def _gather_weights(model, zero_stage: int) -> dict:
     return {k: v.detach() for k, v in model.weights().items()}
 
 
-def _prune(save_dir: Path, keep_last: int, keep: str) -> None:
-    steps = sorted(p for p in save_dir.glob(f"{STEP_PREFIX}*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in steps[: max(0, len(steps) - keep_last)]:
-        if old.name != keep:
-            shutil.rmtree(old, ignore_errors=True)
-
-
 def latest_checkpoint(save_dir: Optional[str]) -> Optional[Path]:
     if save_dir is None or not (Path(save_dir) / LATEST_FILE).is_file():
         return None
     return resolve_checkpoint(save_dir)
+
+
+def read_trainer_state(path: Path, fix: str) -> TrainerState:
+    try:
+        return TrainerState.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError, AttributeError) as e:  # missing, not JSON, unknown or missing keys
+        raise CheckpointLoadError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {fix}") from None
 
 
 def load_training_state(engine, model, ckpt: Path, rank: int) -> TrainerState:
@@ -286,16 +363,21 @@ def load_training_state(engine, model, ckpt: Path, rank: int) -> TrainerState:
     if (lora_settings is None) != (saved is None) or (
         saved is not None and LoraSection.from_saved(saved) != lora_settings
     ):
-        raise RuntimeError(
+        raise CheckpointLoadError(
             f"{ckpt} was saved with lora={saved} but this run has lora="
             f"{lora_settings}; resume with the same lora settings"
         )
+    other = f"resume from another step folder (edit {ckpt.parent / LATEST_FILE})"
+    if not (ckpt / "deepspeed").is_dir():  # DeepSpeed would fail with an empty AssertionError
+        raise CheckpointLoadError(f"{ckpt}/deepspeed is missing: the checkpoint is incomplete (a copy without it?); "
+                                  f"{other}, or copy the folder back")
+    state = read_trainer_state(ckpt / "trainer_state.json", other)  # before DeepSpeed loads anything
     # LoRA checkpoints hold only the trainable parameters (the frozen base comes from init_from).
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True,
-                                          load_lr_scheduler_states=True, load_module_strict=lora_settings is None)
+    with weights_only_loads(engine):
+        load_path, _ = engine.load_checkpoint(str(ckpt), tag="deepspeed", load_optimizer_states=True,
+                                              load_lr_scheduler_states=True, load_module_strict=lora_settings is None)
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed found no engine state in {ckpt}/deepspeed; the checkpoint is incomplete")
-    state = TrainerState.from_dict(json.loads((ckpt / "trainer_state.json").read_text()))
+        raise CheckpointLoadError(f"DeepSpeed found no engine state in {ckpt}/deepspeed; the checkpoint is incomplete: {other}")
     rng_file, legacy = ckpt / "rng" / RNG_FILE.format(rank=rank), ckpt / "rng" / LEGACY_RNG_FILE.format(rank=rank)
     if rng_file.is_file():
         load_rng_state(rng_file)

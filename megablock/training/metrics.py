@@ -32,10 +32,17 @@ class MetricsWriter:
             return
         Path(save_dir).mkdir(parents=True, exist_ok=True)
         self.path = Path(save_dir) / "metrics.jsonl"
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(log_dir=str(Path(save_dir) / "tensorboard"))
+        self.tb_dir = Path(save_dir) / "tensorboard"
         self._first_write = True
+
+    def _tensorboard(self):
+        """Opened at the first record, not before: a launch refused while resuming (another base,
+        other settings) leaves no new events file in the run's folder."""
+        if self.tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(self.tb_dir))
+        return self.tb
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -48,11 +55,11 @@ class MetricsWriter:
             self.truncate_after(record["step"] - 1)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-        step = record["step"]
+        step, tb = record["step"], self._tensorboard()
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)) and value is not None:
-                self.tb.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}", value, step)
-        self.tb.flush()
+                tb.add_scalar(f"train/{key}" if not key.startswith("val_") else f"val/{key[4:]}", value, step)
+        tb.flush()
 
     def truncate_after(self, step: int) -> None:
         """Drop records of steps after `step` (on resume: steps the checkpoint does not contain;

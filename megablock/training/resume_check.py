@@ -10,9 +10,15 @@ where files go; those may change (SAFE_KEYS, SAFE_SECTIONS).
 The learning-rate schedule (train.lr, min_lr, warmup_steps, decay) may change as well: the
 trainer re-applies the configured schedule after loading (optim.follow_configured_schedule), so
 extending a run (train.steps) or lowering its LR is a deliberate, supported continuation.
+
+A LoRA checkpoint holds only the trainable parameters; resume rebuilds the frozen base from
+model.init_from. The same path may hold other weights today (`convert_hf.py --out BASE --force`
+of another model), so each LoRA checkpoint records what its base was (BASE_FILE: size, mtime and
+SHA-256 of megablock.json and every model/ and lora/ shard) and resume refuses another base.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,6 +31,7 @@ from megablock.checkpoint.format import METADATA_FILE
 from megablock.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
+BASE_FILE = "base.json"
 
 SAFE_KEYS = {
     "train.steps", "train.log_interval", "train.eval_interval", "train.eval_batches", "train.exit_after_steps",
@@ -135,3 +142,65 @@ def _check_architecture(ckpt: Path, model_cfg) -> None:
             f"model.init_from must give the model the run started from: point it there, or start a new "
             f"run in another checkpoint.save_dir"
         )
+
+
+# ----------------------------------------------------------------------------- LoRA base
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def base_files(base: Path) -> list[Path]:
+    """What building the frozen base reads from checkpoint `base`: megablock.json and the model/
+    and lora/ shards (a LoRA checkpoint as init_from has its adapters merged in)."""
+    return [base / METADATA_FILE, *sorted(base.glob("model/*.safetensors")), *sorted(base.glob("lora/*.safetensors"))]
+
+
+def base_fingerprint(base, previous: dict | None = None) -> dict:
+    """{"init_from", "files": {relative path: {size, mtime_ns, sha256}}} of checkpoint `base`. A
+    shard whose size and mtime equal `previous`'s (an earlier fingerprint's "files") keeps that
+    hash instead of being read again: only the first launch of a run hashes the whole base."""
+    base, previous = Path(base), previous or {}
+    files = {}
+    for path in base_files(base):
+        name, st = str(path.relative_to(base)), path.stat()
+        old = previous.get(name) or {}
+        unchanged = name != METADATA_FILE and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns
+        files[name] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                       "sha256": old["sha256"] if unchanged and "sha256" in old else _sha256(path)}
+    return {"init_from": str(base), "files": files}
+
+
+def check_base(ckpt, base) -> dict | None:
+    """Refuse to resume LoRA checkpoint `ckpt` on a base other than the one it was trained on
+    (model.init_from resolved to `base`); returns the base's fingerprint for the next saves, or
+    None for a checkpoint from before BASE_FILE (not compared)."""
+    ckpt, record = Path(ckpt), Path(ckpt) / BASE_FILE
+    if not record.is_file():
+        logger.warning("%s has no %s (saved by an older megablock); resuming without checking that "
+                       "model.init_from still holds the base it was trained on", ckpt, BASE_FILE)
+        return None
+    try:
+        saved = json.loads(record.read_text())
+        saved_files = saved["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{record} is damaged ({type(e).__name__}: {e}); resume from another step folder "
+                          f"(edit {ckpt.parent / 'latest'})") from None
+    now = base_fingerprint(base, saved_files)
+    changed = [name for name in sorted(set(saved_files) | set(now["files"]))
+               if (saved_files.get(name) or {}).get("sha256") != (now["files"].get(name) or {}).get("sha256")]
+    if changed:
+        shown = ", ".join(
+            f"{name} ({'missing now' if name not in now['files'] else 'new' if name not in saved_files else 'other content'})"
+            for name in changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        raise ConfigError(
+            f"checkpoint.resume: model.init_from={base} is not the base {ckpt} was trained on (recorded in "
+            f"{record}): {shown}. A LoRA checkpoint holds only the adapters, and resume rebuilds the frozen "
+            f"base from model.init_from, so the run would train its adapters on other weights. Fix: restore "
+            f"the original base (saved at {saved.get('init_from')}) and point model.init_from at it, or start a "
+            f"new run in another checkpoint.save_dir"
+        )
+    return now

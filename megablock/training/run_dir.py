@@ -2,10 +2,15 @@
 
 Policy (what DeepSpeed / Megatron-LM users expect of a checkpoint folder):
 
-- A save_dir that holds another run (a `latest`, step folders, metrics.jsonl or TensorBoard
-  events) is refused, unless `checkpoint.resume=true` (continue it) or
-  `checkpoint.overwrite=true` (delete that run's checkpoints, metrics and events first; nothing
-  else in the folder is touched). Forgetting `resume` can no longer replace a run.
+- A save_dir that holds another run (a `latest`, step folders, metrics.jsonl,
+  schedule_search.jsonl or TensorBoard events) is refused, unless `checkpoint.resume=true`
+  (continue it) or `checkpoint.overwrite=true` (delete that run's checkpoints, metrics and events
+  first; nothing else in the folder is touched). Forgetting `resume` can no longer replace a run.
+- What the run wrote is on record: SAVE/checkpoints.json lists the step folders its saves
+  completed. Pruning (checkpoint.keep_last) and overwrite delete only folders named there with
+  the exact `step_%07d` name, never a user's `step_0000003_keep/` or `step_backup/`. A save_dir
+  from before the record counts its exact `step_%07d` folders as the run's. A folder with a
+  step name that the record does not list is refused (a save would replace it): move it away.
 - One run at a time: global rank 0 holds SAVE/run.lock (pid, host, Slurm job id) while it runs.
   A second run on the same save_dir is refused while the holder lives. A lock is stale, and
   taken over, when its pid is dead on this host, when it belongs to an earlier incarnation of
@@ -24,6 +29,7 @@ import atexit
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import sys
@@ -42,8 +48,12 @@ STALE_AFTER_S = 300.0
 WATCH_INTERVAL_S = 2.0
 # What a training run writes at the top of its save_dir (megablock.training.checkpointing,
 # megablock.training.metrics); step folders are matched by prefix.
-RUN_ENTRIES = ("latest", "latest.tmp", "metrics.jsonl", "tensorboard")
+RECORD_FILE = "checkpoints.json"
+RUN_ENTRIES = ("latest", "latest.tmp", "metrics.jsonl", "schedule_search.jsonl", "tensorboard", RECORD_FILE,
+               RECORD_FILE + ".tmp")
 STEP_PREFIX = "step_"
+STEP_NAME = re.compile(r"step_\d{7}")  # checkpointing.step_dir_name; also ".tmp" while a save is written
+RESTARTED_LOGS = ("metrics.jsonl", "schedule_search.jsonl")  # per-step records a run from step 0 rewrites
 
 
 # ----------------------------------------------------------------------------- lock
@@ -160,16 +170,85 @@ def describe_holder(path: Path, holder: Optional[dict]) -> str:
             f"delete {path}")
 
 
+# ----------------------------------------------------------------------------- record
+def is_step_name(name: str) -> bool:
+    return STEP_NAME.fullmatch(name.removesuffix(".tmp")) is not None
+
+
+def read_record(save_dir) -> list[str] | None:
+    """The step folders the run in `save_dir` completed (SAVE/checkpoints.json), or None when
+    there is no record (an empty save_dir, or one written before the record existed)."""
+    path = Path(save_dir) / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        names = json.loads(path.read_text())["checkpoints"]
+        if not all(isinstance(n, str) for n in names):
+            raise TypeError("not a list of names")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{path} is damaged ({type(e).__name__}: {e}); it lists the checkpoints the run in "
+                          f"{save_dir} wrote. Restore it, or delete it to count every step_NNNNNNN folder there "
+                          f"as the run's") from None
+    return [n for n in names if STEP_NAME.fullmatch(n)]
+
+
+def write_record(save_dir, names) -> None:
+    """Replace the record atomically (a kill leaves the old or the new list)."""
+    path = Path(save_dir) / RECORD_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"checkpoints": sorted(set(names))}, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def run_checkpoints(save_dir) -> list[str]:
+    """The run's own step folders that exist in `save_dir` (oldest first): those on record, or,
+    without a record, every folder with an exact step name."""
+    root = Path(save_dir)
+    if not root.is_dir():
+        return []
+    record = read_record(root)
+    if record is None:
+        return sorted(p.name for p in root.iterdir() if STEP_NAME.fullmatch(p.name) and p.is_dir())
+    return sorted(n for n in record if (root / n).is_dir())
+
+
+def record_checkpoint(save_dir, name: str) -> None:
+    """After a save completed step folder `name` (rank 0): add it to the record. A save_dir from
+    before the record adopts its exact-name step folders first."""
+    write_record(save_dir, [*run_checkpoints(save_dir), name])
+
+
+def prune_checkpoints(save_dir, keep_last: int, keep: str) -> None:
+    """Delete the run's oldest checkpoints beyond `keep_last` (never `keep`, never a folder that
+    is not on record)."""
+    steps = run_checkpoints(save_dir)
+    doomed = [n for n in steps[: max(0, len(steps) - keep_last)] if n != keep]
+    for name in doomed:
+        shutil.rmtree(Path(save_dir) / name, ignore_errors=True)
+    write_record(save_dir, [n for n in steps if n not in doomed])
+
+
+def foreign_step_folders(save_dir) -> list[str]:
+    """Folders with a step name (or a step-like prefix) that the run's record does not list."""
+    root = Path(save_dir)
+    record = read_record(root) if root.is_dir() else None
+    if record is None:
+        return []
+    return sorted(p.name for p in root.iterdir()
+                  if p.is_dir() and STEP_NAME.fullmatch(p.name) and p.name not in record)
+
+
 # ----------------------------------------------------------------------------- policy
 def previous_run(save_dir) -> list[str]:
-    """Names of what an earlier run left in `save_dir` (empty when it holds no run)."""
+    """Names of what an earlier run left in `save_dir` (empty when it holds no run): the run's own
+    files and its step folders (exact `step_%07d` names; `step_backup/` is not a run)."""
     root = Path(save_dir)
     if not root.is_dir():
         return []
     found = []
     for p in sorted(root.iterdir()):
-        if p.name in RUN_ENTRIES or (p.name.startswith(STEP_PREFIX) and p.is_dir()):
-            if p.name == "metrics.jsonl" and p.stat().st_size == 0:
+        if p.name in RUN_ENTRIES or (is_step_name(p.name) and p.is_dir()):
+            if p.name in RESTARTED_LOGS and p.stat().st_size == 0:
                 continue
             found.append(p.name)
     return found
@@ -182,11 +261,20 @@ def check_save_dir_policy(save_dir, resume: bool, overwrite: bool) -> None:
                           "set resume to continue the run in checkpoint.save_dir, or overwrite to replace it")
     found = previous_run(save_dir)
     root = Path(save_dir)
-    if resume and found and not (root / "latest").is_file() and (root / "metrics.jsonl").is_file():
+    foreign = foreign_step_folders(root)
+    if foreign and (resume or overwrite):
+        raise ConfigError(
+            f"checkpoint.save_dir={save_dir} holds {', '.join(foreign[:6])}, named like this run's checkpoints but "
+            f"not among those it wrote ({root / RECORD_FILE}); a save of that step would replace it. Move or "
+            f"rename it (e.g. {foreign[0]}_keep), or choose another checkpoint.save_dir"
+        )
+    if resume and found and not (root / "latest").is_file():
         # The previous run was killed before its first checkpoint: this one starts at step 0,
-        # so none of the logged steps survive (they would be listed twice).
-        logger.info("checkpoint.resume: %s has no checkpoint yet; restarting its metrics.jsonl", save_dir)
-        (root / "metrics.jsonl").unlink()
+        # so none of the logged steps or searches survive (they would be listed twice).
+        for name in RESTARTED_LOGS:
+            if (root / name).is_file():
+                logger.info("checkpoint.resume: %s has no checkpoint yet; restarting its %s", save_dir, name)
+                (root / name).unlink()
     if not found or resume:
         return
     latest = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
@@ -197,8 +285,11 @@ def check_save_dir_policy(save_dir, resume: bool, overwrite: bool) -> None:
             + (f"; latest is {latest}" if latest else "") + "): set checkpoint.resume=true to continue it, "
             "checkpoint.overwrite=true to delete it and start over, or choose another checkpoint.save_dir"
         )
-    logger.warning("checkpoint.overwrite: deleting the previous run in %s (%s)", save_dir, shown)
-    for name in found:
+    # The run's checkpoints (before the record goes), then its files; partial saves (.tmp) are its own.
+    doomed = [*run_checkpoints(root), *(n for n in found if n.endswith(".tmp") and is_step_name(n))]
+    doomed += [n for n in found if n in RUN_ENTRIES and n != RECORD_FILE] + [n for n in found if n == RECORD_FILE]
+    logger.warning("checkpoint.overwrite: deleting the previous run in %s (%s)", save_dir, ", ".join(doomed))
+    for name in doomed:
         p = root / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 

@@ -45,7 +45,20 @@ def resolve_and_check_model(cfg: Config) -> tuple[ModelConfig, dict, Optional[Pa
     be known before a process group, a model or a dataset is built."""
     model_cfg, meta, ckpt = resolve_model_config(cfg)
     validate_model(cfg, model_cfg)
+    warn_past_positions(cfg, model_cfg)
     return model_cfg, meta, ckpt
+
+
+def warn_past_positions(cfg: Config, model_cfg: ModelConfig) -> None:
+    """Training windows longer than the model's positions are not refused (training there is how
+    a context is extended), but with plain RoPE they are rarely meant: say so once, with the
+    numbers (a scaled RoPE, model.rope_scaling, is made to reach past them)."""
+    if model_cfg.rope_scaling is None and cfg.data.seq_len > model_cfg.max_position_embeddings:
+        logger.warning(
+            "data.seq_len=%d is longer than the model's %d positions (max_position_embeddings): positions %d..%d "
+            "were never trained and start from RoPE extrapolation; lower data.seq_len unless this run extends the "
+            "context", cfg.data.seq_len, model_cfg.max_position_embeddings, model_cfg.max_position_embeddings,
+            cfg.data.seq_len - 1)
 
 
 def build_model(cfg: Config, model_cfg: ModelConfig, meta: dict, ckpt: Optional[Path],
@@ -157,6 +170,17 @@ def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> RunDa
     )
 
 
+def warn_long_prompts(windows: SFTWindows, seq_len: int) -> None:
+    """Once, with the numbers: prompts of seq_len tokens or more leave prompt-only windows, which
+    carry no loss and are dropped (wasted data), and their responses see a cut-off prompt."""
+    if windows.long_prompts:
+        logger.warning(
+            "SFT data: %d of %d conversations have a prompt of >= data.seq_len=%d tokens (longest %d): their "
+            "prompt-only windows are dropped (%d of %d packed windows kept) and their responses are trained with "
+            "a cut-off prompt; raise data.seq_len or shorten the prompts", windows.long_prompts,
+            windows.conversations, seq_len, windows.longest_prompt, len(windows), windows.windows_total)
+
+
 def build_sft_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> RunData:
     """`build_data` for data.format=sft: packed conversation windows (megablock.data.sft) with
     response flags and conversation ids; the same samplers, noise and curriculum as pretraining,
@@ -169,6 +193,7 @@ def build_sft_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> R
         raise ConfigError(f"data.prefix={d.prefix!r} (data.format=sft): {err}") from None
     logger.info("SFT data: %d windows of %d tokens with response targets (of %d packed)",
                 len(train_windows), d.seq_len, train_windows.windows_total)
+    warn_long_prompts(train_windows, d.seq_len)
     sampler = DataParallelSampler(t.global_batch_size, t.micro_batch_size, info.dp_rank, info.dp)
     common = dict(mask_token_id=model_cfg.mask_token_id, seed=t.seed, eod_token_id=eod_token_id(model_cfg))
     adaptive = cfg.diffusion.schedule == "adaptive"
