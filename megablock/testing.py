@@ -15,7 +15,13 @@ from typing import Any, Callable
 import torch
 import torch.multiprocessing as mp
 
+from megablock.checkpoint.adapters import split_factor
+from megablock.checkpoint.convert import convert
+from megablock.checkpoint.format import full_shapes
 from megablock.checkpoint.mappings import FAMILY_NAMES
+from megablock.data.preprocess import preprocess
+from megablock.inference.speculative import SpeculativeConfig
+from megablock.model.lora import MASK_DELTA, base_weight_name
 from megablock.parallel.state import free_port
 
 MASK_TOKEN = "<|mask|>"
@@ -130,9 +136,6 @@ def save_tiny_hf_model(path, family: str, seed: int = 0, with_tokenizer: bool = 
 def training_assets(root, family: str = "llama", ckpt_name: str = "ckpt") -> Path:
     """A tiny converted checkpoint (root/CKPT_NAME, with a mask token) and the repo's public-domain
     text sample tokenized with its tokenizer (root/data): what training tests start from."""
-    from megablock.checkpoint.convert import convert
-    from megablock.data.preprocess import preprocess
-
     root = Path(root)
     save_tiny_hf_model(root / "hf", family)
     convert(root / ckpt_name, hf_dir=root / "hf", mask_token=MASK_TOKEN, progress=False, log=lambda *a: None)
@@ -149,8 +152,6 @@ SPECULATIVE_LAYOUTS = ((False, "masked"), (True, "masked"), (True, "overlap"))
 
 def speculative_configs(max_new_tokens: int, block_sizes=(2, 4, 8)):
     """Every valid speculative layout at each block size (overlap needs B >= 3)."""
-    from megablock.inference.speculative import SpeculativeConfig
-
     for B in block_sizes:
         for fused, layout in SPECULATIVE_LAYOUTS:
             if not (layout == "overlap" and B == 2):
@@ -161,10 +162,6 @@ def randomize_adapters(model, rank: int, scale: float = 0.1) -> None:
     """Give a model's LoRA B factors and mask-row delta non-zero values (apply_lora starts B at 0),
     drawn as full tensors keyed by name and split, so every TP layout holds the same adapters
     (A is already drawn that way by apply_lora). `rank`: the LoRA rank."""
-    from megablock.checkpoint.adapters import split_factor
-    from megablock.checkpoint.format import full_shapes
-    from megablock.model.lora import MASK_DELTA, base_weight_name
-
     shapes = full_shapes(model.cfg, model.tp)
     with torch.no_grad():
         for name, p in model.named_parameters():

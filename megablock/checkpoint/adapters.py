@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from megablock.config import LoraSection
-from megablock.model.lora import MASK_DELTA, base_weight_name
+from megablock.model.lora import MASK_DELTA, apply_lora, base_weight_name
 
 from .format import CheckpointError, SafetensorsWriter, iter_full_tensors, model_config
 from .mappings import RowParallel, get_family
@@ -294,8 +294,6 @@ def read_drafter(folder, cfg) -> tuple[LoraSection, dict[str, torch.Tensor]]:
 
 def attach_full_adapters(model, settings: LoraSection, full: dict, source) -> None:
     """apply_lora with `settings`, then load full (TP = 1) adapter tensors, split to the model's TP rank."""
-    from megablock.model.lora import apply_lora
-
     apply_lora(model, settings)
     with torch.no_grad():
         for name, p in model.named_parameters():
