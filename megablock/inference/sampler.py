@@ -22,7 +22,8 @@ Choices worth knowing:
   are placed in the block as already-revealed tokens (never masked), exactly as an xt block with
   those tokens unmasked looks in training, and only the whole blocks before it are prefilled. The
   first generated block of such a row therefore yields fewer than B tokens.
-- Rows finish independently (EOS, included in the output, or `max_new_tokens`) and then leave the
+- Rows finish independently (EOS, included in the output, `max_new_tokens`, or the caller's
+  `stop(row, tokens)` after a block, e.g. a stop string in the decoded text) and then leave the
   batch (cache rows dropped), so they cost nothing further. Slots after a committed EOS or past
   the token budget stay masked and are never decoded; the final block needs no append forward.
 - `forwards` counts model calls (prefill, refinement steps, appends). With shift and B = 1 there
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -149,7 +150,12 @@ class BlockDiffusionSampler:
 
     # --- the loop -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerateConfig) -> GenerationOutput:
+    def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerateConfig,
+                 stop: Optional[Callable[[int, list], bool]] = None) -> GenerationOutput:
+        """`stop(row, tokens)`: called with a prompt's index and its new tokens so far after each
+        block that did not end it; True ends the row there (the block's tokens are kept whole, so
+        a caller cutting at a stop string cuts the text itself). It must decide from the tokens
+        alone: under TP every rank calls it and must agree."""
         cfg.validate(self.mask_token_id)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -196,7 +202,7 @@ class BlockDiffusionSampler:
                     committed[take, 0] = True
             forwards += self._refine(cache, x, pos, committed, needed, cfg, generator)
 
-            keep = self._collect(x, committed & needed, rows, out, cfg.max_new_tokens)
+            keep = self._collect(x, committed & needed, rows, out, cfg.max_new_tokens, stop)
             if not keep:
                 break
             if len(keep) < b:  # finished rows leave the batch
@@ -249,9 +255,9 @@ class BlockDiffusionSampler:
             x[commit] = decided[0][commit]
             committed |= commit
 
-    def _collect(self, x, decided, rows: list, out: list, max_new: int) -> list:
+    def _collect(self, x, decided, rows: list, out: list, max_new: int, stop=None) -> list:
         """Append each row's decided new tokens (up to and including an EOS) to its output;
-        returns the batch indices of the rows that go on."""
+        returns the batch indices of the rows that go on (not ended by EOS, the budget or `stop`)."""
         eos_ids, keep = set(self.eos.tolist()), []
         for i, r in enumerate(rows):
             done = False
@@ -260,7 +266,7 @@ class BlockDiffusionSampler:
                 if out[r][-1] in eos_ids:
                     done = True
                     break
-            if not done and len(out[r]) < max_new:
+            if not done and len(out[r]) < max_new and not (stop is not None and stop(r, out[r])):
                 keep.append(i)
         return keep
 

@@ -59,7 +59,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -357,7 +357,10 @@ class SpeculativeSampler(BlockDiffusionSampler):
         return x, cache.lengths.cpu() + a - back, a - back
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], cfg: SpeculativeConfig) -> SpeculativeOutput:
+    def generate(self, prompts: Sequence[Sequence[int]], cfg: SpeculativeConfig,
+                 stop: Optional[Callable[[int, list], bool]] = None) -> SpeculativeOutput:
+        """`stop(row, tokens)`: as in BlockDiffusionSampler.generate, called after each verified
+        block that did not end the row."""
         cfg.validate(self.mask_token_id)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -429,6 +432,8 @@ class SpeculativeSampler(BlockDiffusionSampler):
                     if t in eos or len(out[r]) >= cfg.max_new_tokens:
                         done = True
                         break
+                if not done and stop is not None and stop(r, out[r]):
+                    done = True
                 commit[i] = known[i] + kept
                 if done:
                     continue
