@@ -133,14 +133,7 @@ class SpeculativeOutput(GenerationOutput):
     """Drafts checked in each verified block (every row's blocks, in order)."""
     accepted: list = field(default_factory=list)
     """Drafts kept in each of those blocks."""
-    row_forwards: list = field(default_factory=list)
-    """Forwards each prompt's row took part in (prefill included): a row's tokens per forward
-    is what it would be decoded alone, whatever the batch."""
-
-    @property
-    def row_tokens_per_forward(self) -> float:
-        """Mean over rows of new tokens / the row's forwards (tokens per forward at batch 1)."""
-        return sum(len(t) / max(f, 1) for t, f in zip(self.tokens, self.row_forwards)) / max(len(self.tokens), 1)
+    # row_forwards (GenerationOutput): every active row takes part in every forward here.
 
     @property
     def mean_accepted(self) -> float:
