@@ -134,7 +134,7 @@ class MegablockLM(TemplateLM):
         self.seed = int(seed)
         B = 1 if mode == "ar" else int(block_size or self.im.trained_block_size or 0)
         if B < 1:
-            raise ValueError(f"mode={mode} needs block_size (the model records no block size it was trained at)")
+            raise ValueError(f"mode={mode} needs a block size, block_size= (this model records none it was trained at)")
         self.block_size = B
         if mode == "speculative":
             self.decoding = SpeculativeConfig(block_size=B, fused=not two_pass, next_draft=next_draft,
