@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system_instruction", "--system-instruction", default=None)
     p.add_argument("--gen_kwargs", "--gen-kwargs", default=None, help="e.g. max_gen_toks=512,temperature=0")
     p.add_argument("--metadata", default=None, help="JSON object passed to the tasks (as the harness's --metadata)")
+    p.add_argument("--confirm_run_unsafe_code", "--confirm-run-unsafe-code", action="store_true",
+                   help="let tasks that execute model-written code run it (humaneval, mbpp; also HF_ALLOW_CODE_EVAL=1)")
     p.add_argument("--seed", type=int, default=0, help="decoding seed (sampling); the harness's seeds are its own")
     p.add_argument("--bootstrap_iters", "--bootstrap-iters", type=int, default=100000,
                    help="stderr bootstrap resamples (the harness default; 0 skips the stderr)")
@@ -207,6 +209,7 @@ def run(args) -> int:
         evaluation_tracker=tracker, apply_chat_template=args.apply_chat_template,
         fewshot_as_multiturn=args.fewshot_as_multiturn, system_instruction=args.system_instruction,
         gen_kwargs=args.gen_kwargs, bootstrap_iters=args.bootstrap_iters,
+        confirm_run_unsafe_code=args.confirm_run_unsafe_code,
     )
     if results is None or not is_rank_zero():
         return 0
