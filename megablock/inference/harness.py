@@ -62,6 +62,7 @@ from lm_eval.models.utils import (Collator, _add_special_kwargs, handle_stop_seq
 from megatron.core import parallel_state
 
 from megablock.diffusion.layout import AttentionLayout
+from megablock.model.params import parameter_count
 from megablock.parallel.state import default_device, initialize_parallel
 
 from .loading import load
@@ -265,8 +266,8 @@ class MegablockLM(TemplateLM):
         if self.mode == "speculative":
             info.update(fused=self.decoding.fused, next_draft=self.decoding.next_draft)
         info["decoding"] = {task: summarize(s, self.mode) for task, s in sorted(stats.items())}
-        return {"megablock": info, "model_num_parameters": sum(p.numel() for p in self.model.parameters())
-                * self.parallel.tp, "model_dtype": self.dtype}
+        return {"megablock": info, "model_num_parameters": parameter_count(self.model.cfg)[1],
+                "model_dtype": self.dtype}
 
     # --- log-likelihoods -----------------------------------------------------------------------------------
     def _need_causal(self, what: str) -> None:
@@ -364,7 +365,7 @@ class MegablockLM(TemplateLM):
         res: list = [None] * len(requests)
         by_task = defaultdict(list)
         for i, req in enumerate(requests):
-            by_task[req.task_name].append(i)
+            by_task[req.task_name or "unnamed"].append(i)
         for task, idx in by_task.items():  # per task, so the statistics are per task
             for i, text in zip(idx, self._generate([requests[i].args for i in idx], self.stats[task])):
                 res[i] = text
