@@ -43,6 +43,8 @@ Parallelism: under torchrun / deepspeed, the launched processes form TP groups o
 (default: all of them, as in every megablock tool) and the groups are data-parallel replicas:
 the harness splits the documents over the DP ranks and gathers the metrics (and these
 statistics) on rank 0. The TP ranks of a group run the same requests and agree on every token.
+(When the documents do not split evenly, the harness pads the short ranks with repeats of their
+last request; those are decoded and counted in the statistics too.)
 """
 from __future__ import annotations
 
