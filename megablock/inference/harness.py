@@ -116,6 +116,15 @@ class MegablockLM(TemplateLM):
         if self._batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
 
+        def decoding(B: int, shift: bool):
+            if mode == "speculative":
+                return SpeculativeConfig(block_size=B, fused=not two_pass, next_draft=next_draft, shift=shift,
+                                         seed=int(seed))
+            return GenerateConfig(block_size=B, threshold=0.9 if threshold is None else float(threshold),
+                                  tokens_per_step=tokens_per_step, shift=shift, seed=int(seed))
+
+        decoding(int(block_size or 1), True).validate(mask_token_id=0)  # the ranges, before the model loads
+
         world = int(os.environ.get("WORLD_SIZE", "1"))
         tp = int(tp) if tp is not None else (parallel_state.get_tensor_model_parallel_world_size()
                                              if parallel_state.model_parallel_is_initialized() else world)
@@ -139,14 +148,8 @@ class MegablockLM(TemplateLM):
         if B < 1:
             raise ValueError(f"mode={mode} needs a block size, block_size= (this model records none it was trained at)")
         self.block_size = B
-        if mode == "speculative":
-            self.decoding = SpeculativeConfig(block_size=B, fused=not two_pass, next_draft=next_draft,
-                                              shift=self.im.shift, seed=self.seed)
-            self.sampler = speculative_sampler(self.im)
-        else:
-            self.decoding = GenerateConfig(block_size=B, threshold=0.9 if threshold is None else float(threshold),
-                                           tokens_per_step=tokens_per_step, shift=self.im.shift, seed=self.seed)
-            self.sampler = self.im.sampler()
+        self.decoding = decoding(B, self.im.shift)
+        self.sampler = speculative_sampler(self.im) if mode == "speculative" else self.im.sampler()
         if mode == "ar":
             self._need_causal("mode=ar decoding")
         self.decoding.validate(self.im.mask_token_id)  # e.g. no mask token: only mode=ar; bad ranges
