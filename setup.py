@@ -14,11 +14,13 @@ setup(
     description="Block-diffusion adaptation of pretrained autoregressive LLMs (NBDiff recipe) "
     "with megatron-core tensor parallelism and DeepSpeed.",
     packages=find_packages(include=["megablock", "megablock.*"]),
+    # megablock's offline lm-eval tasks (YAML, their data and loader) travel with the package.
+    package_data={"megablock.inference": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.jsonl", "lm_eval_tasks/*.py"]},
     python_requires=">=3.10,<3.12.99",
     install_requires=requirements,
     entry_points={"console_scripts": [
         f"megablock-{name.replace('_', '-')}=megablock.commands.{name}:main"
         for name in ("convert_hf", "export_hf", "generate", "evaluate", "pretrain", "plot_metrics",
-                     "estimate_memory", "distill_data", "preprocess_data")
+                     "estimate_memory", "distill_data", "preprocess_data", "lm_eval")
     ]},
 )

@@ -22,7 +22,8 @@ Choices worth knowing:
   are placed in the block as already-revealed tokens (never masked), exactly as an xt block with
   those tokens unmasked looks in training, and only the whole blocks before it are prefilled. The
   first generated block of such a row therefore yields fewer than B tokens.
-- Rows finish independently (EOS, included in the output, or `max_new_tokens`) and then leave the
+- Rows finish independently (EOS, included in the output, `max_new_tokens`, or the caller's
+  `stop(row, tokens)` after a block, e.g. a stop string in the decoded text) and then leave the
   batch (cache rows dropped), so they cost nothing further. Slots after a committed EOS or past
   the token budget stay masked and are never decoded; the final block needs no append forward.
 - `forwards` counts model calls (prefill, refinement steps, appends). With shift and B = 1 there
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -102,6 +103,9 @@ class GenerationOutput:
     """Model calls made for the whole batch."""
     seconds: float
     pad_token_id: int = 0
+    row_forwards: list = field(default_factory=list)
+    """Forwards each prompt's row took part in with work of its own (prefill included): a row's
+    tokens per forward is what it would be decoded alone, whatever the batch."""
 
     def padded(self) -> torch.Tensor:
         """[n, longest] tensor of the new tokens; rows that finished early are padded."""
@@ -115,6 +119,11 @@ class GenerationOutput:
     @property
     def tokens_per_forward(self) -> float:
         return self.new_tokens / max(self.forwards, 1)
+
+    @property
+    def row_tokens_per_forward(self) -> float:
+        """Mean over rows of new tokens / the row's forwards (tokens per forward at batch 1)."""
+        return sum(len(t) / max(f, 1) for t, f in zip(self.tokens, self.row_forwards)) / max(len(self.tokens), 1)
 
 
 class BlockDiffusionSampler:
@@ -163,7 +172,12 @@ class BlockDiffusionSampler:
 
     # --- the loop -----------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerateConfig) -> GenerationOutput:
+    def generate(self, prompts: Sequence[Sequence[int]], cfg: GenerateConfig,
+                 stop: Optional[Callable[[int, list], bool]] = None) -> GenerationOutput:
+        """`stop(row, tokens)`: called with a prompt's index and its new tokens so far after each
+        block that did not end it; True ends the row there (the block's tokens are kept whole, so
+        a caller cutting at a stop string cuts the text itself). It must decide from the tokens
+        alone: under TP every rank calls it and must agree."""
         cfg.validate(self.mask_token_id)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -182,6 +196,7 @@ class BlockDiffusionSampler:
         rows = list(range(n))  # original prompt index of each active row
         out: list[list[int]] = [[] for _ in range(n)]
         forwards, last = 0, None
+        row_forwards = [int(f > 0) for f in first_block]  # alone, a row prefills iff it has whole blocks
         if K > 0:  # prefill the whole blocks of every prompt
             heads = [list(p[: int(f) * B]) for p, f in zip(prompts, first_block)]
             last = self._prefill(cache, heads, offset, K * B)
@@ -209,9 +224,12 @@ class BlockDiffusionSampler:
                     tokens, _ = choose_tokens(last[take], cfg.sampling, generator)
                     x[take, 0] = self._agree(tokens)
                     committed[take, 0] = True
-            forwards += self._refine(cache, x, pos, committed, needed, cfg, generator)
+            steps, row_steps = self._refine(cache, x, pos, committed, needed, cfg, generator)
+            forwards += steps
+            for i, r in enumerate(rows):
+                row_forwards[r] += int(row_steps[i])
 
-            keep = self._collect(x, committed & needed, rows, out, cfg.max_new_tokens)
+            keep = self._collect(x, committed & needed, rows, out, cfg.max_new_tokens, stop)
             if not keep:
                 break
             if len(keep) < b:  # finished rows leave the batch
@@ -223,9 +241,11 @@ class BlockDiffusionSampler:
             hidden = self._hidden(cache, x, pos, append=True)  # the finished block joins the clean context
             last = self._logits(hidden[:, -1])
             forwards += 1
+            for r in rows:
+                row_forwards[r] += 1
             s0, first = s0 + B, False
 
-        return GenerationOutput(out, forwards, time.perf_counter() - start, self.pad_token_id)
+        return GenerationOutput(out, forwards, time.perf_counter() - start, self.pad_token_id, row_forwards)
 
     def _prefill(self, cache: KVCache, heads: list, offset: torch.Tensor, width: int) -> torch.Tensor:
         """Run each row's whole prompt blocks causally into the cache, right-aligned to `width`
@@ -241,17 +261,19 @@ class BlockDiffusionSampler:
         hidden = self._hidden(cache, ids.to(dev), pos.to(dev), append=True, valid=valid.to(dev))
         return self._logits(hidden[:, -1])
 
-    def _refine(self, cache, x, pos, committed, needed, cfg: GenerateConfig, generator) -> int:
+    def _refine(self, cache, x, pos, committed, needed, cfg: GenerateConfig, generator) -> tuple:
         """Denoise one block in place (x, committed) until every needed slot is committed;
-        returns the number of forwards."""
+        returns (forwards, [b] forwards in which each row still had slots to decide)."""
         b, B = x.shape
         eos, forwards = self.eos.to(x.device), 0
+        row_steps = torch.zeros(b, dtype=torch.long)
         while True:
             todo = needed & ~committed & self._before_eos(x, committed & needed, eos)
             if not bool(todo.any()):
-                return forwards
+                return forwards, row_steps
             hidden = self._hidden(cache, x, pos, append=False)
             forwards += 1
+            row_steps += todo.any(-1).cpu()
             bi, ji = todo.nonzero(as_tuple=True)
             src = ji - 1 if cfg.shift else ji  # with shift, output j-1 predicts slot j
             tokens, conf = choose_tokens(self._logits(hidden[bi, src]), cfg.sampling, generator)
@@ -264,9 +286,9 @@ class BlockDiffusionSampler:
             x[commit] = decided[0][commit]
             committed |= commit
 
-    def _collect(self, x, decided, rows: list, out: list, max_new: int) -> list:
+    def _collect(self, x, decided, rows: list, out: list, max_new: int, stop=None) -> list:
         """Append each row's decided new tokens (up to and including an EOS) to its output;
-        returns the batch indices of the rows that go on."""
+        returns the batch indices of the rows that go on (not ended by EOS, the budget or `stop`)."""
         eos_ids, keep = set(self.eos.tolist()), []
         for i, r in enumerate(rows):
             done = False
@@ -275,7 +297,7 @@ class BlockDiffusionSampler:
                 if out[r][-1] in eos_ids:
                     done = True
                     break
-            if not done and len(out[r]) < max_new:
+            if not done and len(out[r]) < max_new and not (stop is not None and stop(r, out[r])):
                 keep.append(i)
         return keep
 

@@ -59,7 +59,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -132,14 +132,7 @@ class SpeculativeOutput(GenerationOutput):
     """Drafts checked in each verified block (every row's blocks, in order)."""
     accepted: list = field(default_factory=list)
     """Drafts kept in each of those blocks."""
-    row_forwards: list = field(default_factory=list)
-    """Forwards each prompt's row took part in (prefill included): a row's tokens per forward
-    is what it would be decoded alone, whatever the batch."""
-
-    @property
-    def row_tokens_per_forward(self) -> float:
-        """Mean over rows of new tokens / the row's forwards (tokens per forward at batch 1)."""
-        return sum(len(t) / max(f, 1) for t, f in zip(self.tokens, self.row_forwards)) / max(len(self.tokens), 1)
+    # row_forwards (GenerationOutput): every active row takes part in every forward here.
 
     @property
     def mean_accepted(self) -> float:
@@ -355,7 +348,10 @@ class SpeculativeSampler(BlockDiffusionSampler):
         return x, cache.lengths.cpu() + a - back, a - back
 
     @torch.inference_mode()
-    def generate(self, prompts: Sequence[Sequence[int]], cfg: SpeculativeConfig) -> SpeculativeOutput:
+    def generate(self, prompts: Sequence[Sequence[int]], cfg: SpeculativeConfig,
+                 stop: Optional[Callable[[int, list], bool]] = None) -> SpeculativeOutput:
+        """`stop(row, tokens)`: as in BlockDiffusionSampler.generate, called after each verified
+        block that did not end the row."""
         cfg.validate(self.mask_token_id)
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
@@ -428,6 +424,8 @@ class SpeculativeSampler(BlockDiffusionSampler):
                     if t in eos or len(out[r]) >= cfg.max_new_tokens:
                         done = True
                         break
+                if not done and stop is not None and stop(r, out[r]):
+                    done = True
                 commit[i] = known[i] + kept
                 if done:
                     continue
