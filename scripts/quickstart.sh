@@ -14,7 +14,8 @@
 #   5. export        plain Hugging Face folder with the block-diffusion settings -> quickstart/hf/
 #   6. generate      a sample at block size 4 (tools/generate.py)
 #   7. evaluate      on the held-out text: NELBO / perplexity bound at B = 4 (base and trained model)
-#                    and B = 1, plus generation tokens per forward (tools/evaluate.py) -> quickstart/eval_*.json
+#                    and B = 1, plus generation tokens per forward (tools/evaluate.py) -> quickstart/eval_*.json;
+#                    the offline lm-evaluation-harness tasks on both models (tools/lm_eval.py) -> quickstart/lm_eval*
 #   8. plots         loss, block size, validation NELBO, tokens/s            -> quickstart/plots/
 # Re-running skips finished work (conversion, tokenization) and resumes an interrupted training
 # run from its latest checkpoint. Target: under 15 minutes on 2 CPU cores.
@@ -122,6 +123,12 @@ GEN=(--generate --gen-prompts 2 --gen-tokens 32 --gen-temperature 0)
 "$PY" tools/evaluate.py --ckpt "$RUN" "${EVAL[@]}" --block-size 4 --samples 2 "${GEN[@]}" | tee "$QS/eval_b4.txt"
 "$PY" tools/evaluate.py --ckpt "$RUN" "${EVAL[@]}" --block-size 1 "${GEN[@]}" | tee "$QS/eval_b1.txt"
 for f in base_b4 b4 b1; do tail -n 1 "$QS/eval_$f.txt" > "$QS/eval_$f.json"; done
+# A task score to put beside a paper's table: lm-evaluation-harness on the offline tasks shipped in
+# megablock/inference/lm_eval_tasks (a few items each), base model and trained model.
+"$PY" tools/lm_eval.py --ckpt "$BASE" --tasks megablock_local --limit 4 --output_path "$QS/lm_eval/base" \
+  | tee "$QS/lm_eval_base.txt"
+"$PY" tools/lm_eval.py --ckpt "$RUN" --mode threshold --block-size 4 --tasks megablock_local --limit 4 \
+  --output_path "$QS/lm_eval/trained" | tee "$QS/lm_eval_trained.txt"
 
 # --- 8. plots ------------------------------------------------------------------------------------
 phase "plots: training metrics"
@@ -150,6 +157,7 @@ print(f"""
      {qs}/hf/               exported Hugging Face folder (AutoModelForCausalLM loads it)
      {qs}/plots/metrics.png training curves
      {qs}/eval_*.json       evaluation results; {qs}/generate.txt the sample
+     {qs}/lm_eval_*.txt     lm-evaluation-harness scores on the offline tasks (base, trained)
 
    how to go on:
      train longer:     rm -r {qs}/run && bash scripts/quickstart.sh train.steps=96

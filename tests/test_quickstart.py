@@ -100,7 +100,7 @@ def test_quickstart_script_is_valid_bash():
     # The script must use the fixed interfaces it documents.
     for needle in ("tools/convert_hf.py --gguf", "tools/preprocess_data.py", "examples/pretrain_nbdiff.py",
                    "quickstart_cpu.yaml", "tools/export_hf.py", "tools/generate.py", "tools/evaluate.py",
-                   "tools/plot_metrics.py", "source scripts/setup_env.sh"):
+                   "tools/plot_metrics.py", "tools/lm_eval.py", "source scripts/setup_env.sh"):
         assert needle in text, needle
 
 
