@@ -1,7 +1,7 @@
 """`--force` of convert_hf.py / export_hf.py (issue 13): never deletes a folder that is, holds or
 is inside the source, and replaces only what the tool itself writes."""
+import importlib.util
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +11,16 @@ from megablock.checkpoint.export import export
 from megablock.testing import save_tiny_hf_model
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tools"))
 quiet = dict(progress=False, log=lambda *a: None)
+
+
+def _tool(name: str):
+    """tools/NAME.py as a module, without putting tools/ on sys.path (where tools/lm_eval.py would
+    shadow the lm_eval package for every later import)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +53,7 @@ def test_export_never_replaces_its_source(models, tmp_path):
             export(run, out, force=True, **quiet)
     assert _tree(run) == before  # nothing deleted, nothing added
 
-    import export_hf
+    export_hf = _tool("export_hf")
 
     assert export_hf.main(["--ckpt", str(run), "--out", str(run), "--force", "--quiet"]) == 1
     assert _tree(run) == before
@@ -60,7 +68,7 @@ def test_convert_never_replaces_its_source(models, tmp_path):
             convert(out, hf_dir=hf, force=True, **quiet)
     assert _tree(hf) == before
 
-    import convert_hf
+    convert_hf = _tool("convert_hf")
 
     assert convert_hf.main(["--hf-dir", str(hf), "--out", str(hf), "--force", "--quiet"]) == 1
     assert _tree(hf) == before
@@ -90,7 +98,7 @@ def test_force_replaces_only_what_the_tool_writes(models, tmp_path):
 def test_export_force_never_replaces_a_real_model(models, tmp_path):
     """Issue 25.4: ownership judged by file names replaced a real model.safetensors. Only a folder
     with the export marker (an earlier export) may be replaced."""
-    import export_hf
+    export_hf = _tool("export_hf")
     from megablock.checkpoint.export import EXPORT_MARKER
 
     real = tmp_path / "real"
