@@ -208,7 +208,7 @@ def _nonfinite(rank, world, assets, save_dir):
 
     cfg = load_config(str(CONFIG), _overrides(assets, save_dir, "train.steps=8", "checkpoint.interval=2",
                                               "train.max_nonfinite_steps=2", "train.eval_interval=0")[1:])
-    real_loss = engine_mod.selected_block_diffusion_loss
+    real_loss = engine_mod.objective
 
     def poisoned(*args):
         parts = real_loss(*args)
@@ -216,7 +216,7 @@ def _nonfinite(rank, world, assets, save_dir):
             parts.loss = parts.loss * float("nan")
         return parts
 
-    engine_mod.selected_block_diffusion_loss = poisoned
+    engine_mod.objective = poisoned
     trainer = Trainer(cfg)
     try:
         trainer.run()
