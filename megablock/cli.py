@@ -30,6 +30,17 @@ def add_common_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser
     return parser
 
 
+def add_model_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The model a decoding tool loads (megablock.inference.loading.load): a checkpoint, or an HF
+    folder with, optionally, a gated drafter beside it."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", help="megablock checkpoint folder (or a training save dir with 'latest')")
+    src.add_argument("--hf-dir", help="Hugging Face model folder (plain, or exported by export_hf.py)")
+    parser.add_argument("--drafter", help="with --hf-dir: a drafter folder (export_hf.py of a lora.scope=noised run, "
+                                          "OUT/drafter) that drafts for the untouched base (speculative decoding)")
+    return parser
+
+
 def as_flags(message: str, parser: Optional[argparse.ArgumentParser]) -> str:
     """Rewrite `dest=value` mentions of the parser's arguments as `--flag value` (a switch's
     `dest=True` as just `--flag`)."""

@@ -22,7 +22,7 @@ import argparse
 import json
 import sys
 
-from megablock.cli import add_common_flags, is_rank_zero, launched_parallel, run_tool
+from megablock.cli import add_common_flags, add_model_flags, is_rank_zero, launched_parallel, run_tool
 from megablock.config import DecodeMode, WeightDtype, options
 from megablock.data.datasets import eval_windows
 from megablock.inference.evaluation import EvaluationError, check_block_size, evaluate
@@ -31,11 +31,7 @@ from megablock.inference.loading import load
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="megablock checkpoint folder (or a training save dir with 'latest')")
-    src.add_argument("--hf-dir", help="Hugging Face model folder (plain, or exported by export_hf.py)")
-    p.add_argument("--drafter", help="with --hf-dir: a drafter folder (export_hf.py of a lora.scope=noised run, "
-                                     "OUT/drafter) that drafts for the untouched base (--mode speculative)")
+    add_model_flags(p)
     p.add_argument("--data", required=True, help="indexed dataset prefix (PREFIX.bin / PREFIX.idx)")
     p.add_argument("--seq-len", type=int, required=True, help="L: tokens per evaluation window")
     p.add_argument("--block-size", type=int, required=True, help="B: diffusion block size (1 = AR)")

@@ -20,7 +20,7 @@ import os
 import sys
 
 
-from megablock.cli import add_common_flags, is_rank_zero, launched_parallel, run_tool
+from megablock.cli import add_common_flags, add_model_flags, is_rank_zero, launched_parallel, run_tool
 from megablock.config import DecodeMode, NextDraft, WeightDtype, options
 from megablock.inference.loading import load
 from megablock.inference.sampler import GenerateConfig
@@ -34,11 +34,7 @@ class UsageError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="megablock checkpoint folder (or a training save dir with 'latest')")
-    src.add_argument("--hf-dir", help="Hugging Face model folder (plain, or exported by export_hf.py)")
-    p.add_argument("--drafter", help="with --hf-dir: a drafter folder (export_hf.py of a lora.scope=noised run, "
-                                     "OUT/drafter) that drafts for the untouched base (--mode speculative)")
+    add_model_flags(p)
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")
     text.add_argument("--prompt-file", help="file with one prompt per line (decoded as one batch)")

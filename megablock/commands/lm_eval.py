@@ -27,7 +27,7 @@ import os
 import sys
 from pathlib import Path
 
-from megablock.cli import add_common_flags, is_rank_zero, run_tool
+from megablock.cli import add_common_flags, add_model_flags, is_rank_zero, run_tool
 
 MODES = ("ar", "threshold", "speculative")
 TASKS_DIR = Path(__file__).resolve().parents[1] / "inference" / "lm_eval_tasks"
@@ -39,11 +39,7 @@ class UsageError(ValueError):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", help="megablock checkpoint folder (or a training save dir with 'latest')")
-    src.add_argument("--hf-dir", help="Hugging Face model folder (plain, or exported by export_hf.py)")
-    p.add_argument("--drafter", help="with --hf-dir: a drafter folder (export_hf.py of a lora.scope=noised run) "
-                                     "that drafts for the untouched base (--mode speculative)")
+    add_model_flags(p)
     p.add_argument("--mode", default="ar", help="generate_until decoding: ar (default), threshold (parallel "
                                                 "decoding) or speculative (lossless draft-and-verify)")
     p.add_argument("--block-size", type=int, default=None,
