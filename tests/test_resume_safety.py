@@ -89,7 +89,10 @@ def test_resume_does_not_unpickle_a_planted_deepspeed_state(run, tmp_path, damag
     states = save / "step_0000002" / "deepspeed" / "mp_rank_00_model_states.pt"
     marker = tmp_path / "PWNED"
     if damage == "planted":
-        sd = torch.load(states, weights_only=False)
+        from megablock.training.checkpointing import deepspeed_safe_globals
+
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            sd = torch.load(states, weights_only=True)
         sd["planted"] = _Planted(marker)
         torch.save(sd, states)
     else:
