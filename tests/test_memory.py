@@ -136,7 +136,7 @@ def test_recompute_equals_no_recompute(ckpts, world):
 
 def test_memory_estimate_within_15_percent_of_measured_peak():
     """benchmarks/memory_estimate.py --quick: a real step's peak (torch's CPU allocator) against
-    the estimator, no recompute and full recompute (the full table is in the README)."""
+    the estimator, no recompute and full recompute (the full table is in docs/benchmarks.md)."""
     import json
     import os
     import subprocess
