@@ -53,7 +53,8 @@ warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 
-from megablock.config import DecodeMode, WeightDtype, options  # noqa: E402
+from megablock.config import WeightDtype, options  # noqa: E402
+from megablock.inference.block_rules import DecodeMode  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The history of the printing press begins in the fifteenth century, when"

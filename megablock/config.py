@@ -4,7 +4,9 @@ every value checked when the config is built, with messages that name the key an
 These sections are the single source of every setting: the batch builder, the noise, the
 curriculum, LoRA and the trainer read them directly, so a field exists exactly once. Each
 enumeration is a `Literal` below and every option list in the package derives from it
-(`options(Attention)`). Validation sits next to the fields (each section's `check`), and
+(`options(Attention)`); the decoding ones (DecodeMode, NextDraft) are in
+megablock.inference.block_rules, which the exported folder carries and which imports torch only.
+Validation sits next to the fields (each section's `check`), and
 `Config.check` holds what spans sections; a config that exists is a valid one.
 
 The DeepSpeed config is derived from this one (`deepspeed_config`); a user's own DeepSpeed JSON
@@ -36,14 +38,10 @@ ZeroStage = Literal[0, 1, 2, 3]
 LoraTarget = Literal["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 Recompute = Literal["none", "selective", "full"]
 """Activation recompute: none | selective (the attention core) | full (each decoder layer)."""
-DecodeMode = Literal["threshold", "speculative"]
-"""threshold: confidence-thresholded parallel decoding; speculative: lossless draft-and-verify."""
 LoraScope = Literal["all", "noised"]
 """Where LoRA deltas apply: all positions | the noised half only (a drafter over the frozen base)."""
 CleanPass = Literal["cached", "joint"]
 """lora.scope=noised: how a step treats the frozen clean half (megablock.training.engine)."""
-NextDraft = Literal["masked", "overlap"]
-"""Speculative one-pass mode: layout of the next block's draft (megablock.inference.speculative)."""
 DataFormat = Literal["pretrain", "sft"]
 """pretrain (raw text, every token a target) | sft (prompt/response data with response flags)."""
 WeightDtype = Literal["fp32", "bf16"]

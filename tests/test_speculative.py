@@ -22,7 +22,7 @@ import torch
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 
-from megablock.inference import speculative as spec  # noqa: E402
+from megablock.inference import block_rules  # noqa: E402
 from megablock.inference.loading import from_hf_model, load  # noqa: E402
 from megablock.inference.sampler import GenerateConfig  # noqa: E402
 from megablock.inference.sampling import SamplingParams, filter_logits  # noqa: E402
@@ -280,7 +280,7 @@ def test_speculative_sampling_matches_ar_distribution(monkeypatch):
         p = filter_logits(ar_logits.float(), params).softmax(-1)
         return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))
 
-    monkeypatch.setattr(spec, "verify_drafts", take_all)
+    monkeypatch.setattr(block_rules, "verify_drafts", take_all)
     cfg = SpeculativeConfig(block_size=4, max_new_tokens=k, fused=False, sampling=params, seed=11)
     counts, _ = sampled_joint(sampler, prompt, cfg, n, k)
     assert chi_square_p(counts, probs) < 1e-3
