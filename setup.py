@@ -15,7 +15,9 @@ setup(
     "with megatron-core tensor parallelism and DeepSpeed.",
     packages=find_packages(include=["megablock", "megablock.*"]),
     # megablock's offline lm-eval tasks (YAML, their data and loader) travel with the package.
-    package_data={"megablock.inference": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.jsonl", "lm_eval_tasks/*.py"]},
+    # The remote code an export copies into a release folder (megablock.checkpoint.release) too.
+    package_data={"megablock.inference": ["lm_eval_tasks/*.yaml", "lm_eval_tasks/*.jsonl", "lm_eval_tasks/*.py"],
+                  "megablock.checkpoint": ["remote/*.py"]},
     python_requires=">=3.10,<3.12.99",
     install_requires=requirements,
     entry_points={"console_scripts": [

@@ -54,7 +54,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 from megablock.config import WeightDtype, options  # noqa: E402
-from megablock.inference.block_rules import DecodeMode  # noqa: E402
+from megablock.diffusion.block_rules import DecodeMode  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The history of the printing press begins in the fifteenth century, when"

@@ -5,7 +5,7 @@ These sections are the single source of every setting: the batch builder, the no
 curriculum, LoRA and the trainer read them directly, so a field exists exactly once. Each
 enumeration is a `Literal` below and every option list in the package derives from it
 (`options(Attention)`); the decoding ones (DecodeMode, NextDraft) are in
-megablock.inference.block_rules, which the exported folder carries and which imports torch only.
+megablock.diffusion.block_rules, which the exported folder carries and which imports torch only.
 Validation sits next to the fields (each section's `check`), and
 `Config.check` holds what spans sections; a config that exists is a valid one.
 

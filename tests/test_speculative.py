@@ -22,7 +22,7 @@ import torch
 
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 
-from megablock.inference import block_rules  # noqa: E402
+from megablock.diffusion import block_rules  # noqa: E402
 from megablock.inference.loading import from_hf_model, load  # noqa: E402
 from megablock.inference.sampler import GenerateConfig  # noqa: E402
 from megablock.inference.sampling import SamplingParams, filter_logits  # noqa: E402

@@ -7,7 +7,8 @@ is split into model-0000k-of-0000n.safetensors files with a model.safetensors.in
 layout `save_pretrained` writes, so AutoModelForCausalLM loads either.
 
 config.json is the source config (unmodeled entries verbatim) plus the block-diffusion settings
-`block_size`, `mask_token_id`, `diffusion_shift`, `diffusion_attention`. Same atomic-write rule as
+`block_size`, `mask_token_id`, `diffusion_shift`, `diffusion_attention`; with remote code (on by default for block sizes > 1)
+also `auto_map`, beside the modeling files and a model card README.md (release.py). Same atomic-write rule as
 conversion: OUT.tmp-<pid>, renamed when complete. OUT may not be, hold or be inside the checkpoint
 (or the save dir given as --ckpt), and --force replaces only a previous export (convert.prepare_out).
 
@@ -35,6 +36,7 @@ from megablock.model.params import parameter_count
 
 from . import adapters
 from . import format as fmt
+from . import release
 from .convert import ConversionError, finish_out, prepare_out
 from .mappings import get_family
 
@@ -60,8 +62,8 @@ def _exported(name: str, ckpt: Path) -> bool:
     """Whether `name` at the top of an output folder is something export writes (what --force may
     replace)."""
     if name in (WEIGHTS_NAME, INDEX_NAME, "config.json", "generation_config.json", ADAPTER_DIR, DRAFTER_DIR,
-                EXPORT_MARKER) \
-            or name in TOKENIZER_FILES:
+                EXPORT_MARKER, release.MODEL_CARD) \
+            or name in TOKENIZER_FILES or name in release.REMOTE_FILES:
         return True
     if name.startswith("model-") and name.endswith(".safetensors"):
         return True
@@ -81,6 +83,7 @@ def diffusion_settings(meta: dict) -> dict:
 def hf_config_dict(meta: dict, dtype: str) -> dict:
     cfg = fmt.model_config(meta)
     config = get_family(cfg.arch).hf_config(cfg)
+    config.pop("auto_map", None)  # a source's remote code is not ours: the export writes its own or none
     dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
     config[dtype_key] = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     config.update(diffusion_settings(meta))
@@ -120,9 +123,10 @@ def check_shards(ckpt: Path, meta: dict) -> None:
 
 def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress: bool = True,
            max_shard_bytes: int = MAX_SHARD_BYTES, log: Callable = print,
-           lora_separate: bool = False) -> dict:
+           lora_separate: bool = False, remote_code: Optional[bool] = None) -> dict:
     """Write checkpoint `ckpt` (a checkpoint folder, or a training save dir with `latest`) as an
-    HF folder at `out` in `dtype` (default: the checkpoint's). Returns a summary dict."""
+    HF folder at `out` in `dtype` (default: the checkpoint's). `remote_code` (default: on when the
+    block size is > 1) adds the files `block_generate` needs (release.py). Returns a summary dict."""
     start = time.time()
     given = ckpt
     ckpt = fmt.resolve_checkpoint(ckpt)
@@ -135,6 +139,11 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
     torch_dtype = fmt.DTYPES[dtype]
     cfg = fmt.model_config(meta)
     family = get_family(cfg.arch)
+    if remote_code is None:
+        remote_code = meta.get("block_size", 1) > 1
+    if remote_code and meta.get("mask_token_id") is None:
+        raise ConversionError(f"{ckpt} has no mask token, so block_generate could not draft: export it with "
+                              "--no-remote-code, or convert the model again without --no-mask-token")
     if cfg.padded_vocab_size(meta["tp"]) != meta["padded_vocab_size"]:
         raise fmt.CheckpointError(f"{ckpt}/megablock.json: padded_vocab_size disagrees with the model config; re-convert")
     check_shards(ckpt, meta)
@@ -182,7 +191,11 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
             total = sum(torch.Size(s).numel() for s in specs.values()) * torch_dtype.itemsize
             index = {"metadata": {"total_size": total}, "weight_map": file_of}
             (tmp / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        (tmp / "config.json").write_text(json.dumps(hf_config_dict(meta, dtype), indent=2) + "\n")
+        config = hf_config_dict(meta, dtype)
+        if remote_code:
+            config["auto_map"] = release.write_remote_code(tmp, family.hf_class)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / release.MODEL_CARD).write_text(release.model_card(meta, ckpt, family.hf_class, remote_code, gated))
         if meta.get("generation_config"):
             (tmp / "generation_config.json").write_text(json.dumps(meta["generation_config"], indent=2) + "\n")
         if gated:
@@ -206,6 +219,7 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
         "files": len(files), "dtype": dtype, "from_tp": meta["tp"], "from_pp": meta["pp"],
         "seconds": round(time.time() - start, 2),
         "lora": None if not meta.get("lora") else ("drafter" if gated else "separate" if lora_separate else "merged"),
+        "remote_code": remote_code,
     }
     log(f"exported {cfg.arch} ({summary['parameters']:,} parameters, {meta['tp']}x{meta['pp']} shards) to "
         f"{out} as {family.hf_class} in {len(files)} file(s), {dtype}, in {summary['seconds']} s")

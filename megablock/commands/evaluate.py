@@ -24,7 +24,7 @@ import sys
 
 from megablock.cli import add_common_flags, add_model_flags, is_rank_zero, launched_parallel, run_tool
 from megablock.config import WeightDtype, options
-from megablock.inference.block_rules import DecodeMode
+from megablock.diffusion.block_rules import DecodeMode
 from megablock.data.datasets import eval_windows
 from megablock.inference.evaluation import EvaluationError, check_block_size, evaluate
 from megablock.inference.loading import load

@@ -22,7 +22,7 @@ import sys
 
 from megablock.cli import add_common_flags, add_model_flags, is_rank_zero, launched_parallel, run_tool
 from megablock.config import WeightDtype, options
-from megablock.inference.block_rules import DecodeMode, NextDraft
+from megablock.diffusion.block_rules import DecodeMode, NextDraft
 from megablock.inference.loading import load
 from megablock.inference.sampler import GenerateConfig
 from megablock.inference.sampling import SamplingParams

@@ -5,7 +5,7 @@ generation metrics), with model loading for both.
     im = load(hf_dir="DIR", parallel=info)   # info: megablock.parallel.state.initialize_parallel()
     out = im.sampler().generate([im.tokenizer("Hello")["input_ids"]], GenerateConfig(block_size=4))
 """
-from .block_rules import KVCache
+from megablock.diffusion.block_rules import KVCache
 from .loading import InferenceModel, from_hf_model, load, load_checkpoint, load_hf_folder
 from .sampler import BlockDiffusionSampler, GenerateConfig, GenerationOutput
 from .sampling import SamplingParams, choose_tokens, select_commits

@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from .block_rules import GenerateConfig, GenerationOutput, ThresholdDecoder
+from megablock.diffusion.block_rules import GenerateConfig, GenerationOutput, ThresholdDecoder
 
 __all__ = ["BlockDiffusionSampler", "GenerateConfig", "GenerationOutput", "check_positions"]
 

@@ -58,8 +58,8 @@ the drafts kept, next to forwards and seconds.
 """
 from __future__ import annotations
 
-from .block_rules import (NEXT_DRAFTS, RowKVCache, SpeculativeConfig, SpeculativeDecoder, SpeculativeOutput,
-                          verify_drafts)
+from megablock.diffusion.block_rules import (NEXT_DRAFTS, RowKVCache, SpeculativeConfig, SpeculativeDecoder,
+                                             SpeculativeOutput, verify_drafts)
 from .sampler import BlockDiffusionSampler
 
 __all__ = ["NEXT_DRAFTS", "RowKVCache", "SpeculativeConfig", "SpeculativeOutput", "SpeculativeSampler",

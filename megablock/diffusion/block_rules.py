@@ -1,7 +1,7 @@
 """The decoding rules of block diffusion, written once, in torch alone.
 
-megablock's samplers (`sampler.BlockDiffusionSampler`, `speculative.SpeculativeSampler`) and the
-remote code of an exported folder (`megablock/checkpoint/remote/modeling_megablock.py`, which
+megablock's samplers (`megablock.inference.sampler.BlockDiffusionSampler`,
+`megablock.inference.speculative.SpeculativeSampler`) and the remote code of an exported folder (`megablock/checkpoint/remote/modeling_megablock.py`, which
 imports this file from beside it) run the same loops below; each side only says how to run the
 network (`_encode`), read the logits (`_logits`) and agree across ranks (`_agree`). So this file
 imports torch and the standard library only, never megablock or transformers: the export copies
