@@ -34,7 +34,7 @@ SAMPLED = SamplingParams(temperature=0.8, top_p=0.9)
 
 # The subprocess: megablock cannot be imported; reads the cases, writes what the folder decodes.
 REMOTE = r'''
-import builtins, json, sys
+import builtins, contextlib, json, sys
 _import = builtins.__import__
 def _no_megablock(name, *args, **kwargs):
     if name == "megablock" or name.startswith("megablock."):
@@ -50,31 +50,37 @@ def left_padded(prompts):
     return ids, torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
 cases, results = json.load(open(sys.argv[1])), {}
-for folder, jobs in cases.items():
+for folder, case in cases.items():
+    jobs = case["jobs"]
     model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_implementation="sdpa")
     out = results[folder] = {"class": type(model).__name__, "jobs": []}
-    for job in jobs:
-        ids, mask = left_padded(job["prompts"])
-        if job["kind"] == "hf":
-            g = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=job["n"],
-                               eos_token_id=job["eos"], pad_token_id=0, suppress_tokens=[model.config.mask_token_id])
-            out["jobs"].append({"sequences": g[:, ids.shape[1]:].tolist()})
-            continue
-        o = model.block_generate(ids, mask, **job["kwargs"])
-        out["jobs"].append({"sequences": o.sequences.tolist(), "forwards": o.forwards,
-                            "tokens_per_forward": o.tokens_per_forward, "drafts_kept": o.drafts_kept})
     plain = AutoModelForCausalLM.from_pretrained(folder)  # no trust_remote_code: the family's own class
     ids, mask = left_padded(jobs[0]["prompts"][:1])
     out["plain_class"] = type(plain).__name__
     out["plain_generate"] = plain.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0).tolist()
     out["remote_generate"] = model.generate(ids, do_sample=False, max_new_tokens=6, pad_token_id=0).tolist()
-    for impl in ("flex_attention",):
-        other = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_implementation=impl)
-        try:
-            other.block_generate(ids, block_size=4, max_new_tokens=4)
-            out[impl] = "no error"
-        except ValueError as e:
-            out[impl] = str(e)
+    other = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True, attn_implementation="flex_attention")
+    try:
+        other.block_generate(ids, block_size=4, max_new_tokens=4)
+        out["flex_attention"] = "no error"
+    except ValueError as e:
+        out["flex_attention"] = str(e)
+    base = model
+    if case["drafter"]:  # PEFT loads the adapters; use_drafter gates them to the draft slots
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, case["drafter"])
+        model.use_drafter(case["drafter"])
+    for job in jobs:
+        ids, mask = left_padded(job["prompts"])
+        if job["kind"] == "hf":  # AR greedy generate() of the base (a drafter's adapters off)
+            with (model.disable_adapter() if case["drafter"] else contextlib.nullcontext()):
+                g = model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=job["n"],
+                                   eos_token_id=job["eos"], pad_token_id=0, suppress_tokens=[base.config.mask_token_id])
+            out["jobs"].append({"sequences": g[:, ids.shape[1]:].tolist()})
+            continue
+        o = model.block_generate(ids, mask, **job["kwargs"])
+        out["jobs"].append({"sequences": o.sequences.tolist(), "forwards": o.forwards,
+                            "tokens_per_forward": o.tokens_per_forward, "drafts_kept": o.drafts_kept})
 json.dump(results, open(sys.argv[2], "w"))
 '''
 
@@ -86,6 +92,17 @@ def _train(rank, world, root):
     Trainer(load_config(str(ROOT / "examples" / "configs" / "tiny.yaml"), [
         f"model.init_from={root / 'ckpt'}", f"data.prefix={root / 'data'}", f"checkpoint.save_dir={root / 'run'}",
         f"data.cache_dir={root / 'cache'}", 'diffusion.stages=[{"block_size": 4}]', "train.lr=3e-2"])).run()
+
+
+def _train_drafter(rank, world, root):
+    from megablock.config import load_config
+    from megablock.training.trainer import Trainer
+
+    Trainer(load_config(str(ROOT / "examples" / "configs" / "tiny.yaml"), [
+        f"model.init_from={root / 'ckpt'}", f"data.prefix={root / 'data'}", f"checkpoint.save_dir={root / 'run'}",
+        f"data.cache_dir={root / 'cache'}", 'diffusion.stages=[{"block_size": 4}]', "train.lr=3e-2",
+        "lora.enabled=true", "lora.rank=4", "lora.alpha=8", "lora.scope=noised", "diffusion.ar_loss_weight=0",
+        "train.steps=3", "train.eval_interval=0", "checkpoint.interval=3"])).run()
 
 
 def _untrained(root: Path, family: str, seed: int) -> Path:
@@ -102,6 +119,10 @@ def folders(tmp_path_factory):
     run_distributed(_train, 1, root)
     out = {"llama": tmp_path_factory.mktemp("llama_out") / "out"}
     export(root / "run", out["llama"], progress=False, log=lambda *a: None)  # B = 4: remote code by default
+    drafter = training_assets(tmp_path_factory.mktemp("drafter"), "qwen2")
+    run_distributed(_train_drafter, 1, drafter)
+    out["drafter"] = drafter / "out"
+    export(drafter / "run", out["drafter"], progress=False, log=lambda *a: None)
     for seed, family in enumerate(("qwen2", "qwen3"), start=3):
         ckpt = _untrained(tmp_path_factory.mktemp(family), family, seed)
         out[family] = ckpt.parent / "out"
@@ -119,8 +140,9 @@ def _eos_inside_a_block(tokens: list, B: int, shift: bool = True) -> int:
 
 
 def _megablock_cases(folder: Path) -> list:
-    """(job for the subprocess, megablock's output) pairs on `folder`."""
-    im = load(hf_dir=str(folder))
+    """(job for the subprocess, megablock's output) pairs on `folder` (with its drafter, if any)."""
+    drafter = folder / "drafter"
+    im = load(hf_dir=str(folder), drafter=str(drafter) if drafter.is_dir() else None)
     cases = []
     for B in (2, 4, 8):
         im.eos_token_ids = []
@@ -148,7 +170,9 @@ def decoded(folders, tmp_path_factory):
     initialize_parallel(1, 1)
     work = tmp_path_factory.mktemp("remote")
     cases = {str(f): _megablock_cases(f) for f in folders.values()}
-    (work / "cases.json").write_text(json.dumps({f: [job for job, _ in c] for f, c in cases.items()}))
+    (work / "cases.json").write_text(json.dumps({f: {
+        "jobs": [job for job, _ in c], "drafter": str(Path(f) / "drafter") if (Path(f) / "drafter").is_dir() else None,
+    } for f, c in cases.items()}))
     (work / "remote.py").write_text(REMOTE)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-I", str(work / "remote.py"), str(work / "cases.json"),
@@ -180,7 +204,7 @@ def test_block_generate_equals_megablocks_samplers(decoded):
             checked += 1
         eos_cut = [t for (job, ref) in pairs if ref is not None for t in ref.tokens if len(t) < N_NEW]
         assert eos_cut, "some row must end at its EOS"
-    assert checked == 3 * 3 * 6
+    assert checked == len(cases) * 3 * 6
 
 
 def test_speculative_mode_equals_transformers_greedy_generate(decoded):
@@ -199,7 +223,7 @@ def test_speculative_mode_equals_transformers_greedy_generate(decoded):
                     spec = [_trim(r, job["eos"], N_NEW) for r in jobs[j]["sequences"]]
                     assert spec == hf, (folder, kw)
                     compared += 1
-    assert compared == 3 * 3 * 2  # folders x block sizes x (fused, two-forward)
+    assert compared == len(cases) * 3 * 2  # folders x block sizes x (fused, two-forward)
 
 
 def test_the_folder_is_the_plain_model_without_remote_code_and_refuses_other_attention(decoded, folders):

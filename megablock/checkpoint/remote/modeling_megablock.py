@@ -13,14 +13,24 @@ Attention: the draft block attends bidirectionally to itself and to the cached c
 takes an explicit 4D mask. The "sdpa" and "eager" implementations take one (boolean for sdpa,
 additive for eager); others ("flash_attention_2", "flex_attention", paged, kernels) are refused:
 reload with `attn_implementation="sdpa"`.
+
+A gated drafter (drafter/ of a lora.scope=noised export) loads through PEFT, but PEFT applies an
+adapter at every position; the drafter was trained on the draft block only, with a delta on the
+mask token's embedding row that PEFT has no place for. `use_drafter(folder)` after
+`PeftModel.from_pretrained` adds both: inside `block_generate` the LoRA outputs are gated to the
+draft slots (the verify / append slots, whose K/V stay in the cache, are the base model's) and
+the mask row gets its delta there. Outside `block_generate` the adapters apply as PEFT applies them.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers.modeling_utils import load_state_dict
 from transformers.utils import ModelOutput
 
 from .block_rules import (DECODE_MODES, GenerateConfig, SamplingParams, SpeculativeConfig, SpeculativeDecoder,
@@ -60,6 +70,7 @@ class _HFRunner:
 
     def __init__(self, lm, mask_token_id: Optional[int], eos: Sequence[int], pad_token_id: int):
         self.lm = lm
+        self.drafter = getattr(lm, "_megablock_drafter", None)
         self.mask_token_id = mask_token_id
         self.eos = torch.tensor(sorted(set(eos)), dtype=torch.long)
         self.pad_token_id = pad_token_id
@@ -87,8 +98,17 @@ class _HFRunner:
 
     def _encode(self, ids, pos, cache) -> torch.Tensor:
         mask = self._mask(cache, ids.shape[1], self.lm.dtype)
-        out = self.lm.model(input_ids=ids, position_ids=pos, attention_mask=mask, past_key_values=_CacheView(cache),
-                            use_cache=True)
+        inputs = {"input_ids": ids}
+        if self.drafter is not None:
+            gate = self.drafter.gate = cache.adapter_gate()
+            if self.drafter.mask_row_delta is not None:
+                inputs = {"inputs_embeds": self.drafter.embed(self.lm.model.embed_tokens, ids, gate, self.mask_token_id)}
+        try:
+            out = self.lm.model(**inputs, position_ids=pos, attention_mask=mask, past_key_values=_CacheView(cache),
+                                use_cache=True)
+        finally:
+            if self.drafter is not None:
+                self.drafter.gate = None  # outside block_generate, PEFT's own behaviour
         return out.last_hidden_state
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -99,6 +119,48 @@ class _HFRunner:
 
     def _agree(self, t: torch.Tensor) -> torch.Tensor:
         return t
+
+
+class _Drafter:
+    """The gate of a PEFT-loaded drafter: forward hooks on every LoRA B projection multiply its
+    output by the current forward's gate (True: every slot, False: none, [1, n] bool: per slot),
+    and the mask-row delta added to the embeddings of masked, gated slots."""
+
+    def __init__(self, lm, folder: Path):
+        info = json.loads((folder / "megablock_drafter.json").read_text())
+        if info.get("scope") != "noised":
+            raise ValueError(f"{folder} holds scope={info.get('scope')!r} adapters: only a gated drafter "
+                             "(lora.scope=noised) needs use_drafter; plain LoRA applies everywhere as PEFT loads it")
+        if info.get("mask_token_id") != lm.config.mask_token_id:
+            raise ValueError(f"{folder} was trained with mask token {info.get('mask_token_id')}, this model has "
+                             f"{lm.config.mask_token_id}: use the base folder it was exported with")
+        self.gate = None
+        self.mask_row_delta = None
+        if info.get("mask_row_delta"):
+            delta = next(iter(load_state_dict(str(folder / "megablock_drafter.safetensors")).values()))
+            self.mask_row_delta = delta.to(device=lm.device, dtype=lm.dtype)
+        lora_b = [m for name, m in lm.named_modules() if ".lora_B." in f"{name}." and isinstance(m, torch.nn.Linear)]
+        if not lora_b:
+            raise ValueError(f"no LoRA layers found: load {folder} with peft.PeftModel.from_pretrained(model, "
+                             f"{str(folder)!r}) first, then call use_drafter")
+        self.hooks = [m.register_forward_hook(self._gated) for m in lora_b]
+
+    def _gated(self, module, args, output):
+        g = self.gate
+        if g is None or g is True:
+            return output
+        if g is False:
+            return torch.zeros_like(output)
+        return output * g[..., None].to(output.dtype)
+
+    def embed(self, embed_tokens, ids, gate, mask_token_id) -> torch.Tensor:
+        emb = embed_tokens(ids)
+        hit = ids == mask_token_id
+        if gate is False:
+            return emb
+        if gate is not True:
+            hit = hit & gate
+        return torch.where(hit[..., None], emb + self.mask_row_delta, emb)
 
 
 class _ThresholdRunner(_HFRunner, ThresholdDecoder):
@@ -119,6 +181,15 @@ def _ids(*values) -> list:
 
 class BlockGenerationMixin:
     """`block_generate` for a family's causal LM."""
+
+    def use_drafter(self, folder) -> None:
+        """Gate the PEFT adapters loaded from drafter folder `folder` to the draft slots inside
+        `block_generate`, and add its mask-row delta (see the module doc). Call it after
+        `PeftModel.from_pretrained(model, folder)`."""
+        if getattr(self, "_megablock_drafter", None) is not None:
+            for h in self._megablock_drafter.hooks:
+                h.remove()
+        self._megablock_drafter = _Drafter(self, Path(folder))
 
     def block_generate(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                        block_size: Optional[int] = None, mode: str = "threshold", threshold: float = 0.9,
