@@ -15,8 +15,9 @@ copied): the remote code is the same whatever the weights. Batch 1 (the first pr
     (block_rules) over the HF network;
   - HF generate: the same HF model's AR `generate(do_sample=False)`.
 
-Tokens/s (new tokens of the batch / seconds), best and median of --repeats runs interleaved
-across the settings; `vs megablock`: remote time / megablock time per token (1.10 = 10% more).
+Tokens/s (new tokens of the batch / seconds; `--clock cpu`: this process's CPU seconds, which on
+a shared machine other processes barely affect with --threads 1), best and median of --repeats
+runs interleaved across the settings; `vs megablock`: remote time / megablock time per token (1.10 = 10% more).
 Each remote row also checks that its tokens equal megablock's. Prints a table, then JSON.
 """
 from __future__ import annotations
@@ -75,6 +76,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="wall time, or this process's CPU time (with --threads 1: robust to other load)")
     args = p.parse_args(argv)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -125,8 +128,11 @@ def main(argv=None) -> None:
                 "HF generate": keep("HF generate", lambda: hf.generate(
                     ids, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)),
             }
+            cpu = {}
             with torch.inference_mode():
-                times = interleaved(fns, args.repeats)
+                times = interleaved(fns, args.repeats, cpu=cpu)
+            if args.clock == "cpu":
+                times = cpu
             for name, t in times.items():
                 s = stats(t)
                 row = {"batch": batch, "decoder": name, "best": batch * n / s["min_s"], "median": batch * n / s["median_s"]}
@@ -140,12 +146,12 @@ def main(argv=None) -> None:
                 results[f"{batch}/{name}"] = {**row, **s}
         load_avg = os.getloadavg()
         print(f"{args.hf_dir} (B={B}, {n} new tokens per row, greedy, EOS ignored, {torch.get_num_threads()} threads, "
-              f"best/median of {args.repeats}, load average {load_avg[0]:.2f})")
+              f"{args.clock} clock, best/median of {args.repeats}, load average {load_avg[0]:.2f})")
         print(table(rows, [("batch", "batch", "{}"), ("decoder", "decoder", "{}"), ("tok/s best", "best", "{:.1f}"),
                            ("tok/s median", "median", "{:.1f}"), ("forwards", "forwards", "{}"),
                            ("time vs megablock", "vs_megablock", "{:.2f}"), ("same tokens", "same_tokens", "{}")]))
         print(json.dumps({"folder": str(args.hf_dir), "block_size": B, "max_new_tokens": n,
-                          "threads": torch.get_num_threads(), "load_average": [round(x, 2) for x in load_avg],
+                          "threads": torch.get_num_threads(), "clock": args.clock, "load_average": [round(x, 2) for x in load_avg],
                           "results": results}))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

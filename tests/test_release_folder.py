@@ -291,3 +291,17 @@ def test_remote_code_needs_a_mask_token(tmp_path):
     with pytest.raises(Exception, match="no mask token.*--no-remote-code"):
         export(tmp_path / "ckpt", tmp_path / "out", progress=False, log=lambda *a: None, remote_code=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_export_hf_cli_writes_remote_code_by_default_for_block_sizes_above_1(folders, tmp_path):
+    from megablock.commands.export_hf import main
+
+    run = json.loads((folders["llama"] / "megablock_export.json").read_text())["ckpt"]  # the B = 4 step folder
+    assert main(["--ckpt", run, "--out", str(tmp_path / "on"), "--quiet"]) == 0
+    assert main(["--ckpt", run, "--out", str(tmp_path / "off"), "--quiet", "--no-remote-code"]) == 0
+    assert "auto_map" in json.loads((tmp_path / "on" / "config.json").read_text())
+    assert all((tmp_path / "on" / n).is_file() for n in release.REMOTE_FILES)
+    off = json.loads((tmp_path / "off" / "config.json").read_text())
+    assert "auto_map" not in off and off["block_size"] == 4
+    assert not any((tmp_path / "off" / n).exists() for n in release.REMOTE_FILES)
+    assert "tools/generate.py --hf-dir" in (tmp_path / "off" / release.MODEL_CARD).read_text()
