@@ -127,6 +127,9 @@ class _Drafter:
     and the mask-row delta added to the embeddings of masked, gated slots."""
 
     def __init__(self, lm, folder: Path):
+        if not (folder / "megablock_drafter.json").is_file():
+            raise ValueError(f"{folder} has no megablock_drafter.json: pass the drafter/ folder of a lora.scope=noised "
+                             "export (tools/export_hf.py writes it)")
         info = json.loads((folder / "megablock_drafter.json").read_text())
         if info.get("scope") != "noised":
             raise ValueError(f"{folder} holds scope={info.get('scope')!r} adapters: only a gated drafter "
