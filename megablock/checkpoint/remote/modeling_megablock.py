@@ -112,7 +112,10 @@ class _HFRunner:
         return out.last_hidden_state
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.lm.lm_head(hidden)[..., : self.vocab_size].float()
+        # One [rows, H] x [H, V] product: a 3D strided input (the slots the loop picked) can
+        # send the head through a batched matmul that broadcasts the whole [H, V] weight per row.
+        flat = self.lm.lm_head(hidden.reshape(-1, hidden.shape[-1]))
+        logits = flat.view(*hidden.shape[:-1], -1)[..., : self.vocab_size].float()
         if self.mask_token_id is not None and self.mask_token_id < self.vocab_size:
             logits[..., self.mask_token_id] = float("-inf")
         return logits
