@@ -273,8 +273,9 @@ def schedule_variance(name: str, save: Path, heldout: Path, change: dict, args, 
 
 
 def trainable(save: Path) -> int | None:
-    meta = json.loads((save / (save / "latest").read_text().strip() / "megablock.json").read_text())
-    return (meta.get("lora") or {}).get("trainable_parameters")
+    from megablock.checkpoint.format import Checkpoint
+
+    return Checkpoint.open(save).meta.trainable_parameters
 
 
 def main(argv=None) -> int:

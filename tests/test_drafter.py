@@ -66,7 +66,7 @@ def _clean_half_worker(rank, world, ckpt):
     out = {}
     with torch.no_grad():
         base, meta = load_model(ckpt, info)
-        batch = _batch(meta["mask_token_id"], 4)
+        batch = _batch(meta.mask_token_id, 4)
         L = batch.layout.seq_len
         ref = base(batch.input_ids, batch.position_ids, batch.layout)
         for scope in ("noised", "all"):
@@ -79,7 +79,7 @@ def _clean_half_worker(rank, world, ckpt):
 
         model = _gate(load_model(ckpt, info)[0])
         ids = batch.input_ids[:, L:L + 12]
-        draft = torch.full((ids.shape[0], 4), meta["mask_token_id"])
+        draft = torch.full((ids.shape[0], 4), meta.mask_token_id)
         outs = []
         for m in (base, model):
             cache = RowKVCache(ids.shape[0], 32, ids.device)
@@ -399,9 +399,9 @@ def test_a_gated_checkpoint_is_never_merged(gated_run, tmp_path):
     from megablock.parallel.state import initialize_parallel
 
     info = initialize_parallel(1, 1)
-    ckpt = fmt.resolve_checkpoint(gated_run / "run")
+    ckpt = fmt.Checkpoint.open(gated_run / "run")
     with pytest.raises(fmt.CheckpointError, match="gated drafter"):
-        stage_shard(ckpt, fmt.read_metadata(ckpt), info)  # what training's model.init_from reads
+        stage_shard(ckpt, info)  # what training's model.init_from reads
     with pytest.raises(ValueError, match="--drafter goes with --hf-dir"):
         load(ckpt=str(ckpt), drafter=str(tmp_path))
     export(gated_run / "base", tmp_path / "plain", progress=False, log=lambda *a: None)

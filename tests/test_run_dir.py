@@ -371,7 +371,7 @@ def test_disk_full_save_says_so(tmp_path, monkeypatch, failure):
     info = SimpleNamespace(rank=0, dp_rank=0, tp_rank=0, pp_rank=0)
     with pytest.raises(ck.DiskFullError) as err:
         ck.save_training_checkpoint(engine=engine, model=SimpleNamespace(lora=None), info=info, save_dir=str(save),
-                                    state=ck.TrainerState(step=4), run_config={}, source_meta={}, tokenizer_dir=None,
+                                    state=ck.TrainerState(step=4), run_config={}, source=None, tokenizer_dir=None,
                                     keep_last=2, zero_stage=0)
     msg = str(err.value)
     assert "the disk is full" in msg and "checkpoint.save_dir" in msg and "step_0000002" in msg

@@ -53,9 +53,9 @@ import yaml
 
 from megablock.checkpoint import adapters
 from megablock.checkpoint.format import (
-    LATEST_FILE, TOKENIZER_DIR, make_metadata, read_metadata, resolve_checkpoint, save_shard, write_metadata,
+    LATEST_FILE, TOKENIZER_DIR, Checkpoint, CheckpointMeta, read_metadata, resolve_checkpoint, save_shard,
+    write_metadata,
 )
-from megablock.config import LoraSection
 from megablock.model.lora import split_weights
 from megablock.training.resume_check import BASE_FILE
 from megablock.training.run_dir import prune_checkpoints, record_checkpoint
@@ -238,7 +238,7 @@ def _disk_full(err: BaseException, save_dir: Path) -> bool:
 
 def save_training_checkpoint(
     *, engine, model, info, save_dir: str, state: TrainerState, run_config: dict,
-    source_meta: dict, tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
+    source: Optional[Checkpoint], tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
     trainable_parameters: Optional[int] = None, lora_base: Optional[dict] = None,
 ) -> Path:
     """Collective: every rank calls it. Returns the final step folder. `lora_base` (LoRA runs,
@@ -250,7 +250,7 @@ def save_training_checkpoint(
     try:
         return _save_training_checkpoint(
             engine=engine, model=model, info=info, save_dir=save_dir, state=state, run_config=run_config,
-            source_meta=source_meta, tokenizer_dir=tokenizer_dir, keep_last=keep_last, zero_stage=zero_stage,
+            source=source, tokenizer_dir=tokenizer_dir, keep_last=keep_last, zero_stage=zero_stage,
             trainable_parameters=trainable_parameters, lora_base=lora_base,
         )
     except (OSError, RuntimeError) as err:
@@ -274,7 +274,7 @@ def save_training_checkpoint(
 
 def _save_training_checkpoint(
     *, engine, model, info, save_dir: Path, state: TrainerState, run_config: dict,
-    source_meta: dict, tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
+    source: Optional[Checkpoint], tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
     trainable_parameters: Optional[int], lora_base: Optional[dict],
 ) -> Path:
     name = step_dir_name(state.step)
@@ -303,14 +303,13 @@ def _save_training_checkpoint(
 
     if info.rank == 0:
         dtype = "bf16" if next(iter(weights.values())).dtype == torch.bfloat16 else "fp32"
-        meta = make_metadata(
+        meta = CheckpointMeta(
             model.cfg, info.tp, info.pp, run_config["parallel"]["layers_per_stage"], dtype,
-            source=source_meta.get("source", "random init"), block_size=state.block_size, step=state.step,
-            curriculum_stage=state.curriculum_stage, shift=run_config["diffusion"]["shift"],
-            attention=run_config["diffusion"]["attention"],
-            **{k: v for k, v in source_meta.items() if k in ("generation_config",)},
-            **({"lora": adapters.checkpoint_meta(lora_settings, trainable_parameters)}
-               if lora_settings is not None else {}),
+            source=source.meta.source if source is not None else CheckpointMeta.source,
+            block_size=state.block_size, step=state.step, curriculum_stage=state.curriculum_stage,
+            shift=run_config["diffusion"]["shift"], attention=run_config["diffusion"]["attention"],
+            generation_config=source.meta.generation_config if source is not None else None,
+            lora=lora_settings, trainable_parameters=trainable_parameters if lora_settings is not None else None,
         )
         write_metadata(tmp, meta)
         (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
@@ -359,10 +358,8 @@ def read_trainer_state(path: Path, fix: str) -> TrainerState:
 def load_training_state(engine, model, ckpt: Path, rank: int) -> TrainerState:
     """Restore engine (weights, optimizer, scheduler) and trainer state from a step folder."""
     lora_settings = model.lora
-    saved = (read_metadata(ckpt).get("lora") or None)
-    if (lora_settings is None) != (saved is None) or (
-        saved is not None and LoraSection.from_saved(saved) != lora_settings
-    ):
+    saved = read_metadata(ckpt).lora
+    if saved != lora_settings:
         raise CheckpointLoadError(
             f"{ckpt} was saved with lora={saved} but this run has lora="
             f"{lora_settings}; resume with the same lora settings"

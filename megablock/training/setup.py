@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
-from megablock.checkpoint.format import TOKENIZER_DIR, model_config, read_metadata, resolve_checkpoint
+from megablock.checkpoint.format import TOKENIZER_DIR, Checkpoint
 from megablock.checkpoint.loading import stage_shard
 from megablock.checkpoint.mappings import UnsupportedModel, get_family
 from megablock.config import Config, ConfigError, DiffusionSection, split_fractions, validate_model
@@ -24,12 +24,11 @@ from megablock.parallel.state import ParallelInfo
 logger = logging.getLogger(__name__)
 
 
-def resolve_model_config(cfg: Config) -> tuple[ModelConfig, dict, Optional[Path]]:
-    """(architecture, source metadata, source checkpoint folder or None for random init)."""
+def resolve_model_config(cfg: Config) -> tuple[ModelConfig, Optional[Checkpoint]]:
+    """(architecture, source checkpoint or None for random init)."""
     if cfg.model.init_from:
-        ckpt = resolve_checkpoint(cfg.model.init_from)
-        meta = read_metadata(ckpt)
-        return model_config(meta), meta, ckpt
+        ckpt = Checkpoint.open(cfg.model.init_from)
+        return ckpt.meta.model, ckpt
     if not cfg.model.architecture:
         raise ConfigError("set model.init_from (a converted checkpoint) or model.architecture (random init)")
     try:
@@ -37,16 +36,16 @@ def resolve_model_config(cfg: Config) -> tuple[ModelConfig, dict, Optional[Path]
         get_family(model_cfg.arch)
     except (TypeError, ValueError, UnsupportedModel) as err:
         raise ConfigError(f"model.architecture: {err}") from None
-    return model_cfg, {"source": "random init"}, None
+    return model_cfg, None
 
 
-def resolve_and_check_model(cfg: Config) -> tuple[ModelConfig, dict, Optional[Path]]:
+def resolve_and_check_model(cfg: Config) -> tuple[ModelConfig, Optional[Checkpoint]]:
     """`resolve_model_config` plus the checks between run and architecture: everything that can
     be known before a process group, a model or a dataset is built."""
-    model_cfg, meta, ckpt = resolve_model_config(cfg)
+    model_cfg, ckpt = resolve_model_config(cfg)
     validate_model(cfg, model_cfg)
     warn_past_positions(cfg, model_cfg)
-    return model_cfg, meta, ckpt
+    return model_cfg, ckpt
 
 
 def warn_past_positions(cfg: Config, model_cfg: ModelConfig) -> None:
@@ -61,7 +60,7 @@ def warn_past_positions(cfg: Config, model_cfg: ModelConfig) -> None:
             cfg.data.seq_len - 1)
 
 
-def build_model(cfg: Config, model_cfg: ModelConfig, meta: dict, ckpt: Optional[Path],
+def build_model(cfg: Config, model_cfg: ModelConfig, ckpt: Optional[Checkpoint],
                 info: ParallelInfo) -> BlockDiffusionLM:
     """This rank's model on its device: loaded from `ckpt`, or randomly initialised if None."""
     lps = cfg.parallel.layers_per_stage
@@ -69,7 +68,7 @@ def build_model(cfg: Config, model_cfg: ModelConfig, meta: dict, ckpt: Optional[
     model.set_attention_impl(cfg.model.attention_impl)
     model.set_recompute(cfg.train.recompute)
     if ckpt is not None:
-        model.load_weights({k: v.float() for k, v in stage_shard(ckpt, meta, info, lps).items()})
+        model.load_weights({k: v.float() for k, v in stage_shard(ckpt, info, lps).items()})
     if cfg.lora.enabled:  # after loading: the base weights keep their names and stay frozen
         apply_lora(model, cfg.lora, seed=cfg.train.seed)
     model.set_sequence_parallel(cfg.parallel.sequence_parallel)
@@ -87,7 +86,7 @@ def log_parameter_counts(model_cfg: ModelConfig, cfg: Config) -> None:
                 100.0 * trainable / max(total, 1), what)
 
 
-def tokenizer_dir_of(ckpt: Optional[Path]) -> Optional[Path]:
+def tokenizer_dir_of(ckpt: Optional[Checkpoint]) -> Optional[Path]:
     return ckpt / TOKENIZER_DIR if ckpt is not None and (ckpt / TOKENIZER_DIR).is_dir() else None
 
 

@@ -78,12 +78,12 @@ def mfu(flops: float, seconds: float, peak_flops: Optional[float], world_size: i
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.model_cfg, self.source_meta, self.source_ckpt = resolve_and_check_model(cfg)
+        self.model_cfg, self.source_ckpt = resolve_and_check_model(cfg)
         self.info = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
         validate_parallel_layout(cfg, self.info.world_size)
         self.run_lock = claim_save_dir(cfg, self.info)  # save_dir policy + lock, launcher watchdog
         seed_everything(cfg.train.seed)
-        self.model = build_model(cfg, self.model_cfg, self.source_meta, self.source_ckpt, self.info)
+        self.model = build_model(cfg, self.model_cfg, self.source_ckpt, self.info)
         self.trainable_parameters, self.total_parameters = parameter_count(self.model_cfg, cfg.lora)
         data = build_data(cfg, self.model_cfg, self.info)
         self.train_data, self.valid_data, self.search_data = data.train, data.validation, data.search
@@ -137,7 +137,7 @@ class Trainer:
             return
         save_training_checkpoint(
             engine=self.engine.ds, model=self.model, info=self.info, save_dir=self.cfg.checkpoint.save_dir,
-            state=self.state, run_config=self.cfg.to_dict(), source_meta=self.source_meta,
+            state=self.state, run_config=self.cfg.to_dict(), source=self.source_ckpt,
             tokenizer_dir=tokenizer_dir_of(self.source_ckpt), keep_last=self.cfg.checkpoint.keep_last,
             zero_stage=self.cfg.parallel.zero_stage, trainable_parameters=self.trainable_parameters,
             lora_base=self.lora_base if self.is_logger else None,
