@@ -4,7 +4,6 @@ trip keeps every field, and no code outside checkpoint/format.py reads the metad
 import json
 import re
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import pytest

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Optional, Union
 
-from megablock.checkpoint.format import TOKENIZER_DIR, Checkpoint
+from megablock.checkpoint.format import Checkpoint
 from megablock.checkpoint.loading import stage_shard
 from megablock.checkpoint.mappings import UnsupportedModel, get_family
 from megablock.config import Config, ConfigError, DiffusionSection, split_fractions, validate_model
@@ -84,10 +83,6 @@ def log_parameter_counts(model_cfg: ModelConfig, cfg: Config) -> None:
             f"{' + norms' if lora.train_norms else ''}") if lora.enabled else "full model"
     logger.info("trainable parameters: %s of %s (%.3f%%; %s)", f"{trainable:,}", f"{total:,}",
                 100.0 * trainable / max(total, 1), what)
-
-
-def tokenizer_dir_of(ckpt: Optional[Checkpoint]) -> Optional[Path]:
-    return ckpt / TOKENIZER_DIR if ckpt is not None and (ckpt / TOKENIZER_DIR).is_dir() else None
 
 
 def eod_token_id(model_cfg: ModelConfig) -> int:
