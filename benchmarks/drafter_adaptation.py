@@ -50,9 +50,9 @@ ARMS = {
     "gated_lr1e-3_kl": {**GATED, "train.lr": 1e-3, "diffusion.distill_weight": 1.0},
     "full_lr3e-5": {"diffusion.ar_loss_weight": 0.5, "train.lr": 3e-5, "diffusion.first_slot_mask_prob": 0.5},
 }
-LAYOUTS = {"one pass, masked": dict(fused=True, next_draft="masked"),
-           "one pass, overlap": dict(fused=True, next_draft="overlap"),
-           "two passes": dict(fused=False)}
+LAYOUTS = {"one pass, masked": dict(two_pass=False, next_draft="masked"),
+           "one pass, overlap": dict(two_pass=False, next_draft="overlap"),
+           "two passes": dict(two_pass=True)}
 
 
 def parse_args(argv=None):
@@ -149,20 +149,21 @@ def curve_point(args, ckpt: Path, paths: dict) -> dict:
 
     from megablock.cli import launched_parallel
     from megablock.inference.loading import load
-    from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
+    from megablock.inference.measure import decode
+    from megablock.inference.speculative import SpeculativeConfig
 
     torch.set_num_threads(args.threads)
     im = load(ckpt=str(ckpt), parallel=launched_parallel())
     im.eos_token_ids = []  # fixed-length rows
     prompts = load_prompts(paths["heldout"], im.tokenizer)[: args.curve_prompts]
-    sampler, point = speculative_sampler(im), {}
+    point = {}
     for B in (4, 8):
         for name, layout in LAYOUTS.items():
-            o = sampler.generate(prompts, SpeculativeConfig(block_size=B, max_new_tokens=args.gen_tokens, **layout))
-            point[f"B{B} {name}"] = {"kept_per_block": round(o.mean_accepted, 4),
-                                     "offered_per_block": round(sum(o.drafted) / max(len(o.drafted), 1), 3),
-                                     "tokens_per_forward": round(o.row_tokens_per_forward, 4),
-                                     "histogram": o.histogram()}
+            r = decode(im, prompts, SpeculativeConfig(block_size=B, max_new_tokens=args.gen_tokens, **layout), batched=True)
+            point[f"B{B} {name}"] = {"kept_per_block": round(r.mean_accepted, 4),
+                                     "offered_per_block": round(r.drafts_per_block, 3),
+                                     "tokens_per_forward": round(r.row_tokens_per_forward, 4),
+                                     "histogram": r.histogram()}
     return point
 
 

@@ -349,10 +349,10 @@ def test_pipeline_parallel_gated_run_matches_the_single_process_cached_run(gated
     assert ref[-1]["loss"] != ref[0]["loss"]
 
 
-def _spec(im, prompts, B=4, fused=True):
+def _spec(im, prompts, B=4, two_pass=False):
     from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
 
-    o = speculative_sampler(im).generate(prompts, SpeculativeConfig(block_size=B, max_new_tokens=12, fused=fused))
+    o = speculative_sampler(im).generate(prompts, SpeculativeConfig(block_size=B, max_new_tokens=12, two_pass=two_pass))
     return o.tokens, o.accepted
 
 
@@ -379,10 +379,10 @@ def test_export_writes_the_base_unchanged_and_a_drafter_that_decodes_as_the_chec
     from_ckpt = load(ckpt=str(gated_run / "run"))
     assert from_ckpt.model.lora.scope == "noised"
     from_folder = load(hf_dir=str(out), drafter=str(drafter))
-    for fused in (True, False):
-        got, want = _spec(from_folder, prompts, fused=fused), _spec(from_ckpt, prompts, fused=fused)
+    for two_pass in (False, True):
+        got, want = _spec(from_folder, prompts, two_pass=two_pass), _spec(from_ckpt, prompts, two_pass=two_pass)
         assert got == want
-        assert got[0] == _spec(load(hf_dir=str(out)), prompts, fused=fused)[0]  # lossless against the base
+        assert got[0] == _spec(load(hf_dir=str(out)), prompts, two_pass=two_pass)[0]  # lossless against the base
     # The adapters trained: the drafts differ from the untrained noised half's.
     assert _spec(from_folder, prompts)[1] != _spec(load(hf_dir=str(out)), prompts)[1]
     # PEFT reads the adapter layout (applied everywhere, as PEFT does: not the gated drafter).

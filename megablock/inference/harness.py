@@ -118,7 +118,7 @@ class MegablockLM(TemplateLM):
 
         def decoding(B: int, shift: bool):
             if mode == "speculative":
-                return SpeculativeConfig(block_size=B, fused=not two_pass, next_draft=next_draft, shift=shift,
+                return SpeculativeConfig(block_size=B, two_pass=two_pass, next_draft=next_draft, shift=shift,
                                          seed=int(seed))
             return GenerateConfig(block_size=B, threshold=0.9 if threshold is None else float(threshold),
                                   tokens_per_step=tokens_per_step, shift=shift, seed=int(seed))
@@ -269,7 +269,7 @@ class MegablockLM(TemplateLM):
         if self.mode == "threshold":
             info.update(threshold=self.decoding.threshold, tokens_per_step=self.decoding.tokens_per_step)
         if self.mode == "speculative":
-            info.update(fused=self.decoding.fused, next_draft=self.decoding.next_draft)
+            info.update(two_pass=self.decoding.two_pass, next_draft=self.decoding.next_draft)
         info["decoding"] = {task: summarize(s, self.mode) for task, s in sorted(stats.items())}
         return {"megablock": info, "model_num_parameters": parameter_count(self.model.cfg)[1],
                 "model_dtype": self.dtype}

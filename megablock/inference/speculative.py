@@ -19,11 +19,11 @@ token (decided, not yet in the cache, at position s), and possibly drafts for po
   speculative-sampling argument applies slot by slot). The K/V of the pending token and the
   kept drafts stay in the cache; the rejected slots are dropped (each row keeps its own length,
   `RowKVCache`), and the token drawn from p becomes the new pending token.
-- Draft, two forwards per block (`fused=False`): a "peek" pass over the block [pending, mask,
+- Draft, two forwards per block (`two_pass=True`): a "peek" pass over the block [pending, mask,
   ..., mask] at positions s..s+B-1, attending to the cache and bidirectionally to itself, fills
   the masked slots (one refinement step by default; `draft_steps` or `draft_threshold` refine
   further, greedy only). Then the verify pass.
-- Draft, one forward per block (`fused=True`, TiDAR-style steady state): the verify pass also
+- Draft, one forward per block (`two_pass=False`, the default; TiDAR-style steady state): the verify pass also
   carries the next block as a noised block that attends to the clean prefix *including the
   drafts being verified* and to itself. Its drafts are valid when every draft of the verified
   block is kept (they were conditioned on them), and are then verified by the next pass, which
@@ -78,10 +78,11 @@ class SpeculativeConfig:
     max_new_tokens: int = 64
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0
-    fused: bool = True
-    """One forward per block: the verify pass also drafts the next block (see the module doc)."""
+    two_pass: bool = False
+    """Draft in a forward of its own (two forwards per block); False: one forward per block, the
+    verify pass also drafts the next block (see the module doc)."""
     next_draft: NextDraft = "masked"
-    """Layout of the fused next block: "masked" (first slot masked) or "overlap" (first slot the
+    """Layout of the one-pass next block: "masked" (first slot masked) or "overlap" (first slot the
     last verified draft)."""
     draft_steps: int = 1
     """Refinement forwards per draft (two-forward mode only; greedy only)."""
@@ -94,7 +95,7 @@ class SpeculativeConfig:
         """Drafts a block offers for verification when the previous block was kept whole."""
         if self.block_size == 1:
             return 0
-        return self.block_size - (2 if self.fused and self.next_draft == "overlap" else 1)
+        return self.block_size - (2 if not self.two_pass and self.next_draft == "overlap" else 1)
 
     def validate(self, mask_token_id: Optional[int]) -> None:
         if self.block_size < 1:
@@ -106,16 +107,16 @@ class SpeculativeConfig:
                              "is not an AR model, so it cannot verify drafts")
         if self.next_draft not in NEXT_DRAFT:
             raise ValueError(f"next_draft must be one of {NEXT_DRAFT}, got {self.next_draft!r}")
-        if self.fused and self.next_draft == "overlap" and self.block_size == 2:
+        if not self.two_pass and self.next_draft == "overlap" and self.block_size == 2:
             raise ValueError("next_draft='overlap' leaves no draft at block size 2; use 'masked' or B >= 3")
         if self.draft_steps < 1:
             raise ValueError(f"draft_steps must be >= 1, got {self.draft_steps}")
         if self.draft_threshold is not None and not 0 < self.draft_threshold <= 1:
             raise ValueError(f"draft_threshold must be in (0, 1], got {self.draft_threshold}")
         refined = self.draft_steps > 1 or self.draft_threshold is not None
-        if refined and self.fused:
-            raise ValueError("the fused (one forward per block) mode drafts in the verify pass, one step; "
-                             "draft_steps / draft_threshold need fused=False")
+        if refined and not self.two_pass:
+            raise ValueError("the one-pass (one forward per block) mode drafts in the verify pass, one step; "
+                             "draft_steps / draft_threshold need two_pass=True")
         if refined and self.sampling.temperature > 0:
             # A slot committed in a later step depends on slots committed earlier, in any order; the
             # acceptance test needs each draft's distribution given the drafts before it only.
@@ -337,7 +338,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
         return x[:, 1:], q, forwards
 
     def _next_block(self, cache, tokens: list, B: int, overlap: bool) -> tuple:
-        """The fused pass's draft block for the block after `tokens` (pending + drafts): right
+        """The one pass's draft block for the block after `tokens` (pending + drafts): right
         after them with its first slot masked, or overlapping their last slot, which it reveals
         and which it (like a training block's first slot) does not see the clean copy of."""
         a = torch.tensor([len(t) for t in tokens])
@@ -360,7 +361,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
         B, dev, n = cfg.block_size, self.device, len(prompts)
         generator = torch.Generator(device=dev).manual_seed(cfg.seed)
         eos = set(self.eos.tolist())
-        fused = cfg.fused and cfg.drafts_per_block > 0
+        one_pass = not cfg.two_pass and cfg.drafts_per_block > 0
         overlap = cfg.next_draft == "overlap"
         cache = RowKVCache(n, max(len(p) for p in prompts) + cfg.max_new_tokens + 2 * B + 2, dev)
 
@@ -375,7 +376,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
             b = len(rows)
             # Never draft past the token budget: kept drafts + the next token must fit.
             room = [cfg.max_new_tokens - len(out[r]) - 1 for r in rows]
-            if not fused and cfg.drafts_per_block > 0 and forwards > 0 and max(room) > 0:
+            if not one_pass and cfg.drafts_per_block > 0 and forwards > 0 and max(room) > 0:
                 d, q, f = self._peek_draft(cache, [a[0] for a in append], cfg, generator)
                 forwards += f
                 for r in rows:
@@ -387,7 +388,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
             drafts = self.propose(rows, positions, drafts)
             known = [len(a) for a in append]
             tokens = [a + d for a, d in zip(append, drafts)]
-            noised = self._next_block(cache, tokens, B, overlap) if fused else None
+            noised = self._next_block(cache, tokens, B, overlap) if one_pass else None
             app_hidden, noise_hidden = self._forward(cache, tokens, noised)
             forwards += 1
             for r in rows:
@@ -404,7 +405,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
                                           cfg.sampling, generator)
                 decision[i, 0], decision[i, 1] = kept, nxt
             next_q = None
-            if fused:
+            if one_pass:
                 skip = 1 if overlap else 0  # overlap: the first output duplicates the AR token
                 nd, next_q = self._draw(self._logits(noise_hidden[:, skip: B - 1]), cfg.sampling, generator)
                 decision[:, 2: 2 + nd.shape[1]] = nd.cpu()
@@ -432,7 +433,7 @@ class SpeculativeSampler(BlockDiffusionSampler):
                 keep_rows.append(i)
                 next_append.append([nxt])
                 whole = kept == len(drafts[i])
-                if fused and whole:
+                if one_pass and whole:
                     next_drafts.append(decision[i, 2: 2 + cfg.drafts_per_block].tolist())
                     next_qs.append(None if next_q is None else next_q[i])
                 else:
