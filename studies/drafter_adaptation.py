@@ -2,9 +2,9 @@
 """A drafter for SmolLM2-135M-Instruct: gated LoRA on the noised positions (lora.scope=noised), the
 verifier the untouched base model, against the full-model recipe at the same token budget.
 
-    python benchmarks/parallel_adaptation.py --until data --out PREP ...     # once: base, prompts, distilled data
-    python benchmarks/drafter_adaptation.py --prep PREP [--out DIR]          # resumable; rerun to continue
-    python benchmarks/drafter_adaptation.py --prep PREP --report-only        # tables and plot from what exists
+    python studies/parallel_adaptation.py --until data --out PREP ...     # once: base, prompts, distilled data
+    python studies/drafter_adaptation.py --prep PREP [--out DIR]          # resumable; rerun to continue
+    python studies/drafter_adaptation.py --prep PREP --report-only        # tables and plot from what exists
 
 Every arm trains in chunks of --chunk-tokens (`train.exit_after_steps`, the learning-rate schedule
 fixed by the whole --tokens budget, so the chunks are one exact run) and gets a curve point after
@@ -38,8 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from parallel_adaptation import CORPORA, PY, latest_step, load_prompts, log, run  # noqa: E402
+sys.path.insert(0, str(ROOT / "studies"))
+from parallel_adaptation import CORPORA, PY, latest_step, load_prompts, log, needed, run  # noqa: E402
 
 TOKENS_PER_STEP = 512  # 4 sequences of L = 128
 GATED = {"lora.enabled": "true", "lora.scope": "noised", "lora.rank": 64, "lora.alpha": 128,
@@ -58,7 +58,8 @@ LAYOUTS = {"one pass, masked": dict(two_pass=False, next_draft="masked"),
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prep", required=True, help="output folder of parallel_adaptation.py --until data")
-    p.add_argument("--corpora", default=str(ROOT.parent / "shared" / "data"), help="folder with the corpora")
+    p.add_argument("--corpora", default=None,
+                   help="folder with the corpora; needed until OUT/raw.jsonl exists")
     p.add_argument("--out", default=str(ROOT / "study" / "drafter"))
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated names of ARMS")
     p.add_argument("--tokens", type=int, default=524288, help="the schedule's budget (the best gated arm's tokens)")
@@ -82,7 +83,7 @@ def raw_records(args, out: Path, tokenizer) -> Path:
 
     per_corpus, rows = args.raw_tokens // len(CORPORA), []
     for name, (file, split) in CORPORA.items():
-        docs = list(iter_documents(str(Path(args.corpora) / file), text_split=split))
+        docs = list(iter_documents(str(Path(needed(args, "corpora")) / file), text_split=split))
         cut, count = int(len(docs) * 0.9), 0
         stride = max(1, cut // 4000)  # spread over the training part, not its first chapters
         for doc in docs[:cut:stride]:
@@ -252,7 +253,7 @@ def main(argv=None) -> int:
     if unknown:
         sys.exit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     if not (prep / "data" / "distilled.flags.idx").is_file():
-        sys.exit(f"{prep} has no distilled data: run benchmarks/parallel_adaptation.py --until data --out {prep} first")
+        sys.exit(f"{prep} has no distilled data: run studies/parallel_adaptation.py --until data --out {prep} first")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     paths = prepare(args, prep, out, env)

@@ -2,7 +2,7 @@
 """What `diffusion.first_slot_mask_prob` buys: two short runs from the same base on the same data,
 with and without the option, then the speculative sampler's acceptance in each draft layout.
 
-    python benchmarks/first_slot_ablation.py --work study/parallel100k   # after parallel_adaptation.py's data phase
+    python studies/first_slot_ablation.py --work study/parallel100k   # after parallel_adaptation.py's data phase
 
 One-forward-per-block speculative decoding drafts block k+1 in the pass that verifies block k,
 before block k+1's first token is known (`next_draft="masked"`: that slot is a mask). Plain

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The adaptation study: which parts of the NBDiff recipe matter, at equal token budgets.
 
-    python benchmarks/adaptation_study.py                    # all variants, ~1 hour on 2 CPU cores
-    python benchmarks/adaptation_study.py --variants a c     # some of them
-    python benchmarks/adaptation_study.py --report-only      # table and plot from finished runs
+    python studies/adaptation_study.py                    # all variants, ~1 hour on 2 CPU cores
+    python studies/adaptation_study.py --variants a c     # some of them
+    python studies/adaptation_study.py --report-only      # table and plot from finished runs
 
 Starts from SmolLM2-135M converted with a mask token (scripts/quickstart.sh leaves it in
 quickstart/smollm2-135m; --base points elsewhere). Every variant trains from that checkpoint

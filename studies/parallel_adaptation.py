@@ -2,8 +2,8 @@
 """An adaptation meant to decode in parallel: SmolLM2-135M-Instruct trained with block diffusion on
 its own continuations (self-distilled SFT data), block size grown 1 -> 2 -> 4 -> 8.
 
-    python benchmarks/parallel_adaptation.py [--tokens 49152] [--chunk-steps 8]   # resumable
-    python benchmarks/parallel_adaptation.py --report-only                       # page numbers from what exists
+    python studies/parallel_adaptation.py [--tokens 49152] [--chunk-steps 8]   # resumable
+    python studies/parallel_adaptation.py --report-only                       # page numbers from what exists
 
 Every phase leaves its result under --out (default study/parallel/, git-ignored) and is skipped
 when rerun, so an interrupted run continues where it stopped (training resumes from its latest
@@ -51,10 +51,11 @@ CORPORA = {  # name: (file, how documents are split)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="/tmp/megablock_bench/smollm2-135m-ckpt",
+    p.add_argument("--base", default=None,
                    help="converted SmolLM2-135M-Instruct with a mask token (tools/convert_hf.py --gguf; "
-                        "scripts/quickstart.sh makes quickstart/smollm2-135m)")
-    p.add_argument("--corpora", default="/work/shared/data", help="folder with the corpora of CORPORA")
+                        "scripts/quickstart.sh makes quickstart/smollm2-135m); needed until OUT/base exists")
+    p.add_argument("--corpora", default=None,
+                   help="folder with the corpora of CORPORA; needed until the prompts and held-out data exist")
     p.add_argument("--out", default=str(ROOT / "study" / "parallel"))
     p.add_argument("--train-prompts", type=int, default=40, help="per corpus")
     p.add_argument("--heldout-prompts", type=int, default=8, help="per corpus")
@@ -82,6 +83,14 @@ def parse_args(argv=None):
     p.add_argument("--first-slot-mask", type=float, default=0.0,
                    help="diffusion.first_slot_mask_prob (the one-forward-per-block draft layout in training)")
     return p.parse_args(argv)
+
+
+def needed(args, name: str) -> str:
+    """A machine path the study needs now (it is given on the command line, never assumed)."""
+    value = getattr(args, name)
+    if value is None:
+        sys.exit(f"--{name} is needed to build what {args.out} lacks: pass it (see --help)")
+    return value
 
 
 def log(msg: str) -> None:
@@ -113,7 +122,7 @@ def stages(tokens: int) -> list:
 def prepare_base(args, out: Path, env: dict) -> tuple[Path, Path]:
     base, hf = out / "base", out / "base_hf"
     if not (base / "megablock.json").is_file():
-        log(f"copying the base checkpoint from {args.base}")
+        log(f"copying the base checkpoint from {needed(args, 'base')}")
         shutil.copytree(args.base, out / "base.tmp", dirs_exist_ok=True)
         os.replace(out / "base.tmp", base)
     if not (hf / "config.json").is_file():
@@ -135,7 +144,7 @@ def make_prompts(args, out: Path, base: Path) -> tuple[Path, Path]:
     rows = {"train": [], "heldout": []}
     lo, hi = args.prefix_tokens
     for name, (file, split) in CORPORA.items():
-        path = str(Path(args.corpora) / file)
+        path = str(Path(needed(args, "corpora")) / file)
         n = sum(1 for _ in iter_documents(path, text_split=split))
         cut = int(n * 0.9)
         for part, count, rng in (("train", args.train_prompts, (0, cut)), ("heldout", args.heldout_prompts, (cut, n))):
@@ -159,7 +168,7 @@ def heldout_text(args, out: Path, base: Path, env: dict) -> Path:
         return prefix
     from megablock.data.preprocess import iter_documents
 
-    path = str(Path(args.corpora) / CORPORA["wiki"][0])
+    path = str(Path(needed(args, "corpora")) / CORPORA["wiki"][0])
     docs = list(iter_documents(path))
     text = out / "data" / "heldout_wiki.txt"
     text.write_text("\n\n".join(docs[int(len(docs) * 0.9):]) + "\n")
