@@ -25,7 +25,7 @@ import sys
 from megablock.cli import add_common_flags, add_model_flags, is_rank_zero, launched_parallel, run_tool
 from megablock.config import DecodeMode, WeightDtype, options
 from megablock.data.datasets import eval_windows
-from megablock.inference.evaluation import EvaluationError, check_block_size, evaluate
+from megablock.inference.evaluation import EvaluationError, check_block_range, evaluate
 from megablock.inference.loading import load
 from megablock.inference.sampler import GenerateConfig
 from megablock.inference.sampling import SamplingParams
@@ -105,7 +105,7 @@ def run(args) -> int:
         raise EvaluationError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.max_tokens is not None and args.max_tokens < args.seq_len:
         raise EvaluationError(f"--max-tokens {args.max_tokens} is less than one window of --seq-len {args.seq_len}")
-    check_block_size(args.block_size, args.seq_len, mask_token_id=0, shift=True)  # ranges before loading
+    check_block_range(args.block_size, args.seq_len)  # before loading
     windows = eval_windows(args.data, args.seq_len, args.max_tokens)
     em = load(ckpt=args.ckpt, hf_dir=args.hf_dir, dtype=args.dtype, parallel=launched_parallel(), drafter=args.drafter)
     vocab = em.model.cfg.vocab_size

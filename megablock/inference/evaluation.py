@@ -44,15 +44,21 @@ class EvaluationError(ValueError):
 
 
 def check_block_size(block_size: int, seq_len: int, mask_token_id: Optional[int], shift: bool) -> None:
-    if block_size < 1:
-        raise EvaluationError(f"block_size={block_size} must be >= 1")
-    if seq_len % block_size:
-        raise EvaluationError(f"block_size={block_size} does not divide seq_len={seq_len}; choose a divisor of {seq_len}")
+    """The block size for windows of `seq_len` and a model with `mask_token_id` (None: it has none)."""
+    check_block_range(block_size, seq_len)
     if mask_token_id is None and (block_size > 1 or not shift):
         raise EvaluationError(
             f"the model has no mask token, so it can only be evaluated at block size 1 (AR), not {block_size}; "
             "convert it with tools/convert_hf.py (which adds a mask token) and train it for block diffusion"
         )
+
+
+def check_block_range(block_size: int, seq_len: int) -> None:
+    """The block size on its own, before a model is loaded."""
+    if block_size < 1:
+        raise EvaluationError(f"block_size={block_size} must be >= 1")
+    if seq_len % block_size:
+        raise EvaluationError(f"block_size={block_size} does not divide seq_len={seq_len}; choose a divisor of {seq_len}")
 
 
 def auto_batch_size(seq_len: int, vocab_size: int, two_halves: bool) -> int:

@@ -123,7 +123,7 @@ class MegablockLM(TemplateLM):
             return GenerateConfig(block_size=B, threshold=0.9 if threshold is None else float(threshold),
                                   tokens_per_step=tokens_per_step, shift=shift, seed=int(seed))
 
-        decoding(int(block_size or 1), True).validate(mask_token_id=0)  # the ranges, before the model loads
+        decoding(int(block_size or 1), True).check_ranges()  # before the model loads
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         tp = int(tp) if tp is not None else (parallel_state.get_tensor_model_parallel_world_size()

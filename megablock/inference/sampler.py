@@ -62,6 +62,17 @@ class GenerateConfig:
     seed: int = 0
 
     def validate(self, mask_token_id: Optional[int]) -> None:
+        """Everything, the model's mask token included (None: the model has none)."""
+        self.check_ranges()
+        if mask_token_id is None and (self.block_size > 1 or not self.shift):
+            raise ValueError(
+                "this model has no mask token, so it can only decode autoregressively: use block size 1 "
+                "(--block-size 1), or convert it with tools/convert_hf.py (which adds a mask token) and "
+                "train it for block diffusion"
+            )
+
+    def check_ranges(self) -> None:
+        """The settings on their own, before a model is loaded."""
         if self.block_size < 1:
             raise ValueError(f"block size must be >= 1, got {self.block_size}")
         if self.max_new_tokens < 1:
@@ -71,12 +82,6 @@ class GenerateConfig:
         if self.tokens_per_step is None and not 0 < self.threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         self.sampling.validate()
-        if mask_token_id is None and (self.block_size > 1 or not self.shift):
-            raise ValueError(
-                "this model has no mask token, so it can only decode autoregressively: use block size 1 "
-                "(--block-size 1), or convert it with tools/convert_hf.py (which adds a mask token) and "
-                "train it for block diffusion"
-            )
 
 
 def check_positions(prompt_lengths: Sequence[int], max_new_tokens: int, model_cfg) -> None:

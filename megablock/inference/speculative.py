@@ -98,6 +98,14 @@ class SpeculativeConfig:
         return self.block_size - (2 if not self.two_pass and self.next_draft == "overlap" else 1)
 
     def validate(self, mask_token_id: Optional[int]) -> None:
+        """Everything, the model's mask token included (None: the model has none)."""
+        self.check_ranges()
+        if mask_token_id is None and self.block_size > 1:
+            raise ValueError("this model has no mask token, so it cannot draft: use block size 1, or convert it "
+                             "with tools/convert_hf.py (which adds a mask token)")
+
+    def check_ranges(self) -> None:
+        """The settings on their own, before a model is loaded."""
         if self.block_size < 1:
             raise ValueError(f"block size must be >= 1, got {self.block_size}")
         if self.max_new_tokens < 1:
@@ -122,9 +130,6 @@ class SpeculativeConfig:
             # acceptance test needs each draft's distribution given the drafts before it only.
             raise ValueError("sampling (temperature > 0) needs one-step (parallel) drafts")
         self.sampling.validate()
-        if mask_token_id is None and self.block_size > 1:
-            raise ValueError("this model has no mask token, so it cannot draft: use block size 1, or convert it "
-                             "with tools/convert_hf.py (which adds a mask token)")
 
 
 @dataclass
