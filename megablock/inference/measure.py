@@ -17,7 +17,6 @@ tools/evaluate.py (`--generate`), benchmarks/generate.py and the studies all mea
 from __future__ import annotations
 
 import time
-from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Callable, Optional, Sequence, Union
 
@@ -25,13 +24,13 @@ import torch
 
 from .loading import InferenceModel
 from .sampler import GenerateConfig
-from .speculative import SpeculativeConfig, speculative_sampler
+from .speculative import AcceptanceStats, SpeculativeConfig, speculative_sampler
 
 DecodeConfig = Union[GenerateConfig, SpeculativeConfig]
 
 
 @dataclass
-class DecodeRecord:
+class DecodeRecord(AcceptanceStats):
     """What one decoder did on a list of prompts."""
 
     mode: str
@@ -68,21 +67,6 @@ class DecodeRecord:
     def tokens_per_s(self) -> float:
         return self.new_tokens / max(self.seconds, 1e-9)
 
-    @property
-    def mean_accepted(self) -> float:
-        return sum(self.accepted) / max(len(self.accepted), 1)
-
-    @property
-    def drafts_per_block(self) -> float:
-        return sum(self.drafted) / max(len(self.drafted), 1)
-
-    @property
-    def acceptance_rate(self) -> float:
-        return sum(self.accepted) / max(sum(self.drafted), 1)
-
-    def histogram(self) -> dict:
-        """{drafts kept: number of blocks}."""
-        return dict(sorted(Counter(self.accepted).items()))
 
 
 def mode_of(cfg: DecodeConfig) -> str:

@@ -132,17 +132,17 @@ class SpeculativeConfig:
         self.sampling.validate()
 
 
-@dataclass
-class SpeculativeOutput(GenerationOutput):
-    drafted: list = field(default_factory=list)
-    """Drafts checked in each verified block (every row's blocks, in order)."""
-    accepted: list = field(default_factory=list)
-    """Drafts kept in each of those blocks."""
-    # row_forwards (GenerationOutput): every active row takes part in every forward here.
+class AcceptanceStats:
+    """What the `drafted` / `accepted` lists (one entry per verified block) of a speculative run
+    say (SpeculativeOutput, measure.DecodeRecord)."""
 
     @property
     def mean_accepted(self) -> float:
         return sum(self.accepted) / max(len(self.accepted), 1)
+
+    @property
+    def drafts_per_block(self) -> float:
+        return sum(self.drafted) / max(len(self.drafted), 1)
 
     @property
     def acceptance_rate(self) -> float:
@@ -151,6 +151,15 @@ class SpeculativeOutput(GenerationOutput):
     def histogram(self) -> Dict[int, int]:
         """{drafts kept: number of blocks}."""
         return dict(sorted(Counter(self.accepted).items()))
+
+
+@dataclass
+class SpeculativeOutput(GenerationOutput, AcceptanceStats):
+    drafted: list = field(default_factory=list)
+    """Drafts checked in each verified block (every row's blocks, in order)."""
+    accepted: list = field(default_factory=list)
+    """Drafts kept in each of those blocks."""
+    # row_forwards (GenerationOutput): every active row takes part in every forward here.
 
     def report(self) -> dict:
         return {"verified_blocks": len(self.accepted), "mean_accepted": round(self.mean_accepted, 4),
