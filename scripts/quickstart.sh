@@ -166,6 +166,6 @@ print(f"""
      evaluate:         .venv/bin/python tools/evaluate.py --ckpt {qs}/run --data {qs}/data/shakespeare_heldout --seq-len 128 --block-size 4 --samples 4
      watch training:   .venv/bin/tensorboard --logdir {qs}/run/tensorboard
      your own model:   tools/convert_hf.py --hf-dir MODEL --out CKPT; data: tools/preprocess_data.py; a cluster
-                       config: examples/configs/qwen2.5_7b_cluster.yaml (examples/slurm/ for Slurm)
+                       config: examples/configs/qwen3_8b_cluster.yaml (examples/slurm/ for Slurm)
 """)
 EOF

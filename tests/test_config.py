@@ -78,7 +78,7 @@ def test_model_divisibility_is_checked_against_parallel_sizes():
     validate_model(load_config(TINY, ["parallel.tensor=3"]), model)
 
 
-@pytest.mark.parametrize("name", ["tiny.yaml", "quickstart_cpu.yaml", "qwen2.5_7b_cluster.yaml"])
+@pytest.mark.parametrize("name", ["tiny.yaml", "quickstart_cpu.yaml", "qwen2.5_7b_cluster.yaml", "qwen3_8b_cluster.yaml"])
 def test_example_configs_load(name):
     cfg = load_config(f"examples/configs/{name}")
     assert cfg.diffusion.stages[0].block_size == 1  # every recipe grows from AR

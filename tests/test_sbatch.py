@@ -112,3 +112,38 @@ def test_sbatch_exits_with_the_training_exit_code(tmp_path):
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert "training exited with code 3" in proc.stdout
     assert "requeue" not in (tmp_path / "scontrol.log").read_text()  # a failed run is not requeued
+
+
+def test_cluster_example_agrees_with_its_sbatch_and_fits_its_gpus():
+    """The README's cluster walkthrough: the sbatch's default config divides its ranks into whole
+    TP x PP replicas, its global batch splits over them, the convert command in the config's header
+    writes the layout it trains, the architecture splits at that TP, and the estimator fits it."""
+    import io
+    from contextlib import redirect_stdout
+
+    from megablock.commands.estimate_memory import architecture_from_hf, main as estimate
+    from megablock.config import load_config, validate_model
+
+    text = SBATCH.read_text()
+    config = ROOT / re.search(r"^CONFIG=(\S+)", text, re.M).group(1)
+    nodes = int(re.search(r"^#SBATCH --nodes=(\d+)", text, re.M).group(1))
+    gpus = int(re.search(r"^GPUS_PER_NODE=(\d+)", text, re.M).group(1))
+    assert int(re.search(r"^#SBATCH --gpus-per-node=(\d+)", text, re.M).group(1)) == gpus
+    cfg = load_config(str(config))
+    replica = cfg.parallel.tensor * cfg.parallel.pipeline
+    assert (nodes * gpus) % replica == 0, (nodes, gpus, replica)
+    dp = nodes * gpus // replica
+    assert cfg.train.global_batch_size % (cfg.train.micro_batch_size * dp) == 0
+    header = config.read_text()
+    convert = re.search(r"convert_hf\.py .* --tp (\d+) --pp (\d+)", header)
+    assert (int(convert.group(1)), int(convert.group(2))) == (cfg.parallel.tensor, cfg.parallel.pipeline)
+    assert f"--data-parallel {dp}" in header
+    hf_config = re.search(r"--hf-config (\S+)", header).group(1)
+    validate_model(cfg, architecture_from_hf(str(ROOT / hf_config)))
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert estimate(["--config", str(config), "--hf-config", str(ROOT / hf_config),
+                         "--data-parallel", str(dp), "--device-memory-gb", "80", "--json"]) == 0
+    report = json.loads(buf.getvalue().strip().splitlines()[-1])
+    assert report["peak_bytes"] <= 0.9 * 80e9, report["peak_bytes"]
+    assert report["largest_micro_batch"] >= cfg.train.micro_batch_size

@@ -1,5 +1,5 @@
 """The package's imports run one way: config -> parallel, diffusion -> model -> checkpoint -> data
--> training, inference -> cli -> commands (README, "Repository layout"). Parsed from the source,
+-> training, inference -> cli -> commands (docs/DESIGN.md, "Layers of the code"). Parsed from the source,
 so a new import against that direction fails here, not in a reviewer's head."""
 import ast
 from pathlib import Path
@@ -63,7 +63,7 @@ def _tier(module: str):
 
 def test_every_package_has_a_tier():
     missing = {m.split(".")[1] for _, m in _modules() if m.count(".") >= 1} - set(TIERS)
-    assert not missing, f"add {sorted(missing)} to TIERS (and README's layout)"
+    assert not missing, f"add {sorted(missing)} to TIERS (and the table in docs/DESIGN.md)"
 
 
 @pytest.mark.parametrize("path,module", list(_modules()), ids=lambda x: str(x) if isinstance(x, str) else "")
