@@ -39,7 +39,6 @@ Prints a table, then one JSON object on the last line.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
@@ -97,23 +96,6 @@ def best_of(fns: dict, repeats: int, clock=time.perf_counter) -> dict:
     return {k: (best[k], result[k]) for k in fns}
 
 
-def hf_runner(folder: Path, ids: list, n: int):
-    """Hugging Face greedy `generate` with its KV cache, exactly n new tokens."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa").eval()
-    x = torch.tensor([ids])
-    mask = torch.ones_like(x)
-
-    def run():
-        with torch.inference_mode():
-            out = model.generate(x, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                 pad_token_id=0)
-        return out[0, len(ids):].tolist()
-
-    return run
-
-
 PROMPTS = [
     PROMPT,
     "The river rises in the mountains of the north and flows south through a wide valley, where",
@@ -154,9 +136,9 @@ def hf_batch_runner(model, prompts: list, n: int):
     return run
 
 
-LAYOUTS = {"one-pass masked": dict(fused=True, next_draft="masked"),
-           "one-pass overlap": dict(fused=True, next_draft="overlap"),
-           "two-pass": dict(fused=False)}
+LAYOUTS = {"one-pass masked": dict(two_pass=False, next_draft="masked"),
+           "one-pass overlap": dict(two_pass=False, next_draft="overlap"),
+           "two-pass": dict(two_pass=True)}
 
 
 def read_prompt_file(path: str) -> list[str]:
@@ -165,29 +147,14 @@ def read_prompt_file(path: str) -> list[str]:
     return [json.loads(x)["prompt"] if x.lstrip().startswith("{") else x for x in lines]
 
 
-def one_by_one(fn, prompts: list):
-    """A runner that decodes each prompt alone (batch 1) and pools the results into one."""
-    def run():
-        outs = [fn([p]) for p in prompts]
-        if isinstance(outs[0], list):  # HF: rows of tokens
-            return [o[0] for o in outs]
-        pooled = dataclasses.replace(outs[0], tokens=[o.tokens[0] for o in outs],
-                                     forwards=sum(o.forwards for o in outs), seconds=sum(o.seconds for o in outs))
-        if hasattr(pooled, "accepted"):
-            pooled = dataclasses.replace(pooled, accepted=sum((o.accepted for o in outs), []),
-                                         drafted=sum((o.drafted for o in outs), []),
-                                         row_forwards=sum((o.row_forwards for o in outs), []))
-        return pooled
-    return run
-
-
 def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
     import statistics
 
+    from megablock.inference.measure import decode, hf_generate
     from megablock.inference.sampler import GenerateConfig
-    from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
+    from megablock.inference.speculative import SpeculativeConfig
 
-    n, ar_sampler, spec = args.max_new_tokens, im.sampler(), speculative_sampler(im)
+    n = args.max_new_tokens
     hf_model = None
     if hf_folder is not None and not args.no_hf:
         from transformers import AutoModelForCausalLM
@@ -203,17 +170,19 @@ def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
         chosen = texts if alone else (texts * batch)[:batch]
         prompts = [im.tokenizer(p, add_special_tokens=False)["input_ids"] for p in chosen]
 
-        def runner(fn):
-            return one_by_one(fn, prompts) if alone else (lambda: fn(prompts))
-        fns = {"ar": runner(lambda ps: ar_sampler.generate(ps, GenerateConfig(block_size=1, max_new_tokens=n)))}
+        # megablock.inference.measure: alone, each prompt is decoded on its own and the results pooled.
+        def runner(cfg):
+            return lambda: decode(im, prompts, cfg, batched=not alone)
+        fns = {"ar": runner(GenerateConfig(block_size=1, max_new_tokens=n))}
         if hf_model is not None:
-            fns["hf"] = runner(lambda ps: hf_batch_runner(hf_model, ps, n)())
+            fns["hf"] = ((lambda: hf_generate(hf_model, prompts, n, im.pad_token_id).tokens) if alone
+                         else hf_batch_runner(hf_model, prompts, n))
         for B in args.block_sizes:
             for name in args.layouts:
                 cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, **LAYOUTS[name])
                 if cfg.drafts_per_block < 1:
                     continue
-                fns[(B, name)] = runner(lambda ps, cfg=cfg: spec.generate(ps, cfg))
+                fns[(B, name)] = runner(cfg)
         timed = timed_runs(fns, args.repeats, clock)
         total = len(prompts) * n
         batch = 1 if alone else batch
@@ -329,6 +298,7 @@ def main(argv=None) -> None:
     from megablock.cli import launched_parallel
     from megablock.inference.loading import load
     from megablock.inference.sampler import GenerateConfig
+    from megablock.inference.measure import decode, hf_generate
 
     hf_folder = None
     if args.ckpt is None:
@@ -351,14 +321,13 @@ def main(argv=None) -> None:
     if stand_in_mask:  # an AR model: any token id serves to time the mechanics
         im.mask_token_id = im.model.cfg.vocab_size - 1
     im.eos_token_ids = []  # exactly max_new_tokens per run
-    sampler = im.sampler()
     ids = im.tokenizer(args.prompt)["input_ids"]
     n = args.max_new_tokens
     torch.manual_seed(0)
 
     def ours(B, thr=0.9):
         cfg = GenerateConfig(block_size=B, max_new_tokens=n, threshold=thr, shift=im.shift)
-        return lambda: sampler.generate([ids], cfg)
+        return lambda: decode(im, [ids], cfg)
 
     def row(B, thr, t, r):
         return dict(block_size=B, threshold=thr, tokens=r.new_tokens, forwards=r.forwards,
@@ -368,7 +337,11 @@ def main(argv=None) -> None:
     # Everything timed in one interleaved loop, so the ratios compare runs made under the same load.
     fns = {(1, None): ours(1)}
     if hf_folder is not None and not args.no_hf:
-        fns["hf"] = hf_runner(hf_folder, ids, n)
+        from transformers import AutoModelForCausalLM
+
+        hf_model = AutoModelForCausalLM.from_pretrained(str(hf_folder), dtype=torch.float32,
+                                                        attn_implementation="sdpa").eval()
+        fns["hf"] = lambda: hf_generate(hf_model, [ids], n).tokens[0]
     fns.update({(B, thr): ours(B, thr) for B in args.block_sizes for thr in args.thresholds})
     timed = best_of(fns, args.repeats, time.perf_counter if args.clock == "wall" else time.process_time)
     rows = [row(*key, *timed[key]) for key in fns if key != "hf"]

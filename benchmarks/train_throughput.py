@@ -112,8 +112,8 @@ def build_models(layers: int):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
+    from megablock.checkpoint.loading import model_from_hf_tensors
     from megablock.checkpoint.mappings import get_family
-    from megablock.model.transformer import BlockDiffusionLM
 
     hf_cfg = LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": layers})
     torch.manual_seed(0)
@@ -123,9 +123,7 @@ def build_models(layers: int):
     family = get_family("llama")
     cfg = family.model_config(hf_cfg, {})
     cfg.mask_token_id = cfg.vocab_size - 1  # stand-in: SmolLM2 has no mask token
-    mb = BlockDiffusionLM(cfg, initialize=False)
-    state = hf.state_dict()
-    mb.load_weights({b.name: b.to_megablock(state.__getitem__, cfg).clone() for b in family.params(cfg)})
+    mb = model_from_hf_tensors(cfg, hf.state_dict().__getitem__)  # the library's in-memory conversion (a copy)
     mb.set_attention_impl("sdpa")
     mb.train()
     return hf, mb, cfg.mask_token_id

@@ -146,16 +146,16 @@ def training_assets(root, family: str = "llama", ckpt_name: str = "ckpt") -> Pat
     return root
 
 
-SPECULATIVE_LAYOUTS = ((False, "masked"), (True, "masked"), (True, "overlap"))
-"""(fused, next_draft): two forwards per block, and the two layouts of the one-forward mode."""
+SPECULATIVE_LAYOUTS = ((True, "masked"), (False, "masked"), (False, "overlap"))
+"""(two_pass, next_draft): two forwards per block, and the two layouts of the one-forward mode."""
 
 
 def speculative_configs(max_new_tokens: int, block_sizes=(2, 4, 8)):
     """Every valid speculative layout at each block size (overlap needs B >= 3)."""
     for B in block_sizes:
-        for fused, layout in SPECULATIVE_LAYOUTS:
+        for two_pass, layout in SPECULATIVE_LAYOUTS:
             if not (layout == "overlap" and B == 2):
-                yield SpeculativeConfig(block_size=B, max_new_tokens=max_new_tokens, fused=fused, next_draft=layout)
+                yield SpeculativeConfig(block_size=B, max_new_tokens=max_new_tokens, two_pass=two_pass, next_draft=layout)
 
 
 def randomize_adapters(model, rank: int, scale: float = 0.1) -> None:

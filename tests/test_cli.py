@@ -54,6 +54,8 @@ def test_expected_errors_are_one_line_not_unexpected(tmp_path, capsys):
     from types import SimpleNamespace
 
     from megablock.commands.preprocess_data import main as preprocess_main
+    from megablock.config import load_config
+    from megablock.training.checkpointing import Checkpointer
     from megablock.training.trainer import Trainer, TrainingStopped
 
     assert preprocess_main(["--input", str(tmp_path / "nope.txt"), "--tokenizer", str(tmp_path),
@@ -66,7 +68,9 @@ def test_expected_errors_are_one_line_not_unexpected(tmp_path, capsys):
 
     assert run_tool(stopped, _parser().parse_args([]), _parser(), teardown=False) == EXIT_ERROR
     assert "unexpected" not in capsys.readouterr().err
-    fresh = SimpleNamespace(cfg=SimpleNamespace(checkpoint=SimpleNamespace(save_dir=str(tmp_path / "run"))))
+    cfg = load_config(None, [f"checkpoint.save_dir={tmp_path / 'run'}"])
+    fresh = SimpleNamespace(cfg=cfg, checkpointer=Checkpointer(cfg, SimpleNamespace(rank=0), None,
+                                                               SimpleNamespace(lora=None, cfg=None)))
     assert Trainer._what_remains(fresh) == f"No checkpoint was saved in {tmp_path / 'run'} before it stopped"
     (tmp_path / "run" / "step_0000004").mkdir(parents=True)
     (tmp_path / "run" / "step_0000004" / "megablock.json").write_text("{}")

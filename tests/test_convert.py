@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -83,13 +84,13 @@ def test_round_trip_bit_exact(hf_models, tmp_path, variant, tp, pp):
     assert exported["block_size"] == 1 and exported["mask_token_id"] is None
     assert exported["diffusion_shift"] is True and exported["diffusion_attention"] == "context_causal"
     meta = fmt.read_metadata(tmp_path / "ckpt")
-    assert (meta["tp"], meta["pp"], meta["step"], meta["block_size"]) == (tp, pp, 0, 1)
+    assert (meta.tp, meta.pp, meta.step, meta.block_size) == (tp, pp, 0, 1)
     assert len(list((tmp_path / "ckpt" / "model").iterdir())) == tp * pp
 
 
 def test_llama3_rope_and_tied_are_modeled(hf_models, tmp_path):
     convert(tmp_path / "ckpt", hf_dir=hf_models / "llama_tied_llama3", tp=2, pp=2, mask_token=None, **quiet)
-    cfg = fmt.model_config(fmt.read_metadata(tmp_path / "ckpt"))
+    cfg = fmt.read_metadata(tmp_path / "ckpt").model
     assert cfg.tie_word_embeddings and cfg.rope_theta == 500000.0
     assert cfg.rope_scaling == LLAMA3_ROPE
     # Tied + PP: the last stage keeps its own copy of the embedding (its head uses it).
@@ -112,7 +113,7 @@ def test_v4_style_config_and_other_weight_layouts(tmp_path):
     (binary / "config.json").write_text(json.dumps(raw))
     convert(tmp_path / "a", hf_dir=tmp_path / "sharded", mask_token=None, **quiet)
     convert(tmp_path / "b", hf_dir=binary, tp=2, mask_token=None, **quiet)
-    cfg = fmt.model_config(fmt.read_metadata(tmp_path / "b"))
+    cfg = fmt.read_metadata(tmp_path / "b").model
     assert cfg.rope_theta == 20000.0 and cfg.rope_scaling == {"rope_type": "linear", "factor": 2.0}
     a, b = fmt.load_full_state_dict(tmp_path / "a"), fmt.load_full_state_dict(tmp_path / "b")
     for k in a:
@@ -157,7 +158,7 @@ def test_existing_mask_token_is_reused(hf_models, tmp_path):
     convert(tmp_path / "ckpt", hf_dir=hf_models / "llama", mask_token=token, explicit_mask=True, **quiet)
     meta = fmt.read_metadata(tmp_path / "ckpt")
     tok = AutoTokenizer.from_pretrained(str(tmp_path / "ckpt" / "tokenizer"))
-    assert meta["vocab_size"] == 320 and meta["mask_token_id"] == tok.mask_token_id == tok.convert_tokens_to_ids(token)
+    assert meta.model.vocab_size == 320 and meta.mask_token_id == tok.mask_token_id == tok.convert_tokens_to_ids(token)
     export(tmp_path / "ckpt", tmp_path / "hf", **quiet)
     a, b = hf_weights(hf_models / "llama"), hf_weights(tmp_path / "hf")
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -176,8 +177,7 @@ def test_shard_and_merge_invert_each_other(hf_models, tmp_path):
     src = hf_models / "qwen2"
     convert(tmp_path / "one", hf_dir=src, tp=1, pp=1, mask_token=None, **quiet)
     convert(tmp_path / "four", hf_dir=src, tp=2, pp=2, mask_token=None, **quiet)
-    meta = fmt.read_metadata(tmp_path / "four")
-    cfg = fmt.model_config(meta)
+    cfg = fmt.read_metadata(tmp_path / "four").model
     one, four = fmt.load_full_state_dict(tmp_path / "one"), fmt.load_full_state_dict(tmp_path / "four")
     assert one.keys() == four.keys()
     for k in one:  # TP=2 pads the vocabulary further (512 rows vs 384); the padding is zero
@@ -192,7 +192,7 @@ def test_shard_and_merge_invert_each_other(hf_models, tmp_path):
                     saved = fmt.load_shard(tmp_path / "four", r, s)
                     assert shard.keys() == saved.keys() and all(torch.equal(shard[k], saved[k]) for k in shard)
                 fmt.save_shard(tmp_path / f"re{tp}{pp}", r, s, shard)
-        fmt.write_metadata(tmp_path / f"re{tp}{pp}", fmt.make_metadata(cfg, tp, pp, None, "fp32", "test"))
+        fmt.write_metadata(tmp_path / f"re{tp}{pp}", fmt.CheckpointMeta(cfg, tp, pp, None, "fp32", "test"))
         again = fmt.load_full_state_dict(tmp_path / f"re{tp}{pp}")
         for k in one:
             assert torch.equal(again[k][: one[k].shape[0]], one[k]), (tp, pp, k)
@@ -202,7 +202,7 @@ def test_uneven_layers_per_stage(tmp_path):
     save_tiny_hf_model(tmp_path / "src", "mistral", num_hidden_layers=4, with_tokenizer=False)
     convert(tmp_path / "ckpt", hf_dir=tmp_path / "src", pp=2, layers_per_stage=[1, 3], mask_token=None, **quiet)
     meta = fmt.read_metadata(tmp_path / "ckpt")
-    assert meta["layers_per_stage"] == [1, 3]
+    assert meta.layers_per_stage == (1, 3)
     names = fmt.load_shard(tmp_path / "ckpt", 0, 1).keys()
     assert {n.split(".")[1] for n in names if n.startswith("layers.")} == {"1", "2", "3"}
     export(tmp_path / "ckpt", tmp_path / "hf", **quiet)
@@ -218,8 +218,7 @@ def test_export_training_save_dir_and_index(hf_models, tmp_path):
     for step in (1, 2):
         shutil.copytree(tmp_path / "ckpt", save / f"step_{step:04d}")
     meta = fmt.read_metadata(save / "step_0002")
-    meta.update(step=2, block_size=4, shift=False, attention="block_causal")
-    fmt.write_metadata(save / "step_0002", meta)
+    fmt.write_metadata(save / "step_0002", replace(meta, step=2, block_size=4, shift=False, attention="block_causal"))
     (save / "latest").write_text("step_0002\n")
     export(save, tmp_path / "hf", max_shard_bytes=40_000, **quiet)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -235,8 +234,8 @@ def test_export_training_save_dir_and_index(hf_models, tmp_path):
     # Re-converting an export keeps its mask token (no second row) and its diffusion settings.
     convert(tmp_path / "again", hf_dir=tmp_path / "hf", tp=2, **quiet)
     meta = fmt.read_metadata(tmp_path / "again")
-    assert (meta["vocab_size"], meta["mask_token_id"], meta["block_size"], meta["shift"]) == (321, 320, 4, False)
-    assert not DIFFUSION_KEYS & set(meta["model"]["extra_hf_config"])
+    assert (meta.model.vocab_size, meta.mask_token_id, meta.block_size, meta.shift) == (321, 320, 4, False)
+    assert not DIFFUSION_KEYS & set(meta.model.extra_hf_config)
     export(tmp_path / "again", tmp_path / "hf2", **quiet)
     a, b = hf_weights(tmp_path / "hf"), hf_weights(tmp_path / "hf2")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

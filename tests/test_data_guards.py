@@ -219,11 +219,11 @@ def masked_text(tmp_path_factory):
 
 def test_mask_token_in_the_data_is_refused_at_block_size_1(masked_text):
     """Issue 25.2: a B = 1-only run skipped the mask check and reached an inf loss."""
-    from megablock.checkpoint.format import model_config, read_metadata
+    from megablock.checkpoint.format import read_metadata
     from megablock.training.setup import build_data
 
     root, prefix = masked_text
-    model_cfg = model_config(read_metadata(root / "ckpt"))
+    model_cfg = read_metadata(root / "ckpt").model
     cfg = load_config(str(ROOT / "examples/configs/tiny.yaml"), [
         f"data.prefix={prefix}", f"data.cache_dir={root / 'cache'}", "train.eval_interval=0",
         "diffusion.stages=[{block_size: 1}]",

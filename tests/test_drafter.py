@@ -66,7 +66,7 @@ def _clean_half_worker(rank, world, ckpt):
     out = {}
     with torch.no_grad():
         base, meta = load_model(ckpt, info)
-        batch = _batch(meta["mask_token_id"], 4)
+        batch = _batch(meta.mask_token_id, 4)
         L = batch.layout.seq_len
         ref = base(batch.input_ids, batch.position_ids, batch.layout)
         for scope in ("noised", "all"):
@@ -79,7 +79,7 @@ def _clean_half_worker(rank, world, ckpt):
 
         model = _gate(load_model(ckpt, info)[0])
         ids = batch.input_ids[:, L:L + 12]
-        draft = torch.full((ids.shape[0], 4), meta["mask_token_id"])
+        draft = torch.full((ids.shape[0], 4), meta.mask_token_id)
         outs = []
         for m in (base, model):
             cache = RowKVCache(ids.shape[0], 32, ids.device)
@@ -349,10 +349,10 @@ def test_pipeline_parallel_gated_run_matches_the_single_process_cached_run(gated
     assert ref[-1]["loss"] != ref[0]["loss"]
 
 
-def _spec(im, prompts, B=4, fused=True):
+def _spec(im, prompts, B=4, two_pass=False):
     from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
 
-    o = speculative_sampler(im).generate(prompts, SpeculativeConfig(block_size=B, max_new_tokens=12, fused=fused))
+    o = speculative_sampler(im).generate(prompts, SpeculativeConfig(block_size=B, max_new_tokens=12, two_pass=two_pass))
     return o.tokens, o.accepted
 
 
@@ -379,10 +379,10 @@ def test_export_writes_the_base_unchanged_and_a_drafter_that_decodes_as_the_chec
     from_ckpt = load(ckpt=str(gated_run / "run"))
     assert from_ckpt.model.lora.scope == "noised"
     from_folder = load(hf_dir=str(out), drafter=str(drafter))
-    for fused in (True, False):
-        got, want = _spec(from_folder, prompts, fused=fused), _spec(from_ckpt, prompts, fused=fused)
+    for two_pass in (False, True):
+        got, want = _spec(from_folder, prompts, two_pass=two_pass), _spec(from_ckpt, prompts, two_pass=two_pass)
         assert got == want
-        assert got[0] == _spec(load(hf_dir=str(out)), prompts, fused=fused)[0]  # lossless against the base
+        assert got[0] == _spec(load(hf_dir=str(out)), prompts, two_pass=two_pass)[0]  # lossless against the base
     # The adapters trained: the drafts differ from the untrained noised half's.
     assert _spec(from_folder, prompts)[1] != _spec(load(hf_dir=str(out)), prompts)[1]
     # PEFT reads the adapter layout (applied everywhere, as PEFT does: not the gated drafter).
@@ -399,9 +399,9 @@ def test_a_gated_checkpoint_is_never_merged(gated_run, tmp_path):
     from megablock.parallel.state import initialize_parallel
 
     info = initialize_parallel(1, 1)
-    ckpt = fmt.resolve_checkpoint(gated_run / "run")
+    ckpt = fmt.Checkpoint.open(gated_run / "run")
     with pytest.raises(fmt.CheckpointError, match="gated drafter"):
-        stage_shard(ckpt, fmt.read_metadata(ckpt), info)  # what training's model.init_from reads
+        stage_shard(ckpt, info)  # what training's model.init_from reads
     with pytest.raises(ValueError, match="--drafter goes with --hf-dir"):
         load(ckpt=str(ckpt), drafter=str(tmp_path))
     export(gated_run / "base", tmp_path / "plain", progress=False, log=lambda *a: None)

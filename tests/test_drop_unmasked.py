@@ -115,7 +115,7 @@ def _objective_worker(rank, world, ckpt, sequence_parallel):
     cases = [dict(), dict(shift=False), dict(attention="block_causal"), dict(complementary=True),
              dict(first_slot_mask_prob=0.5)]
     for i, overrides in enumerate(cases):
-        batch = build_batch(tokens, torch.arange(2), 4, mask_token_id=meta["mask_token_id"], seed=3, **overrides)
+        batch = build_batch(tokens, torch.arange(2), 4, mask_token_id=meta.mask_token_id, seed=3, **overrides)
         carried = drop_unmasked_blocks(batch, world if sequence_parallel else 1).layout.carried_len
         for lam, gamma in ((0.0, 0.0), (0.5, 0.3)):
             res = {}

@@ -4,7 +4,7 @@ decoding, where the next block is drafted before its first token is known.
 What a user relies on: off is bit-identical to the plain objective; on, only the inputs at some
 block starts change (targets, weights and the rest of the noise stay exactly as they were, prompt
 tokens of SFT data stay visible); and a training block with its first slot hidden is exactly
-what the sampler's fused pass (`next_draft="masked"`) computes for the next block.
+what the sampler's one-pass mode (`next_draft="masked"`) computes for the next block.
 """
 from __future__ import annotations
 
@@ -89,9 +89,9 @@ def test_bad_settings_name_the_key(bad):
         DiffusionSection(**bad).check()
 
 
-def test_training_layout_is_the_fused_draft_layout():
+def test_training_layout_is_the_one_pass_draft_layout():
     """A noised block whose slots are all masks (first one hidden) after a clean prefix gives,
-    in a training forward, the logits the sampler's fused pass computes for the next block."""
+    in a training forward, the logits the sampler's one-pass mode computes for the next block."""
     initialize_parallel(1, 1)
     torch.manual_seed(0)
     im = from_hf_model(tiny_hf_model("llama", seed=1), mask_token_id=MASK)

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -227,7 +228,7 @@ def test_checkpoint_and_exported_folder(tmp_path):
     hf = save_tiny_hf_model(tmp_path / "hf", "qwen2", seed=4)
     convert(tmp_path / "ckpt", hf_dir=tmp_path / "hf", tp=2, progress=False, log=lambda *a: None)
     meta = fmt.read_metadata(tmp_path / "ckpt")
-    fmt.write_metadata(tmp_path / "ckpt", {**meta, "block_size": 4})  # as if trained to B = 4
+    fmt.write_metadata(tmp_path / "ckpt", replace(meta, block_size=4))  # as if trained to B = 4
     export(tmp_path / "ckpt", tmp_path / "out", progress=False, log=lambda *a: None)
 
     prompt = [7, 8, 9, 10, 11]
@@ -237,7 +238,7 @@ def test_checkpoint_and_exported_folder(tmp_path):
     results = []
     for kind in ("ckpt", "hf_dir"):
         im = load(**{kind: tmp_path / ("ckpt" if kind == "ckpt" else "out")})  # saved at TP 2, run at TP 1
-        assert im.mask_token_id == meta["mask_token_id"] and im.trained_block_size == 4 and im.shift
+        assert im.mask_token_id == meta.mask_token_id and im.trained_block_size == 4 and im.shift
         assert im.tokenizer is not None
         sampler = im.sampler()
         assert sampler.generate([prompt], GenerateConfig(block_size=1, max_new_tokens=10)).tokens[0] == ref

@@ -65,9 +65,9 @@ def test_zero_b_is_exactly_the_base_model(assets, single_process):
 
     model, meta = load_model(assets / "ckpt")
     tokens = _tokens()
-    base = _loss(model, tokens, meta["mask_token_id"])
+    base = _loss(model, tokens, meta.mask_token_id)
     apply_lora(model, LoraSection(enabled=True, **SETTINGS), seed=7)
-    parts = _loss(model, tokens, meta["mask_token_id"])
+    parts = _loss(model, tokens, meta.mask_token_id)
     # B = 0 and a zero mask-row delta add exact zeros: bit-identical losses.
     assert torch.equal(parts.loss, base.loss) and torch.equal(parts.diffusion_loss, base.diffusion_loss)
     parts.loss.backward()
@@ -93,7 +93,7 @@ def _tp_worker(rank, world, ckpt, out):
     settings = LoraSection(enabled=True, **SETTINGS)
     lora.apply_lora(model, settings, seed=7)
     randomize_adapters(model, settings.rank)
-    parts = _loss(model, _tokens(1), meta["mask_token_id"])
+    parts = _loss(model, _tokens(1), meta.mask_token_id)
     parts.loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     gathered = [None] * world
@@ -108,8 +108,7 @@ def _tp_worker(rank, world, ckpt, out):
     fmt.save_shard(out, rank, 0, {k: v.detach() for k, v in base.items()})
     adapters.save_adapter_shard(out, rank, 0, adapter_weights)
     if rank == 0:
-        fmt.write_metadata(out, fmt.make_metadata(model.cfg, world, 1, None, "fp32", source="test",
-                                                  lora=adapters.checkpoint_meta(settings)))
+        fmt.write_metadata(out, fmt.CheckpointMeta(model.cfg, world, 1, None, "fp32", source="test", lora=settings))
         shutil.copytree(Path(ckpt) / "tokenizer", Path(out) / "tokenizer")
     with torch.no_grad():
         logits = _ar_logits(model, _tokens(2)) if world == 1 else None

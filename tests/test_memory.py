@@ -42,7 +42,7 @@ def _selection_worker(rank, world, ckpts):
     for ckpt in ckpts:
         model, meta = load_model(ckpt, info)
         for shift in (True, False):
-            batch = build_batch(tokens, torch.arange(2), 4, mask_token_id=meta["mask_token_id"], shift=shift, seed=3)
+            batch = build_batch(tokens, torch.arange(2), 4, mask_token_id=meta.mask_token_id, shift=shift, seed=3)
             args = (batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer)
             for lam in (0.0, 0.5):
                 model.zero_grad(set_to_none=True)
@@ -106,7 +106,7 @@ def _recompute_worker(rank, world, ckpt):
                     if "lora_B" in n:
                         p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(len(n)))
         model.train()
-        batch = build_batch(tokens, torch.arange(2), 4, mask_token_id=meta["mask_token_id"], seed=3)
+        batch = build_batch(tokens, torch.arange(2), 4, mask_token_id=meta.mask_token_id, seed=3)
         args = (batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, 0.5)
         per_mode = {}
         for mode in ("none", "selective", "full"):

@@ -48,12 +48,12 @@ def test_block_size_one_equals_hf_ar_loss(tmp_path, family, single_process):
     assert torch.allclose(logits[..., : hf.config.vocab_size], ref.logits, atol=1e-5)
 
     # With shift and B = 1 the block-diffusion loss is exactly the AR loss (fp32 rounding only).
-    parts = _loss(model, _batch(tokens, 1, meta["mask_token_id"]), ar_weight=0.5)
+    parts = _loss(model, _batch(tokens, 1, meta.mask_token_id), ar_weight=0.5)
     assert abs(parts.diffusion_loss.item() - ref.loss.item()) < 1e-5
     assert abs(parts.ar_loss.item() - ref.loss.item()) < 1e-5
 
     # With context-causal attention the clean half of a two-half input is an AR pass.
-    batch = _batch(tokens, 4, meta["mask_token_id"])
+    batch = _batch(tokens, 4, meta.mask_token_id)
     two_half = model(batch.input_ids, batch.position_ids, batch.layout)
     assert torch.allclose(two_half[:, L:, : hf.config.vocab_size], ref.logits, atol=1e-5)
 
@@ -68,7 +68,7 @@ def _tp_worker(rank, world, ckpt_dirs, block_size):
     for ckpt in ckpt_dirs:
         model, meta = load_model(ckpt, info)
         tokens = torch.randint(0, 300, (2, L), generator=torch.Generator().manual_seed(1))
-        parts = _loss(model, _batch(tokens, block_size, meta["mask_token_id"]), ar_weight=0.5)
+        parts = _loss(model, _batch(tokens, block_size, meta.mask_token_id), ar_weight=0.5)
         parts.loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
         # Gather every rank's shards and merge them with the conversion mappings.

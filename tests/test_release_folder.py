@@ -154,10 +154,10 @@ def _megablock_cases(folder: Path) -> list:
             kwargs = dict(block_size=B, mode="threshold", threshold=0.5, max_new_tokens=N_NEW, eos_token_id=eos,
                           temperature=sampling.temperature, top_p=sampling.top_p, seed=seed)
             cases.append(({"kind": "block", "prompts": PROMPTS, "kwargs": kwargs}, im.sampler().generate(PROMPTS, cfg)))
-        for fused in (True, False):
+        for two_pass in (False, True):
             for sampling, seed in ((SamplingParams(), 0), (SAMPLED, 5)):
-                cfg = SpeculativeConfig(block_size=B, max_new_tokens=N_NEW, fused=fused, sampling=sampling, seed=seed)
-                kwargs = dict(block_size=B, mode="speculative", max_new_tokens=N_NEW, eos_token_id=eos, fused=fused,
+                cfg = SpeculativeConfig(block_size=B, max_new_tokens=N_NEW, two_pass=two_pass, sampling=sampling, seed=seed)
+                kwargs = dict(block_size=B, mode="speculative", max_new_tokens=N_NEW, eos_token_id=eos, two_pass=two_pass,
                               temperature=sampling.temperature, top_p=sampling.top_p, seed=seed)
                 cases.append(({"kind": "block", "prompts": PROMPTS, "kwargs": kwargs},
                               speculative_sampler(im).generate(PROMPTS, cfg)))
@@ -223,7 +223,7 @@ def test_speculative_mode_equals_transformers_greedy_generate(decoded):
                     spec = [_trim(r, job["eos"], N_NEW) for r in jobs[j]["sequences"]]
                     assert spec == hf, (folder, kw)
                     compared += 1
-    assert compared == len(cases) * 3 * 2  # folders x block sizes x (fused, two-forward)
+    assert compared == len(cases) * 3 * 2  # folders x block sizes x (one pass, two passes)
 
 
 def test_the_folder_is_the_plain_model_without_remote_code_and_refuses_other_attention(decoded, folders):

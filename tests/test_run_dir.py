@@ -369,10 +369,10 @@ def test_disk_full_save_says_so(tmp_path, monkeypatch, failure):
     monkeypatch.setattr(ck.shutil, "disk_usage", lambda p: SimpleNamespace(total=1 << 30, used=1 << 30, free=0))
     engine = SimpleNamespace(save_checkpoint=save_checkpoint)
     info = SimpleNamespace(rank=0, dp_rank=0, tp_rank=0, pp_rank=0)
+    cfg = load_config(str(ROOT / "examples/configs/tiny.yaml"), ["data.prefix=data/x", f"checkpoint.save_dir={save}"])
+    checkpointer = ck.Checkpointer(cfg, info, engine, SimpleNamespace(lora=None, cfg=None))
     with pytest.raises(ck.DiskFullError) as err:
-        ck.save_training_checkpoint(engine=engine, model=SimpleNamespace(lora=None), info=info, save_dir=str(save),
-                                    state=ck.TrainerState(step=4), run_config={}, source_meta={}, tokenizer_dir=None,
-                                    keep_last=2, zero_stage=0)
+        checkpointer.save(4, ck.TrainerState(step=4))
     msg = str(err.value)
     assert "the disk is full" in msg and "checkpoint.save_dir" in msg and "step_0000002" in msg
     assert err.value.errno == errno.ENOSPC

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import warnings
+from dataclasses import replace
 
 import pytest
 import torch
@@ -35,8 +36,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK = 319  # an ordinary token of the tiny vocabulary, used as the mask for untrained models
 PROMPTS = [list(range(20, 28)), [5, 6, 7], list(range(40, 53)), [101]]
 
-# (fused, next_draft): two forwards per block, and the two layouts of the one-forward mode.
-MODES = [(False, "masked"), (True, "masked"), (True, "overlap")]
+# (two_pass, next_draft): two forwards per block, and the two layouts of the one-forward mode.
+MODES = [(True, "masked"), (False, "masked"), (False, "overlap")]
 
 
 @pytest.fixture(autouse=True)
@@ -87,13 +88,13 @@ def test_greedy_equals_ar_and_hf_generate(family):
     assert ar == [hf_greedy(hf, p, n, im.eos_token_ids) for p in PROMPTS]
     sampler = speculative_sampler(im)
     for B in (2, 4, 8):
-        for fused, layout in MODES:
+        for two_pass, layout in MODES:
             if layout == "overlap" and B == 2:
                 continue
-            cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, fused=fused, next_draft=layout)
-            assert sampler.generate(PROMPTS, cfg).tokens == ar, (B, fused, layout)
+            cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, two_pass=two_pass, next_draft=layout)
+            assert sampler.generate(PROMPTS, cfg).tokens == ar, (B, two_pass, layout)
             mixed = oracle(im, ar, corrupt=3).generate(PROMPTS, cfg)
-            assert mixed.tokens == ar, (B, fused, layout)
+            assert mixed.tokens == ar, (B, two_pass, layout)
             if B == 8:  # the corrupted oracle really cut blocks at several places and kept some whole
                 hist = mixed.histogram()
                 assert len(hist) >= 3 and mixed.mean_accepted > 0.5, hist
@@ -105,7 +106,7 @@ def test_refined_drafts_and_single_prompts():
     ar = im.sampler().generate(PROMPTS, GenerateConfig(block_size=1, max_new_tokens=12)).tokens
     sampler = speculative_sampler(im)
     for kw in (dict(draft_steps=3), dict(draft_threshold=0.5)):
-        res = sampler.generate(PROMPTS, SpeculativeConfig(block_size=4, max_new_tokens=12, fused=False, **kw))
+        res = sampler.generate(PROMPTS, SpeculativeConfig(block_size=4, max_new_tokens=12, two_pass=True, **kw))
         assert res.tokens == ar
     for p, ref in zip(PROMPTS, ar):  # a batch of one row: no padding at all
         assert sampler.generate([p], SpeculativeConfig(block_size=8, max_new_tokens=12)).tokens == [ref]
@@ -126,8 +127,8 @@ def test_eos_inside_a_block_equals_hf_generate():
     stop = free[0].index(eos)
     assert expected[0] == free[0][: stop + 1] and 1 <= stop % B
     assert expected[1] == free[1]
-    for fused, layout in MODES:
-        cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, fused=fused, next_draft=layout)
+    for two_pass, layout in MODES:
+        cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, two_pass=two_pass, next_draft=layout)
         assert oracle(im, expected).generate(PROMPTS[:2], cfg).tokens == expected
         assert speculative_sampler(im).generate(PROMPTS[:2], cfg).tokens == expected
 
@@ -142,13 +143,13 @@ def test_exported_folder_equals_hf_generate(tmp_path):
 
 
 # --- accounting with a perfect drafter ------------------------------------------------------------------
-def perfect_forwards(n, B, fused, layout):
+def perfect_forwards(n, B, two_pass, layout):
     """Forwards for n new tokens per row when every draft is kept: the prefill yields the first
     token; then each block yields its D drafts plus the next AR token, the last block only what
     is left. Two-forward mode: a draft pass and a verify pass per block (D = B - 1), except a last
-    block of one token, which needs no draft. Fused: one pass per block (D = B - 1, or B - 2 with
+    block of one token, which needs no draft. One pass: one pass per block (D = B - 1, or B - 2 with
     the overlapping layout)."""
-    if not fused:
+    if two_pass:
         rest = n - 1
         return 1 + 2 * math.ceil(rest / B) - (1 if rest % B == 1 else 0)
     D = B - (2 if layout == "overlap" else 1)
@@ -162,20 +163,20 @@ def test_perfect_drafter_is_accepted_whole():
     prompts, n = PROMPTS[:2], 20
     ar = im.sampler().generate(prompts, GenerateConfig(block_size=1, max_new_tokens=n)).tokens
     for B in (2, 4, 8):
-        for fused, layout in MODES:
+        for two_pass, layout in MODES:
             if layout == "overlap" and B == 2:
                 continue
-            res = oracle(im, ar).generate(prompts, SpeculativeConfig(block_size=B, max_new_tokens=n, fused=fused,
+            res = oracle(im, ar).generate(prompts, SpeculativeConfig(block_size=B, max_new_tokens=n, two_pass=two_pass,
                                                                        next_draft=layout))
             assert res.tokens == ar
             assert res.acceptance_rate == 1.0 and res.accepted == res.drafted
-            want = perfect_forwards(n, B, fused, layout)
-            assert res.forwards == want, (B, fused, layout)
+            want = perfect_forwards(n, B, two_pass, layout)
+            assert res.forwards == want, (B, two_pass, layout)
             assert res.tokens_per_forward == pytest.approx(2 * n / want)  # two rows per forward
     # The formula itself, by hand: B = 4, 20 tokens: prefill 1, then 4+4+4+4+3.
-    assert perfect_forwards(20, 4, False, "masked") == 1 + 2 * 5
-    assert perfect_forwards(20, 4, True, "masked") == 1 + 5
-    assert perfect_forwards(20, 4, True, "overlap") == 1 + 7  # blocks of 3: 3 * 6 + 1
+    assert perfect_forwards(20, 4, True, "masked") == 1 + 2 * 5
+    assert perfect_forwards(20, 4, False, "masked") == 1 + 5
+    assert perfect_forwards(20, 4, False, "overlap") == 1 + 7  # blocks of 3: 3 * 6 + 1
 
 
 # --- KV cache rollback ----------------------------------------------------------------------------------
@@ -268,12 +269,12 @@ def test_speculative_sampling_matches_ar_distribution(monkeypatch):
     params = SamplingParams(temperature=0.9, top_k=5)
     probs = exact_joint(hf, prompt, k, params)
     sampler = speculative_sampler(im)
-    for fused, layout in MODES:
-        cfg = SpeculativeConfig(block_size=4, max_new_tokens=k, fused=fused, next_draft=layout, sampling=params,
+    for two_pass, layout in MODES:
+        cfg = SpeculativeConfig(block_size=4, max_new_tokens=k, two_pass=two_pass, next_draft=layout, sampling=params,
                                 seed=11)
         counts, res = sampled_joint(sampler, prompt, cfg, n, k)
         assert 0.1 < res.acceptance_rate < 0.9  # both branches of the rule are exercised
-        assert chi_square_p(counts, probs) > 1e-3, (fused, layout)
+        assert chi_square_p(counts, probs) > 1e-3, (two_pass, layout)
     # The test has power: taking every draft (no acceptance test) samples the drafter's
     # distribution, which it must reject.
     def take_all(ar_logits, drafts, q, params, generator=None):
@@ -281,7 +282,7 @@ def test_speculative_sampling_matches_ar_distribution(monkeypatch):
         return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))
 
     monkeypatch.setattr(block_rules, "verify_drafts", take_all)
-    cfg = SpeculativeConfig(block_size=4, max_new_tokens=k, fused=False, sampling=params, seed=11)
+    cfg = SpeculativeConfig(block_size=4, max_new_tokens=k, two_pass=True, sampling=params, seed=11)
     counts, _ = sampled_joint(sampler, prompt, cfg, n, k)
     assert chi_square_p(counts, probs) < 1e-3
 
@@ -297,7 +298,7 @@ def _tp_worker(rank, world, cfgs):
 
 def test_tp2_equals_ar():
     cfgs = [SpeculativeConfig(block_size=4, max_new_tokens=10),
-            SpeculativeConfig(block_size=4, max_new_tokens=10, fused=False),
+            SpeculativeConfig(block_size=4, max_new_tokens=10, two_pass=True),
             SpeculativeConfig(block_size=4, max_new_tokens=10, sampling=SamplingParams(1.0, 20), seed=5)]
     ranks = run_distributed(_tp_worker, 2, cfgs)
     assert ranks[0] == ranks[1]  # every TP rank made the same choices
@@ -310,7 +311,7 @@ def test_tp2_equals_ar():
 # --- settings and CLI -------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [dict(block_size=0), dict(max_new_tokens=0), dict(next_draft="x"),
                                  dict(block_size=2, next_draft="overlap"), dict(draft_steps=2),
-                                 dict(fused=False, draft_steps=2, sampling=SamplingParams(1.0)),
+                                 dict(two_pass=True, draft_steps=2, sampling=SamplingParams(1.0)),
                                  dict(shift=False)])
 def test_bad_settings_raise(bad):
     sampler = speculative_sampler(from_hf_model(tiny_hf_model("llama"), mask_token_id=MASK))
@@ -342,17 +343,46 @@ def test_cli_speculative_json(tmp_path):
 
 
 def test_evaluation_generation_reports_acceptance():
-    from megablock.inference.evaluation import evaluate, generate_samples
+    from megablock.inference.evaluation import evaluate
+    from megablock.inference.measure import decode
 
     hf = peaked_model("llama", seed=9)
     im = em = from_hf_model(hf, mask_token_id=MASK)
     windows = torch.arange(20, 20 + 4 * 16).view(4, 16)
     prompts = [windows[i, :8].tolist() for i in range(2)]
     ar = im.sampler().generate(prompts, GenerateConfig(block_size=1, max_new_tokens=10)).tokens
-    got, _, _ = generate_samples(em, prompts, 4, 10, temperature=0.0, mode="speculative")
-    assert got == ar
-    r = evaluate(em, windows, 4, progress=False, generate=True, gen_prompts=2, gen_prompt_len=8, gen_tokens=10,
-                 gen_mode="speculative")
+    greedy = SpeculativeConfig(block_size=4, max_new_tokens=10, sampling=SamplingParams(0.0))
+    assert decode(em, prompts, greedy).tokens == ar
+    r = evaluate(em, windows, 4, progress=False, generation=replace(greedy, sampling=SamplingParams(1.0)),
+                 gen_prompts=2, gen_prompt_len=8)
     assert r["gen_mode"] == "speculative" and r["gen_verified_blocks"] > 0
     assert sum(r["gen_accepted_histogram"].values()) == r["gen_verified_blocks"]
     assert 0 <= r["gen_acceptance_rate"] <= 1 and "nelbo" in r
+
+
+def test_measure_runs_every_decoder_on_the_same_prompts():
+    """One record type for AR, threshold, speculative and HF generate: the lossless decoders
+    reproduce the model's own AR tokens (and HF's greedy ones, the same weights), forwards add up
+    over the prompts decoded one by one, and the acceptance numbers follow from the blocks."""
+    from megablock.inference.measure import measure
+
+    hf = peaked_model("llama", seed=9)
+    em = from_hf_model(hf, mask_token_id=MASK)
+    em.eos_token_ids = []  # fixed-length rows, as HF's min_new_tokens makes them
+    n = 9
+    configs = {"spec one pass": SpeculativeConfig(block_size=4, max_new_tokens=n),
+               "spec two pass": SpeculativeConfig(block_size=4, max_new_tokens=n, two_pass=True),
+               "threshold": GenerateConfig(block_size=4, max_new_tokens=n, threshold=0.9)}
+    records = measure(em, PROMPTS, configs, max_new_tokens=n, hf_model=hf)
+    assert set(records) == {"ar", "hf", *configs}
+    ar = records["ar"]
+    assert ar.mode == "ar" and ar.forwards == len(PROMPTS) * n and ar.tokens_per_forward == 1.0
+    for name in ("ar", "hf", "spec one pass", "spec two pass"):
+        assert records[name].identical_to_ar == len(PROMPTS), name
+        assert [len(t) for t in records[name].tokens] == [n] * len(PROMPTS), name
+    spec = records["spec one pass"]
+    assert spec.mode == "speculative" and records["threshold"].mode == "threshold" and records["hf"].forwards is None
+    assert sum(spec.histogram().values()) == len(spec.accepted) == len(spec.drafted) > 0
+    assert spec.mean_accepted == sum(spec.accepted) / len(spec.accepted) <= 3
+    single = speculative_sampler(em).generate([PROMPTS[0]], configs["spec one pass"])
+    assert spec.row_forwards[0] == single.forwards and spec.tokens[0] == single.tokens[0]

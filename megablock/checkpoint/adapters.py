@@ -13,7 +13,6 @@ gated adapters (`attach_adapters`), and exports as the base unchanged plus an ad
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Iterator, Optional
@@ -25,25 +24,12 @@ from safetensors.torch import save_file
 from megablock.config import LoraSection
 from megablock.model.lora import MASK_DELTA, apply_lora, base_weight_name
 
-from .format import CheckpointError, SafetensorsWriter, iter_full_tensors, model_config
+from .format import LORA_DIR, Checkpoint, CheckpointError, SafetensorsWriter, iter_full_tensors
 from .mappings import RowParallel, get_family
 
-LORA_DIR = "lora"
 
-
-def checkpoint_meta(settings: LoraSection, trainable: Optional[int] = None) -> dict:
-    """megablock.json["lora"]."""
-    fields = {k: v for k, v in dataclasses.asdict(settings).items() if k != "enabled"}
-    return {**fields, "scaling": settings.scaling, "dir": LORA_DIR, "trainable_parameters": trainable}
-
-
-def is_gated(meta: dict) -> bool:
-    """A checkpoint whose adapters are a gated drafter (lora.scope=noised)."""
-    return (meta.get("lora") or {}).get("scope", "all") == "noised"
-
-
-def _refuse_merge(ckpt, meta: dict) -> None:
-    if is_gated(meta):
+def _refuse_merge(ckpt: Checkpoint) -> None:
+    if ckpt.meta.gated:
         raise CheckpointError(
             f"{ckpt} holds a gated drafter (lora.scope=noised): its adapters apply only at draft positions, so "
             "they cannot be merged into the weights. Decode it with tools/generate.py --ckpt, export it with "
@@ -51,10 +37,10 @@ def _refuse_merge(ckpt, meta: dict) -> None:
             "the base checkpoint) with lora.scope=noised")
 
 
-def attach_adapters(model, ckpt, meta: dict) -> None:
+def attach_adapters(model, ckpt: Checkpoint) -> None:
     """Apply the checkpoint's LoRA settings to `model` (a stage holding the frozen base) and load
     its adapters, resharded to the model's TP rank: the unmerged form, which a gated drafter needs."""
-    attach_full_adapters(model, LoraSection.from_saved(meta["lora"]), full_adapters(ckpt, meta), ckpt)
+    attach_full_adapters(model, ckpt.meta.lora, full_adapters(ckpt), ckpt)
 
 
 def adapter_shard_path(ckpt, tp_rank: int, pp_rank: int) -> Path:
@@ -106,12 +92,12 @@ def _adapter_names(ckpt, pp_rank: int) -> list[str]:
         return list(f.keys())
 
 
-def full_adapters(ckpt, meta: dict) -> dict[str, torch.Tensor]:
+def full_adapters(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
     """Every adapter tensor of a checkpoint as a full (TP = 1) tensor."""
-    cfg = model_config(meta)
+    cfg, meta = ckpt.meta.model, ckpt.meta
     out = {}
-    for s in range(meta["pp"]):
-        shards = [load_adapter_shard(ckpt, r, s) for r in range(meta["tp"])]
+    for s in range(meta.pp):
+        shards = [load_adapter_shard(ckpt, r, s) for r in range(meta.tp)]
         for name in shards[0]:
             out[name] = _merge_factor(cfg, name, [sh[name] for sh in shards])
     return out
@@ -127,14 +113,13 @@ def _add_mask_row(weight: torch.Tensor, delta: torch.Tensor, row: int) -> torch.
     return weight
 
 
-def merge_into_shard(ckpt, meta: dict, shard: dict, tp_rank: int, pp_rank: int) -> dict:
+def merge_into_shard(ckpt: Checkpoint, shard: dict, tp_rank: int, pp_rank: int) -> dict:
     """A model shard of (tp_rank, pp_rank) with that rank's adapters merged in (no-op for a
     checkpoint without LoRA): W_k += s * B_k A_k for both column and row-parallel layouts."""
-    if not meta.get("lora"):
+    if ckpt.meta.lora is None:
         return shard
-    _refuse_merge(ckpt, meta)
-    cfg = model_config(meta)
-    scaling = LoraSection.from_saved(meta["lora"]).scaling
+    _refuse_merge(ckpt)
+    cfg, scaling = ckpt.meta.model, ckpt.meta.lora.scaling
     adapters = load_adapter_shard(ckpt, tp_rank, pp_rank)
     shard = dict(shard)
     for name, a in adapters.items():
@@ -150,28 +135,28 @@ def merge_into_shard(ckpt, meta: dict, shard: dict, tp_rank: int, pp_rank: int) 
     return shard
 
 
-def iter_merged_full_tensors(ckpt, meta: dict, merge_lora: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_merged_full_tensors(ckpt: Checkpoint, merge_lora: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
     """`format.iter_full_tensors` with the adapters merged in full-tensor space (W + s * B A on
     the merged factors; the mask-token delta always). `merge_lora=False` leaves the LoRA
     factors out (for a base model + separate PEFT adapter). Streams like the plain iterator.
     A gated drafter's base is the frozen base itself (no mask-token delta either), and only
     that can be asked for (merge_lora=False)."""
-    if not meta.get("lora") or (is_gated(meta) and not merge_lora):
-        yield from iter_full_tensors(ckpt, meta)
+    meta = ckpt.meta
+    if meta.lora is None or (meta.gated and not merge_lora):
+        yield from iter_full_tensors(ckpt)
         return
-    _refuse_merge(ckpt, meta)
-    cfg = model_config(meta)
-    scaling = LoraSection.from_saved(meta["lora"]).scaling
+    _refuse_merge(ckpt)
+    cfg, scaling = meta.model, meta.lora.scaling
     index = {}  # adapter name -> pipeline stage holding it
-    for s in range(meta["pp"]):
+    for s in range(meta.pp):
         for name in _adapter_names(ckpt, s):
             index[name] = s
 
     def factor(name: str) -> torch.Tensor:
-        shards = [_read_adapter(ckpt, r, index[name], name) for r in range(meta["tp"])]
+        shards = [_read_adapter(ckpt, r, index[name], name) for r in range(meta.tp)]
         return _merge_factor(cfg, name, shards)
 
-    for name, full in iter_full_tensors(ckpt, meta):
+    for name, full in iter_full_tensors(ckpt):
         prefix = name[: -len(".weight")] if name.endswith(".weight") else None
         if merge_lora and prefix and prefix + ".lora_A" in index:
             full = (full.double() + _delta(factor(prefix + ".lora_A"), factor(prefix + ".lora_B"), scaling)).to(full.dtype)
@@ -186,13 +171,12 @@ def _read_adapter(ckpt, tp_rank: int, pp_rank: int, name: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- PEFT export
-def peft_adapter(ckpt, meta: dict, dtype: torch.dtype) -> tuple[dict, dict]:
+def peft_adapter(ckpt: Checkpoint, dtype: torch.dtype) -> tuple[dict, dict]:
     """(adapter_config.json dict, {PEFT key: tensor}) for `PeftModel.from_pretrained` on the
     exported base model. Fused LoRAs split exactly: qkv's B rows go to q/k/v through the same
     grouped-layout mapping as the weight (all three share A); fc1's to gate/up."""
-    cfg = model_config(meta)
-    settings = LoraSection.from_saved(meta["lora"])
-    full = full_adapters(ckpt, meta)
+    cfg, settings = ckpt.meta.model, ckpt.meta.lora
+    full = full_adapters(ckpt)
     tensors, modules = {}, set()
     for name in sorted(n for n in full if n.endswith(".lora_A")):
         w = base_weight_name(name)
@@ -222,8 +206,8 @@ def peft_adapter(ckpt, meta: dict, dtype: torch.dtype) -> tuple[dict, dict]:
     return config, tensors
 
 
-def write_peft_adapter(ckpt, meta: dict, out_dir, dtype: torch.dtype, base_model_path: Optional[str] = None) -> Path:
-    config, tensors = peft_adapter(ckpt, meta, dtype)
+def write_peft_adapter(ckpt: Checkpoint, out_dir, dtype: torch.dtype, base_model_path: Optional[str] = None) -> Path:
+    config, tensors = peft_adapter(ckpt, dtype)
     config["base_model_name_or_path"] = base_model_path
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -237,20 +221,20 @@ DRAFTER_CONFIG = "megablock_drafter.json"
 DRAFTER_EXTRA = "megablock_drafter.safetensors"
 
 
-def write_drafter(ckpt, meta: dict, out_dir, dtype: torch.dtype, base_model_path: Optional[str] = None) -> Path:
+def write_drafter(ckpt: Checkpoint, out_dir, dtype: torch.dtype, base_model_path: Optional[str] = None) -> Path:
     """A gated drafter as a folder beside its base: PEFT's LoRA layout (adapter_config.json,
     adapter_model.safetensors: what `PeftModel.from_pretrained` reads) plus what PEFT has no place
     for, in files of their own: the gate (megablock_drafter.json: the adapters apply at draft
     positions only) and the mask-token row delta (megablock_drafter.safetensors). Loaded by plain
     PEFT the adapters would apply everywhere, which is a different model than the base verifier:
     decode it with megablock (tools/generate.py --hf-dir BASE --drafter DIR)."""
-    out = write_peft_adapter(ckpt, meta, out_dir, dtype, base_model_path)
-    settings = LoraSection.from_saved(meta["lora"])
-    extra = {k: v.to(dtype).contiguous() for k, v in full_adapters(ckpt, meta).items() if k == MASK_DELTA}
+    out = write_peft_adapter(ckpt, out_dir, dtype, base_model_path)
+    settings = ckpt.meta.lora
+    extra = {k: v.to(dtype).contiguous() for k, v in full_adapters(ckpt).items() if k == MASK_DELTA}
     if extra:
         save_file(extra, str(out / DRAFTER_EXTRA), metadata={"format": "pt"})
     info = {"scope": settings.scope, "rank": settings.rank, "alpha": settings.alpha,
-            "target_modules": list(settings.target_modules), "mask_token_id": meta.get("mask_token_id"),
+            "target_modules": list(settings.target_modules), "mask_token_id": ckpt.meta.mask_token_id,
             "mask_row_delta": bool(extra), "base_model": base_model_path}
     (out / DRAFTER_CONFIG).write_text(json.dumps(info, indent=2) + "\n")
     return out
@@ -303,14 +287,15 @@ def attach_full_adapters(model, settings: LoraSection, full: dict, source) -> No
                 raise CheckpointError(f"{source}: the adapter files have no {name}; they are incomplete")
 
 
-def check_adapter_shards(ckpt, meta: dict, required: bool = False) -> None:
+def check_adapter_shards(ckpt: Checkpoint, required: bool = False) -> None:
     """Every adapter shard of a LoRA checkpoint exists (CheckpointError otherwise); `required`:
     the caller needs adapters, so a checkpoint without LoRA is an error too."""
-    if not meta.get("lora"):
+    meta = ckpt.meta
+    if meta.lora is None:
         if required:
             raise CheckpointError(f"{ckpt} has no LoRA adapters (megablock.json has no 'lora'); export it without --lora-separate")
         return
-    for s in range(meta["pp"]):
-        for r in range(meta["tp"]):
+    for s in range(meta.pp):
+        for r in range(meta.tp):
             if not adapter_shard_path(ckpt, r, s).is_file():
                 raise CheckpointError(f"missing LoRA adapter shard {adapter_shard_path(ckpt, r, s)}; the checkpoint is incomplete")

@@ -398,7 +398,7 @@ def convert(out, hf_dir=None, gguf=None, tp: int = 1, pp: int = 1, mask_token: O
         bar.close()
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp / fmt.TOKENIZER_DIR))
-        meta = fmt.make_metadata(
+        meta = fmt.CheckpointMeta(
             cfg, tp, pp, lps, dtype, src.description, step=0, curriculum_stage=0,
             generation_config=src.generation_config, **diffusion,
         )

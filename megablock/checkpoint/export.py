@@ -70,18 +70,18 @@ def _exported(name: str, ckpt: Path) -> bool:
     return (ckpt / fmt.TOKENIZER_DIR / name).is_file()
 
 
-def diffusion_settings(meta: dict) -> dict:
-    """Block-diffusion entries for config.json, from megablock.json (with the recipe's defaults)."""
+def diffusion_settings(meta: fmt.CheckpointMeta) -> dict:
+    """Block-diffusion entries for config.json, from megablock.json."""
     return {
-        "block_size": meta.get("block_size", 1),
-        "mask_token_id": meta.get("mask_token_id"),
-        "diffusion_shift": bool(meta.get("shift", True)),
-        "diffusion_attention": meta.get("attention", "context_causal"),
+        "block_size": meta.block_size,
+        "mask_token_id": meta.mask_token_id,
+        "diffusion_shift": meta.shift,
+        "diffusion_attention": meta.attention,
     }
 
 
-def hf_config_dict(meta: dict, dtype: str) -> dict:
-    cfg = fmt.model_config(meta)
+def hf_config_dict(meta: fmt.CheckpointMeta, dtype: str) -> dict:
+    cfg = meta.model
     config = get_family(cfg.arch).hf_config(cfg)
     config.pop("auto_map", None)  # a source's remote code is not ours: the export writes its own or none
     dtype_key = "torch_dtype" if "torch_dtype" in config and "dtype" not in config else "dtype"
@@ -105,12 +105,12 @@ def plan_files(specs: dict[str, tuple], dtype: torch.dtype, max_bytes: int) -> l
     return files
 
 
-def check_shards(ckpt: Path, meta: dict) -> None:
+def check_shards(ckpt: fmt.Checkpoint) -> None:
     """Every shard file exists and is readable before anything is written."""
     from safetensors import safe_open
 
-    for s in range(meta["pp"]):
-        for r in range(meta["tp"]):
+    for s in range(ckpt.meta.pp):
+        for r in range(ckpt.meta.tp):
             path = fmt.shard_path(ckpt, r, s)
             if not path.is_file():
                 raise fmt.CheckpointError(f"missing shard {path}; the checkpoint is incomplete (use another step or re-convert)")
@@ -129,31 +129,29 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
     block size is > 1) adds the files `block_generate` needs (release.py). Returns a summary dict."""
     start = time.time()
     given = ckpt
-    ckpt = fmt.resolve_checkpoint(ckpt)
-    out, tmp = prepare_out(out, force, sources=[given, ckpt], owned=lambda name: _exported(name, ckpt),
+    ckpt = fmt.Checkpoint.open(ckpt)
+    out, tmp = prepare_out(out, force, sources=[given, ckpt.path], owned=lambda name: _exported(name, ckpt.path),
                            marker=EXPORT_MARKER)
-    meta = fmt.read_metadata(ckpt)
-    dtype = dtype or meta["dtype"]
+    meta = ckpt.meta
+    dtype = dtype or meta.dtype
     if dtype not in fmt.DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not supported; use one of {', '.join(fmt.DTYPES)}")
     torch_dtype = fmt.DTYPES[dtype]
-    cfg = fmt.model_config(meta)
+    cfg = meta.model
     family = get_family(cfg.arch)
     if remote_code is None:
-        remote_code = meta.get("block_size", 1) > 1
-    if remote_code and meta.get("mask_token_id") is None:
+        remote_code = meta.block_size > 1
+    if remote_code and meta.mask_token_id is None:
         raise ConversionError(f"{ckpt} has no mask token, so block_generate could not draft: export it with "
                               "--no-remote-code, or convert the model again without --no-mask-token")
-    if cfg.padded_vocab_size(meta["tp"]) != meta["padded_vocab_size"]:
-        raise fmt.CheckpointError(f"{ckpt}/megablock.json: padded_vocab_size disagrees with the model config; re-convert")
-    check_shards(ckpt, meta)
-    tensors, gated = fmt.iter_full_tensors(ckpt, meta), adapters.is_gated(meta)
-    if meta.get("lora") or lora_separate:
-        adapters.check_adapter_shards(ckpt, meta, required=lora_separate)
-        tensors = adapters.iter_merged_full_tensors(ckpt, meta, merge_lora=not (lora_separate or gated))
+    check_shards(ckpt)
+    tensors, gated = fmt.iter_full_tensors(ckpt), meta.gated
+    if meta.lora is not None or lora_separate:
+        adapters.check_adapter_shards(ckpt, required=lora_separate)
+        tensors = adapters.iter_merged_full_tensors(ckpt, merge_lora=not (lora_separate or gated))
 
     # Plan the HF tensors (names, shapes) on meta tensors, then the files they go to.
-    shapes = fmt.full_shapes(cfg, meta["tp"])
+    shapes = fmt.full_shapes(cfg, meta.tp)
     specs = {}
     for b in family.params(cfg):
         for n, t in b.to_hf(torch.empty(shapes[b.name], device="meta"), cfg).items():
@@ -195,14 +193,14 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
         if remote_code:
             config["auto_map"] = release.write_remote_code(tmp, family.hf_class)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / release.MODEL_CARD).write_text(release.model_card(meta, ckpt, family.hf_class, remote_code, gated))
-        if meta.get("generation_config"):
-            (tmp / "generation_config.json").write_text(json.dumps(meta["generation_config"], indent=2) + "\n")
+        (tmp / release.MODEL_CARD).write_text(release.model_card(meta, ckpt.path, family.hf_class, remote_code, gated))
+        if meta.generation_config:
+            (tmp / "generation_config.json").write_text(json.dumps(meta.generation_config, indent=2) + "\n")
         if gated:
-            adapters.write_drafter(ckpt, meta, tmp / DRAFTER_DIR, torch_dtype, base_model_path=str(out))
+            adapters.write_drafter(ckpt, tmp / DRAFTER_DIR, torch_dtype, base_model_path=str(out))
         elif lora_separate:
-            adapters.write_peft_adapter(ckpt, meta, tmp / ADAPTER_DIR, torch_dtype, base_model_path=str(out))
-        tok = ckpt / fmt.TOKENIZER_DIR
+            adapters.write_peft_adapter(ckpt, tmp / ADAPTER_DIR, torch_dtype, base_model_path=str(out))
+        tok = ckpt.path / fmt.TOKENIZER_DIR
         if tok.is_dir():
             for f in tok.iterdir():
                 if f.is_file():
@@ -210,17 +208,17 @@ def export(ckpt, out, dtype: Optional[str] = None, force: bool = False, progress
         else:
             log(f"warning: {ckpt} has no tokenizer/; the export has none either")
         (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "megablock tools/export_hf.py", "ckpt": str(ckpt)}) + "\n")
-        finish_out(tmp, out, owned=lambda name: _exported(name, ckpt), marker=EXPORT_MARKER)
+        finish_out(tmp, out, owned=lambda name: _exported(name, ckpt.path), marker=EXPORT_MARKER)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     summary = {
         "out": str(out), "ckpt": str(ckpt), "arch": cfg.arch, "parameters": parameter_count(cfg)[1],
-        "files": len(files), "dtype": dtype, "from_tp": meta["tp"], "from_pp": meta["pp"],
+        "files": len(files), "dtype": dtype, "from_tp": meta.tp, "from_pp": meta.pp,
         "seconds": round(time.time() - start, 2),
-        "lora": None if not meta.get("lora") else ("drafter" if gated else "separate" if lora_separate else "merged"),
+        "lora": None if meta.lora is None else ("drafter" if gated else "separate" if lora_separate else "merged"),
         "remote_code": remote_code,
     }
-    log(f"exported {cfg.arch} ({summary['parameters']:,} parameters, {meta['tp']}x{meta['pp']} shards) to "
+    log(f"exported {cfg.arch} ({summary['parameters']:,} parameters, {meta.tp}x{meta.pp} shards) to "
         f"{out} as {family.hf_class} in {len(files)} file(s), {dtype}, in {summary['seconds']} s")
     return summary

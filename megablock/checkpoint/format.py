@@ -1,7 +1,7 @@
 """The sharded megablock checkpoint format: metadata, per-rank safetensors shards, resharding.
 
 Layout of a checkpoint folder CKPT:
-    CKPT/megablock.json                       metadata (see `make_metadata`)
+    CKPT/megablock.json                       metadata (`CheckpointMeta`)
     CKPT/model/tp{TT:02d}_pp{PPP:03d}.safetensors   one shard per TP x PP rank, global layer names
     CKPT/tokenizer/                           HF tokenizer (with the mask token)
 Training checkpoints use the same layout in SAVE/step_XXXX/, and SAVE/latest names the newest.
@@ -15,16 +15,18 @@ safetensors file (header first, shapes planned in advance): writers never hold a
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import struct
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import ClassVar, Iterator, Optional
 
 import torch
 from safetensors import safe_open
 
-from megablock.config import WeightDtype, options
+from megablock.config import Attention, ConfigError, LoraSection, Section, WeightDtype, options
 from megablock.model.config import ModelConfig, stage_layer_ranges
 
 from .mappings import UnsupportedModel, get_family
@@ -34,6 +36,7 @@ METADATA_FILE = "megablock.json"
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
 LATEST_FILE = "latest"
+LORA_DIR = "lora"
 DTYPES = dict(zip(options(WeightDtype), (torch.float32, torch.bfloat16)))
 _REQUIRED = ("format_version", "model", "tp", "pp", "layers_per_stage", "vocab_size", "padded_vocab_size", "dtype")
 _ST_DTYPES = {
@@ -52,34 +55,116 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 # --- metadata ----------------------------------------------------------------------------------
-def make_metadata(cfg: ModelConfig, tp: int, pp: int, layers_per_stage: Optional[list], dtype: str,
-                  source: str, block_size: int = 1, step: int = 0, **extra) -> dict:
-    """The megablock.json contents. `extra` adds optional fields (curriculum_stage, shift,
-    attention, generation_config, ...)."""
-    ranges = stage_layer_ranges(cfg.num_layers, pp, layers_per_stage)
-    return {
-        "format_version": FORMAT_VERSION,
-        "model": cfg.to_dict(),
-        "tp": tp,
-        "pp": pp,
-        "layers_per_stage": [len(r) for r in ranges],
-        "vocab_size": cfg.vocab_size,
-        "padded_vocab_size": cfg.padded_vocab_size(tp),
-        "mask_token_id": cfg.mask_token_id,
-        "block_size": block_size,
-        "step": step,
-        "dtype": dtype,
-        "source": source,
-        **extra,
-    }
+@dataclass(frozen=True)
+class CheckpointMeta(Section):
+    """The contents of megablock.json, typed. Every default lives here: a file of an older
+    megablock that lacks a field reads as that default (tests/fixtures/megablock_json_v1_*)."""
+
+    key: ClassVar[str] = "megablock.json "
+
+    model: ModelConfig
+    tp: int = 1
+    pp: int = 1
+    layers_per_stage: Optional[tuple] = None
+    """Layers of each pipeline stage; None is the even split, resolved on construction."""
+    dtype: WeightDtype = "fp32"
+    source: str = "random init"
+    block_size: int = 1
+    """The block size the weights were trained (or converted) at."""
+    step: int = 0
+    curriculum_stage: int = 0
+    shift: bool = True
+    attention: Attention = "context_causal"
+    generation_config: Optional[dict] = None
+    """The HF generation_config.json of the source model, kept for export."""
+    lora: Optional[LoraSection] = None
+    """The LoRA settings of a checkpoint with adapters in CKPT/lora/ (None: no adapters)."""
+    trainable_parameters: Optional[int] = None
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        ranges = stage_layer_ranges(self.model.num_layers, self.pp, self.layers_per_stage)
+        object.__setattr__(self, "layers_per_stage", tuple(len(r) for r in ranges))
+        super().__post_init__()  # the Literal fields (dtype, attention)
+
+    @property
+    def mask_token_id(self) -> Optional[int]:
+        return self.model.mask_token_id
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.model.padded_vocab_size(self.tp)
+
+    @property
+    def gated(self) -> bool:
+        """The adapters are a gated drafter (lora.scope=noised): applied at draft positions only."""
+        return self.lora is not None and self.lora.scope == "noised"
+
+    def to_dict(self) -> dict:
+        """The megablock.json object (vocab sizes and the mask id repeated at the top for readers
+        that do not parse the model config)."""
+        out = {
+            "format_version": self.format_version, "model": self.model.to_dict(), "tp": self.tp, "pp": self.pp,
+            "layers_per_stage": list(self.layers_per_stage), "vocab_size": self.model.vocab_size,
+            "padded_vocab_size": self.padded_vocab_size, "mask_token_id": self.mask_token_id,
+            "block_size": self.block_size, "step": self.step, "dtype": self.dtype, "source": self.source,
+            "curriculum_stage": self.curriculum_stage, "shift": self.shift, "attention": self.attention,
+            "generation_config": self.generation_config,
+        }
+        if self.lora is not None:
+            fields = {k: v for k, v in dataclasses.asdict(self.lora).items() if k != "enabled"}
+            out["lora"] = {**fields, "scaling": self.lora.scaling, "dir": LORA_DIR,
+                           "trainable_parameters": self.trainable_parameters}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CheckpointMeta":
+        """Parse a megablock.json object (ValueError / TypeError on a bad one; `read_metadata`
+        turns those into CheckpointError with the file's name). Absent optional fields and null
+        ones take the defaults above."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+        given = lambda key: defaults[key] if d.get(key) is None else d[key]  # noqa: E731
+        lora = d.get("lora") or None
+        return cls(
+            model=ModelConfig.from_dict(d["model"]), tp=d["tp"], pp=d["pp"], layers_per_stage=d["layers_per_stage"],
+            dtype=d["dtype"], source=given("source"), block_size=given("block_size"), step=given("step"),
+            curriculum_stage=given("curriculum_stage"), shift=bool(given("shift")), attention=given("attention"),
+            generation_config=d.get("generation_config") or None, format_version=d["format_version"],
+            lora=LoraSection.from_saved(lora) if lora else None,
+            trainable_parameters=lora.get("trainable_parameters") if lora else None,
+        )
 
 
-def write_metadata(ckpt, meta: dict) -> None:
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint folder and its metadata, read and validated once. It is path-like
+    (`Path(ckpt)`, `ckpt / "model"`), so file helpers take it where they take a folder."""
+
+    path: Path
+    meta: CheckpointMeta
+
+    @classmethod
+    def open(cls, path) -> "Checkpoint":
+        """A checkpoint folder, or a training save dir (resolved to its `latest`), validated."""
+        folder = resolve_checkpoint(path)
+        return cls(folder, read_metadata(folder))
+
+    def __fspath__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, other) -> Path:
+        return self.path / other
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def write_metadata(ckpt, meta: CheckpointMeta) -> None:
     """Write CKPT/megablock.json atomically (a reader never sees half a file)."""
     path = Path(ckpt) / METADATA_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    tmp.write_text(json.dumps(meta.to_dict(), indent=2) + "\n")
     os.replace(tmp, path)
 
 
@@ -105,58 +190,55 @@ def resolve_checkpoint(path) -> Path:
     )
 
 
-def read_metadata(ckpt) -> dict:
+def read_metadata(ckpt) -> CheckpointMeta:
     """Read and validate megablock.json; CheckpointError with the fix when missing or corrupt."""
     path = Path(ckpt) / METADATA_FILE
     if not path.is_file():
         raise CheckpointError(f"no {METADATA_FILE} in {ckpt}: not a megablock checkpoint (convert one with tools/convert_hf.py)")
     try:
-        meta = json.loads(path.read_text())
+        raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is corrupt ({e}); re-convert the model or use another checkpoint") from None
-    missing = [k for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
+    missing = [k for k in _REQUIRED if not isinstance(raw, dict) or k not in raw]
     if missing:
         raise CheckpointError(f"{path} lacks {', '.join(missing)}; re-convert the model or use another checkpoint")
-    if meta["format_version"] > FORMAT_VERSION:
+    if raw["format_version"] > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path} has format_version {meta['format_version']}, newer than this megablock "
+            f"{path} has format_version {raw['format_version']}, newer than this megablock "
             f"({FORMAT_VERSION}); update megablock"
         )
     try:
-        cfg = ModelConfig.from_dict(meta["model"])
-        get_family(cfg.arch)
-        stage_layer_ranges(cfg.num_layers, meta["pp"], meta["layers_per_stage"])
+        meta = CheckpointMeta.from_dict(raw)
+        get_family(meta.model.arch)
     except UnsupportedModel as e:
         raise CheckpointError(f"{path}: {e}") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ConfigError) as e:
         raise CheckpointError(f"{path} has an invalid model config ({e}); re-convert the model") from None
-    check_metadata_consistent(ckpt, meta, cfg)
+    check_metadata_consistent(ckpt, raw, meta)
     return meta
 
 
-def check_metadata_consistent(ckpt, meta: dict, cfg: ModelConfig) -> None:
+def check_metadata_consistent(ckpt, raw: dict, meta: CheckpointMeta) -> None:
     """megablock.json must agree with itself and with the shards it describes: an edited or
     mixed-up file (fewer layers, another vocabulary, a mask id past the vocabulary) would
     otherwise export silently and crash generation later. Reads only the shard headers."""
-    path = Path(ckpt) / METADATA_FILE
+    path, cfg = Path(ckpt) / METADATA_FILE, meta.model
     fix = "the metadata was edited or belongs to another model: re-convert the model or use another checkpoint"
-    padded = cfg.padded_vocab_size(meta["tp"])
-    if meta["vocab_size"] != cfg.vocab_size or meta["padded_vocab_size"] != padded:
+    if raw["vocab_size"] != cfg.vocab_size or raw["padded_vocab_size"] != meta.padded_vocab_size:
         raise CheckpointError(
-            f"{path}: vocab_size {meta['vocab_size']} / padded_vocab_size {meta['padded_vocab_size']} disagree with "
-            f"its model config (vocab_size {cfg.vocab_size}, padded to {padded} at TP {meta['tp']}); {fix}")
-    mask = meta.get("mask_token_id")
+            f"{path}: vocab_size {raw['vocab_size']} / padded_vocab_size {raw['padded_vocab_size']} disagree with "
+            f"its model config (vocab_size {cfg.vocab_size}, padded to {meta.padded_vocab_size} at TP {meta.tp}); {fix}")
+    mask = raw.get("mask_token_id")
     if mask is not None and not _token_id(mask, cfg.vocab_size):
         raise CheckpointError(f"{path}: mask_token_id {mask} is outside the vocabulary (size {cfg.vocab_size}); {fix}")
     if mask != cfg.mask_token_id:
         raise CheckpointError(
             f"{path}: mask_token_id {mask} disagrees with its model config ({cfg.mask_token_id}); {fix}")
-    _check_special_tokens(path, meta, cfg, fix)
+    _check_special_tokens(path, meta, fix)
     _check_qk_norm(path, cfg, fix)
-    lps = meta["layers_per_stage"]
-    for stage in range(meta["pp"]):
-        want = shard_shapes(cfg, meta["tp"], meta["pp"], stage, lps)
-        for rank in range(meta["tp"]):
+    for stage in range(meta.pp):
+        want = shard_shapes(cfg, meta.tp, meta.pp, stage, meta.layers_per_stage)
+        for rank in range(meta.tp):
             shard = shard_path(ckpt, rank, stage)
             if not shard.is_file():
                 continue  # reported as "missing shard" by whoever reads it
@@ -173,7 +255,7 @@ def check_metadata_consistent(ckpt, meta: dict, cfg: ModelConfig) -> None:
                         else f"has {wrong[0][0]} of shape {list(wrong[0][1])} where megablock.json implies {list(wrong[0][2])}")
                 raise CheckpointError(
                     f"{path} contradicts its shards: {shard.relative_to(Path(ckpt))} {what} "
-                    f"(megablock.json: {cfg.num_layers} layers, vocab {cfg.vocab_size}, TP {meta['tp']}, PP {meta['pp']}); "
+                    f"(megablock.json: {cfg.num_layers} layers, vocab {cfg.vocab_size}, TP {meta.tp}, PP {meta.pp}); "
                     f"{fix}")
 
 
@@ -181,12 +263,12 @@ def _token_id(value, vocab_size: int) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size
 
 
-def _check_special_tokens(path: Path, meta: dict, cfg: ModelConfig, fix: str) -> None:
+def _check_special_tokens(path: Path, meta: CheckpointMeta, fix: str) -> None:
     """bos / eos ids of the model config and generation_config (an int or a list of ints) must be
     tokens of the vocabulary: an eos past it can never be sampled, so generation never stops, and
     export would write it into config.json unchecked. (pad is not checked: some HF configs carry
     pad_token_id -1, and megablock never feeds it to the model.)"""
-    gen = meta.get("generation_config") or {}
+    cfg, gen = meta.model, meta.generation_config or {}
     fields = [("model.bos_token_id", cfg.bos_token_id), ("model.eos_token_id", cfg.eos_token_id),
               *((f"generation_config.{k}", gen.get(k)) for k in ("bos_token_id", "eos_token_id"))]
     for name, value in fields:
@@ -204,11 +286,6 @@ def _check_qk_norm(path: Path, cfg: ModelConfig, fix: str) -> None:
         raise CheckpointError(
             f"{path}: model.qk_norm is {cfg.qk_norm} but a {cfg.arch} checkpoint {'has' if mapped else 'has no'} "
             f"query/key norms; {fix}")
-
-
-def model_config(meta: dict) -> ModelConfig:
-    return ModelConfig.from_dict(meta["model"])
-
 
 # --- parameter placement -----------------------------------------------------------------------
 def shard_path(ckpt, tp_rank: int, pp_rank: int) -> Path:
@@ -362,11 +439,11 @@ def read_shard_tensor(ckpt, tp_rank: int, pp_rank: int, name: str) -> torch.Tens
         raise CheckpointError(f"shard {path} is corrupt ({e}); re-convert or use another checkpoint") from None
 
 
-def iter_full_tensors(ckpt, meta: Optional[dict] = None) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_full_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, full tensor) in canonical order, merging the TP shards of each parameter as it
     goes: memory stays at about one full tensor (vocab rows padded as saved)."""
-    meta = meta or read_metadata(ckpt)
-    cfg, tp, pp, lps = model_config(meta), meta["tp"], meta["pp"], meta["layers_per_stage"]
+    meta = ckpt.meta
+    cfg, tp, pp, lps = meta.model, meta.tp, meta.pp, meta.layers_per_stage
     for b in get_family(cfg.arch).params(cfg):
         stage = home_stage(b.name, cfg, pp, lps)
         shards = [read_shard_tensor(ckpt, r, stage, b.name) for r in range(tp)]
@@ -374,11 +451,9 @@ def iter_full_tensors(ckpt, meta: Optional[dict] = None) -> Iterator[tuple[str, 
 
 
 def load_full_state_dict(ckpt) -> dict[str, torch.Tensor]:
-    """Merge all shards of checkpoint `ckpt` into full tensors (vocabulary still padded, as saved).
-
-    With `shard_state_dict` this reshards to any TP x PP; `read_metadata(ckpt)` gives the config.
-    """
-    return dict(iter_full_tensors(ckpt))
+    """Merge all shards of checkpoint `ckpt` (a Checkpoint or a folder) into full tensors
+    (vocabulary still padded, as saved). With `shard_state_dict` this reshards to any TP x PP."""
+    return dict(iter_full_tensors(ckpt if isinstance(ckpt, Checkpoint) else Checkpoint.open(ckpt)))
 
 
 def shard_state_dict(full: dict[str, torch.Tensor], model_config: ModelConfig, tp: int, tp_rank: int,

@@ -19,6 +19,7 @@ from typing import Optional
 
 import yaml
 
+from megablock.checkpoint.format import CheckpointMeta
 from megablock.diffusion import block_rules
 
 REMOTE_SOURCE = Path(__file__).with_name("remote")
@@ -67,17 +68,17 @@ def _run_record(ckpt: Path) -> tuple[dict, dict, Optional[dict]]:
     return config or {}, state, held_out
 
 
-def model_card(meta: dict, ckpt: Path, hf_class: str, remote_code: bool, drafter: bool) -> str:
+def model_card(meta: CheckpointMeta, ckpt: Path, hf_class: str, remote_code: bool, drafter: bool) -> str:
     """README.md of the folder: base model, recipe, held-out numbers where the run has them, and
     how to decode."""
     run, state, held_out = _run_record(ckpt)
     diffusion = run.get("diffusion", {})
-    B = meta.get("block_size", 1)
+    B = meta.block_size
     lines = ["---", "library_name: transformers", "tags: [block-diffusion, megablock]", "---", "",
              f"# Block-diffusion {hf_class} (megablock export)", "",
-             f"- Base model: `{meta.get('source', 'unknown')}`",
-             f"- Block size: {B}; attention: {meta.get('attention', 'context_causal')}; "
-             f"token shift: {bool(meta.get('shift', True))}; mask token id: {meta.get('mask_token_id')}"]
+             f"- Base model: `{meta.source}`",
+             f"- Block size: {B}; attention: {meta.attention}; "
+             f"token shift: {meta.shift}; mask token id: {meta.mask_token_id}"]
     if diffusion.get("stages"):
         stages = ", ".join(f"B={s['block_size']} for {s['tokens'] if s.get('tokens') else 'the rest'}"
                            + (" tokens" if s.get("tokens") else "") for s in diffusion["stages"])
@@ -87,9 +88,8 @@ def model_card(meta: dict, ckpt: Path, hf_class: str, remote_code: bool, drafter
                      f"(stopped in stage {state.get('curriculum_stage')}, block size {state.get('block_size')})")
     else:
         lines.append("- Not trained for block diffusion yet (a converted checkpoint)")
-    if meta.get("lora"):
-        lora = meta["lora"]
-        lines.append(f"- LoRA rank {lora.get('rank')}, scope {lora.get('scope', 'all')}"
+    if meta.lora is not None:
+        lines.append(f"- LoRA rank {meta.lora.rank}, scope {meta.lora.scope}"
                      + (": the drafter adapters are in drafter/ (see below)" if drafter else ""))
     lines += ["", "## Held-out numbers", ""]
     if held_out:

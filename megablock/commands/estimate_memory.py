@@ -16,7 +16,7 @@ import json
 import math
 from pathlib import Path
 
-from megablock.checkpoint.format import model_config, read_metadata, resolve_checkpoint
+from megablock.checkpoint.format import Checkpoint
 from megablock.checkpoint.mappings import family_for_hf_config
 from megablock.cli import add_common_flags, run_tool
 from megablock.config import ConfigError, load_config, validate_model, validate_parallel_layout
@@ -53,7 +53,7 @@ def resolve_architecture(cfg, hf_config) -> ModelConfig:
     if hf_config:
         return architecture_from_hf(hf_config)
     if cfg.model.init_from and Path(cfg.model.init_from).exists():
-        return model_config(read_metadata(resolve_checkpoint(cfg.model.init_from)))
+        return Checkpoint.open(cfg.model.init_from).meta.model
     if cfg.model.architecture:
         try:
             return ModelConfig(**cfg.model.architecture)

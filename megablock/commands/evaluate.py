@@ -26,8 +26,11 @@ from megablock.cli import add_common_flags, add_model_flags, is_rank_zero, launc
 from megablock.config import WeightDtype, options
 from megablock.diffusion.block_rules import DecodeMode
 from megablock.data.datasets import eval_windows
-from megablock.inference.evaluation import EvaluationError, check_block_size, evaluate
+from megablock.inference.evaluation import EvaluationError, check_block_range, evaluate
 from megablock.inference.loading import load
+from megablock.inference.sampler import GenerateConfig
+from megablock.inference.sampling import SamplingParams
+from megablock.inference.speculative import SpeculativeConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,12 +91,22 @@ def report(r: dict) -> str:
     return "\n".join(lines)
 
 
+def generation_config(args, shift: bool):
+    """The decoding --generate measures (the --gen-* flags), at the evaluated block size."""
+    sampling = SamplingParams(args.gen_temperature, None, args.gen_top_p)
+    if args.gen_mode == "speculative":
+        return SpeculativeConfig(block_size=args.block_size, max_new_tokens=args.gen_tokens, shift=shift,
+                                 sampling=sampling, seed=args.seed)
+    return GenerateConfig(block_size=args.block_size, max_new_tokens=args.gen_tokens, threshold=args.gen_threshold,
+                          shift=shift, sampling=sampling, seed=args.seed)
+
+
 def run(args) -> int:
     if args.seq_len < 1:
         raise EvaluationError(f"--seq-len must be >= 1, got {args.seq_len}")
     if args.max_tokens is not None and args.max_tokens < args.seq_len:
         raise EvaluationError(f"--max-tokens {args.max_tokens} is less than one window of --seq-len {args.seq_len}")
-    check_block_size(args.block_size, args.seq_len, mask_token_id=0, shift=True)  # ranges before loading
+    check_block_range(args.block_size, args.seq_len)  # before loading
     windows = eval_windows(args.data, args.seq_len, args.max_tokens)
     em = load(ckpt=args.ckpt, hf_dir=args.hf_dir, dtype=args.dtype, parallel=launched_parallel(), drafter=args.drafter)
     vocab = em.model.cfg.vocab_size
@@ -115,10 +128,9 @@ def run(args) -> int:
     rank0 = is_rank_zero()
     result = evaluate(
         em, windows, args.block_size, samples=args.samples, seed=args.seed, eps=args.eps,
-        batch_size=args.batch_size, progress=rank0 and not args.quiet, generate=args.generate,
-        gen_prompts=args.gen_prompts, gen_prompt_len=args.gen_prompt_len, gen_tokens=args.gen_tokens,
-        gen_threshold=args.gen_threshold, gen_temperature=args.gen_temperature, gen_top_p=args.gen_top_p,
-        ref_hf_dir=args.ref_hf_dir, gen_mode=args.gen_mode,
+        batch_size=args.batch_size, progress=rank0 and not args.quiet,
+        generation=generation_config(args, em.shift) if args.generate else None,
+        gen_prompts=args.gen_prompts, gen_prompt_len=args.gen_prompt_len, ref_hf_dir=args.ref_hf_dir,
     )
     if rank0:
         print(report(result))

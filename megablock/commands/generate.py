@@ -83,18 +83,18 @@ def generate_config(args):
             raise UsageError("--threshold / --tokens-per-step belong to --mode threshold; "
                              "speculative mode has --draft-steps / --draft-threshold")
         cfg = SpeculativeConfig(
-            block_size=args.block_size, max_new_tokens=args.max_new_tokens, fused=not args.two_pass,
+            block_size=args.block_size, max_new_tokens=args.max_new_tokens, two_pass=args.two_pass,
             next_draft=args.next_draft, draft_steps=args.draft_steps, draft_threshold=args.draft_threshold,
             sampling=SamplingParams(args.temperature, args.top_k, args.top_p), seed=args.seed,
         )
-        cfg.validate(mask_token_id=0)
+        cfg.check_ranges()
         return cfg
     cfg = GenerateConfig(
         block_size=args.block_size, max_new_tokens=args.max_new_tokens,
         threshold=0.9 if args.threshold is None else args.threshold, tokens_per_step=args.tokens_per_step,
         sampling=SamplingParams(args.temperature, args.top_k, args.top_p), seed=args.seed,
     )
-    cfg.validate(mask_token_id=0)  # argument ranges now, before the model loads; the mask check later
+    cfg.check_ranges()  # argument ranges now, before the model loads; the mask check later
     return cfg
 
 

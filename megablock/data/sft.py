@@ -253,7 +253,7 @@ class SFTWindows:
             self.flags = np.concatenate([docs[i][1] for i in order]).astype(bool)
             self.doc = np.repeat(np.arange(len(order)), [len(docs[i][0]) for i in order])
         # Conversations whose prompt alone fills a window: their responses are trained with a cut
-        # prompt, and their prompt-only windows are dropped (build_sft_data warns with the numbers).
+        # prompt, and their prompt-only windows are dropped (training.setup.sft_windows warns with the numbers).
         prompt_lengths = [int(np.argmax(docs[i][1])) if docs[i][1].any() else len(docs[i][1]) for i in order]
         self.conversations = len(order)
         self.long_prompts = sum(1 for n in prompt_lengths if n >= L)

@@ -134,6 +134,71 @@ def _weights(prob: torch.Tensor, masked: torch.Tensor, weighting: str, floor: fl
     return torch.where(masked, w, torch.zeros_like(w)).float()
 
 
+@dataclass
+class _Targets:
+    """Next-token targets of the clean sequence (rows [b, L]); SFT data restricts them to
+    response tokens (`sft_targets`)."""
+
+    x0: torch.Tensor
+    nxt: torch.Tensor
+    """The token each position predicts with shift (0 past the end and, SFT, at prompt tokens)."""
+    has_next: torch.Tensor
+    """1.0 where that prediction counts."""
+    positions: torch.Tensor
+    normalizer_rows: Optional[torch.Tensor] = None
+    """SFT: per row, the response tokens that are targets (None: every token after the first)."""
+
+    def repeated(self) -> "_Targets":
+        """Both copies of a complementary batch."""
+        rows = None if self.normalizer_rows is None else torch.cat([self.normalizer_rows, self.normalizer_rows])
+        return _Targets(*(torch.cat([t, t]) for t in (self.x0, self.nxt, self.has_next, self.positions)), rows)
+
+    def normalizer(self, pretraining: float) -> float:
+        return pretraining if self.normalizer_rows is None else max(float(self.normalizer_rows.sum()), 1.0)
+
+
+def _next_tokens(x0: torch.Tensor) -> _Targets:
+    b, L = x0.shape
+    nxt = torch.zeros_like(x0)
+    nxt[:, :-1] = x0[:, 1:]
+    has_next = (torch.arange(L) < L - 1).float().expand(b, L)
+    return _Targets(x0, nxt, has_next, torch.arange(L).expand(b, L))
+
+
+def sft_targets(targets: _Targets, resp: torch.Tensor, shift: bool) -> _Targets:
+    """The SFT masking of the targets: a position counts only where the token it predicts (its
+    next token) is a response token; the normalizer counts the response tokens that are targets."""
+    resp_next = torch.zeros_like(resp)
+    resp_next[:, :-1] = resp[:, 1:]
+    return _Targets(
+        targets.x0, torch.where(resp_next, targets.nxt, torch.zeros_like(targets.nxt)),
+        targets.has_next * resp_next.float(), targets.positions, (resp_next if shift else resp).float().sum(1))
+
+
+def _checked(samples, sample_indices, block_size: int, loss_mask, doc_ids):
+    x0 = torch.as_tensor(samples).long()
+    if x0.dim() != 2:
+        raise ValueError(f"samples must be [batch, L], got shape {tuple(x0.shape)}")
+    b, L = x0.shape
+    idx = torch.as_tensor(sample_indices).long().flatten()
+    if idx.numel() != b:
+        raise ValueError(f"{b} samples but {idx.numel()} sample indices")
+    if block_size < 1 or L % block_size:
+        raise ValueError(
+            f"block size {block_size} does not divide data.seq_len {L}; choose a divisor of {L}"
+        )
+    resp = None
+    if loss_mask is not None:
+        resp = torch.as_tensor(loss_mask).bool()
+        if resp.shape != x0.shape:
+            raise ValueError(f"loss_mask shape {tuple(resp.shape)} is not the samples' {tuple(x0.shape)}")
+    if doc_ids is not None:
+        doc_ids = torch.as_tensor(doc_ids).long()
+        if doc_ids.shape != x0.shape:
+            raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} is not the samples' {tuple(x0.shape)}")
+    return x0, idx, resp, doc_ids
+
+
 def build_batch(
     samples: torch.Tensor,
     sample_indices,
@@ -160,47 +225,18 @@ def build_batch(
     cfg = settings or DiffusionSection()
     if overrides:
         cfg = dataclasses.replace(cfg, **overrides)
-    x0 = torch.as_tensor(samples).long()
-    if x0.dim() != 2:
-        raise ValueError(f"samples must be [batch, L], got shape {tuple(x0.shape)}")
-    b, L = x0.shape
-    idx = torch.as_tensor(sample_indices).long().flatten()
-    if idx.numel() != b:
-        raise ValueError(f"{b} samples but {idx.numel()} sample indices")
-    if block_size < 1 or L % block_size:
-        raise ValueError(
-            f"block size {block_size} does not divide data.seq_len {L}; choose a divisor of {L}"
-        )
+    x0, idx, resp, doc_ids = _checked(samples, sample_indices, block_size, loss_mask, doc_ids)
     if cfg.document_masking and eod_token_id is None and doc_ids is None:
         raise ValueError("document_masking needs eod_token_id (the tokenizer's EOS/EOD id)")
-    resp = None
-    if loss_mask is not None:
-        resp = torch.as_tensor(loss_mask).bool()
-        if resp.shape != x0.shape:
-            raise ValueError(f"loss_mask shape {tuple(resp.shape)} is not the samples' {tuple(x0.shape)}")
-    if doc_ids is not None:
-        doc_ids = torch.as_tensor(doc_ids).long()
-        if doc_ids.shape != x0.shape:
-            raise ValueError(f"doc_ids shape {tuple(doc_ids.shape)} is not the samples' {tuple(x0.shape)}")
-
     ar_mode = cfg.shift and block_size == 1 and cfg.attention != "full"
     if not ar_mode and mask_token_id is None:
         raise ValueError(
             "no mask token id: convert the model with a mask token (tools/convert_hf.py "
             "--mask-token TEXT) so the tokenizer and embedding have one"
         )
-    positions = torch.arange(L).expand(b, L)
-    nxt = torch.zeros_like(x0)
-    nxt[:, :-1] = x0[:, 1:]
-    has_next = (torch.arange(L) < L - 1).float().expand(b, L)
-    normalizer_rows = None  # pretraining: every token after the first is a target
+    targets = _next_tokens(x0)
     if resp is not None:
-        # A position counts only where the token it predicts (its next token) is a response token.
-        resp_next = torch.zeros_like(resp)
-        resp_next[:, :-1] = resp[:, 1:]
-        has_next = has_next * resp_next.float()
-        nxt = torch.where(resp_next, nxt, torch.zeros_like(nxt))
-        normalizer_rows = (resp_next if cfg.shift else resp).float().sum(1)
+        targets = sft_targets(targets, resp, cfg.shift)
 
     def document_of(tokens: torch.Tensor) -> Optional[torch.Tensor]:
         if doc_ids is not None:
@@ -208,19 +244,48 @@ def build_batch(
         return document_ids(tokens, eod_token_id) if cfg.document_masking else None
 
     if ar_mode:
-        return DiffusionBatch(
-            input_ids=x0.clone(),
-            position_ids=positions.clone(),
-            targets=nxt,
-            diff_weights=has_next.clone(),
-            ar_weights=has_next.clone(),
-            diff_normalizer=float(b * (L - 1)) if resp is None else max(float(normalizer_rows.sum()), 1.0),
-            layout=AttentionLayout("ar", L, 1, document_of(x0)),
-        )
+        return ar_batch(targets, document_of(x0))
+    noised = noise_inputs(targets, idx, block_size, cfg, seed, mask_token_id, resp)
+    doc = document_of(noised.targets.x0)
+    if cfg.attention == "full":
+        return full_batch(noised, doc)
+    return two_half_batch(noised, block_size, cfg, resp is not None, doc)
 
+
+def ar_batch(targets: _Targets, doc: Optional[torch.Tensor]) -> DiffusionBatch:
+    """B = 1 with shift: input x0 only (S = L), every next-token CE in both terms."""
+    b, L = targets.x0.shape
+    return DiffusionBatch(
+        input_ids=targets.x0.clone(),
+        position_ids=targets.positions.clone(),
+        targets=targets.nxt,
+        diff_weights=targets.has_next.clone(),
+        ar_weights=targets.has_next.clone(),
+        diff_normalizer=targets.normalizer(float(b * (L - 1))),
+        layout=AttentionLayout("ar", L, 1, doc),
+    )
+
+
+@dataclass
+class _Noised:
+    """The noised half: input xt, and the targets / weights of its outputs."""
+
+    targets: _Targets
+    """The clean targets, repeated for a complementary batch."""
+    xt: torch.Tensor
+    xt_targets: torch.Tensor
+    xt_weights: torch.Tensor
+    normalizer: float
+
+
+def noise_inputs(targets: _Targets, idx: torch.Tensor, block_size: int, cfg: DiffusionSection, seed: int,
+                 mask_token_id: int, resp: Optional[torch.Tensor]) -> _Noised:
+    """Draw the mask (per block, or one t per sample for full attention), hide the masked (and
+    first-slot) tokens, and say what each noised output predicts with which weight."""
+    x0 = targets.x0
+    b, L = x0.shape
     full = cfg.attention == "full"
-    noise_block = L if full else block_size
-    noise = draw_noise(idx, L, noise_block, cfg, seed=seed)
+    noise = draw_noise(idx, L, L if full else block_size, cfg, seed=seed)
     # The noise is drawn exactly as for pretraining (same generator stream per sample); SFT data
     # then keeps its prompt tokens visible. Each response token is still masked with its own p.
     masked = noise.masked if resp is None else noise.masked & resp
@@ -230,10 +295,8 @@ def build_batch(
         comp_masked = comp.masked if resp is None else comp.masked & resp
         weights = torch.cat([weights, _weights(comp.prob, comp_masked, cfg.loss_weighting, cfg.eps)])
         masked = torch.cat([masked, comp_masked])
-        x0, nxt, positions, has_next = (torch.cat([t, t]) for t in (x0, nxt, positions, has_next))
-        if normalizer_rows is not None:
-            normalizer_rows = torch.cat([normalizer_rows, normalizer_rows])
-        b = 2 * b
+        targets = targets.repeated()
+        x0, b = targets.x0, 2 * b
 
     xt = torch.where(masked, torch.full_like(x0, mask_token_id), x0)
     if cfg.first_slot_mask_prob and not full:
@@ -252,42 +315,49 @@ def build_batch(
         xt_masked_target[:, :-1] = masked[:, 1:]
         xt_w = torch.zeros_like(weights)
         xt_w[:, :-1] = weights[:, 1:]
-        xt_targets = torch.where(xt_masked_target, nxt, torch.zeros_like(nxt))
+        xt_targets = torch.where(xt_masked_target, targets.nxt, torch.zeros_like(targets.nxt))
         normalizer = float(b * (L - 1))
     else:
         xt_w = weights
         xt_targets = torch.where(masked, x0, torch.zeros_like(x0))
         normalizer = float(b * L)
-    if normalizer_rows is not None:
-        normalizer = max(float(normalizer_rows.sum()), 1.0)
+    return _Noised(targets, xt, xt_targets, xt_w, targets.normalizer(normalizer))
 
-    doc = document_of(x0)
-    if full:
-        return DiffusionBatch(
-            input_ids=xt,
-            position_ids=positions.clone(),
-            targets=xt_targets,
-            diff_weights=xt_w,
-            ar_weights=torch.zeros(b, L),
-            diff_normalizer=normalizer,
-            layout=AttentionLayout("full", L, L, doc),
-        )
 
-    # Clean half: next-token targets everywhere (L_AR); with shift, position bB-1 (b >= 1) also
-    # carries the AR step of the NELBO that predicts block b's unmasked first token.
+def full_batch(noised: _Noised, doc: Optional[torch.Tensor]) -> DiffusionBatch:
+    """attention "full": input xt only (S = L), the whole sequence one block, no AR term."""
+    b, L = noised.xt.shape
+    return DiffusionBatch(
+        input_ids=noised.xt,
+        position_ids=noised.targets.positions.clone(),
+        targets=noised.xt_targets,
+        diff_weights=noised.xt_weights,
+        ar_weights=torch.zeros(b, L),
+        diff_normalizer=noised.normalizer,
+        layout=AttentionLayout("full", L, L, doc),
+    )
+
+
+def two_half_batch(noised: _Noised, block_size: int, cfg: DiffusionSection, sft: bool,
+                   doc: Optional[torch.Tensor]) -> DiffusionBatch:
+    """[xt ; x0]: the noised half's diffusion targets, the clean half's next-token targets (L_AR);
+    with shift, clean position bB-1 (b >= 1) also carries the AR step of the NELBO that predicts
+    block b's unmasked first token."""
+    t = noised.targets
+    b, L = t.x0.shape
     clean_diff = torch.zeros(b, L)
     if cfg.shift:
         pos = torch.arange(L)
         clean_diff[:, ((pos + 1) % block_size == 0) & (pos < L - 1)] = 1.0
-        if resp is not None:
-            clean_diff = clean_diff * has_next  # only where the block's first token is a response token
+        if sft:
+            clean_diff = clean_diff * t.has_next  # only where the block's first token is a response token
     return DiffusionBatch(
-        input_ids=torch.cat([xt, x0], dim=1),
-        position_ids=torch.cat([positions, positions], dim=1),
-        targets=torch.cat([xt_targets, nxt], dim=1),
-        diff_weights=torch.cat([xt_w, clean_diff], dim=1),
-        ar_weights=torch.cat([torch.zeros(b, L), has_next], dim=1),
-        diff_normalizer=normalizer,
+        input_ids=torch.cat([noised.xt, t.x0], dim=1),
+        position_ids=torch.cat([t.positions, t.positions], dim=1),
+        targets=torch.cat([noised.xt_targets, t.nxt], dim=1),
+        diff_weights=torch.cat([noised.xt_weights, clean_diff], dim=1),
+        ar_weights=torch.cat([torch.zeros(b, L), t.has_next], dim=1),
+        diff_normalizer=noised.normalizer,
         layout=AttentionLayout(cfg.attention, L, block_size, doc),
     )
 

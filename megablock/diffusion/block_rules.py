@@ -16,7 +16,7 @@ What lives here:
   `SpeculativeDecoder` (lossless draft-and-verify), with their configs and outputs.
 
 The module docs of `sampler` and `speculative` explain the loops' choices (alignment, padding,
-layouts of the fused pass); the code is here.
+layouts of the one-pass mode); the code is here.
 """
 from __future__ import annotations
 
@@ -169,18 +169,23 @@ class GenerateConfig:
     seed: int = 0
 
     def validate(self, mask_token_id: Optional[int]) -> None:
-        _check_counts(self.block_size, self.max_new_tokens)
-        if self.tokens_per_step is not None and self.tokens_per_step < 1:
-            raise ValueError(f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
-        if self.tokens_per_step is None and not 0 < self.threshold <= 1:
-            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
-        self.sampling.validate()
+        """Everything, the model's mask token included (None: the model has none)."""
+        self.check_ranges()
         if mask_token_id is None and (self.block_size > 1 or not self.shift):
             raise ValueError(
                 "this model has no mask token, so it can only decode autoregressively: use block size 1 "
                 "(--block-size 1), or convert it with tools/convert_hf.py (which adds a mask token) and "
                 "train it for block diffusion"
             )
+
+    def check_ranges(self) -> None:
+        """The settings on their own, before a model is loaded."""
+        _check_counts(self.block_size, self.max_new_tokens)
+        if self.tokens_per_step is not None and self.tokens_per_step < 1:
+            raise ValueError(f"tokens_per_step must be >= 1, got {self.tokens_per_step}")
+        if self.tokens_per_step is None and not 0 < self.threshold <= 1:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        self.sampling.validate()
 
 
 @dataclass
@@ -189,10 +194,11 @@ class SpeculativeConfig:
     max_new_tokens: int = 64
     sampling: SamplingParams = field(default_factory=SamplingParams)
     seed: int = 0
-    fused: bool = True
-    """One forward per block: the verify pass also drafts the next block (see `speculative`)."""
+    two_pass: bool = False
+    """Draft in a forward of its own (two forwards per block); False: one forward per block, the
+    verify pass also drafts the next block (see `SpeculativeDecoder`)."""
     next_draft: NextDraft = "masked"
-    """Layout of the fused next block: "masked" (first slot masked) or "overlap" (first slot the
+    """Layout of the one-pass next block: "masked" (first slot masked) or "overlap" (first slot the
     last verified draft)."""
     draft_steps: int = 1
     """Refinement forwards per draft (two-forward mode only; greedy only)."""
@@ -205,33 +211,38 @@ class SpeculativeConfig:
         """Drafts a block offers for verification when the previous block was kept whole."""
         if self.block_size == 1:
             return 0
-        return self.block_size - (2 if self.fused and self.next_draft == "overlap" else 1)
+        return self.block_size - (2 if not self.two_pass and self.next_draft == "overlap" else 1)
 
     def validate(self, mask_token_id: Optional[int]) -> None:
+        """Everything, the model's mask token included (None: the model has none)."""
+        self.check_ranges()
+        if mask_token_id is None and self.block_size > 1:
+            raise ValueError("this model has no mask token, so it cannot draft: use block size 1, or convert it "
+                             "with tools/convert_hf.py (which adds a mask token)")
+
+    def check_ranges(self) -> None:
+        """The settings on their own, before a model is loaded."""
         _check_counts(self.block_size, self.max_new_tokens)
         if not self.shift:
             raise ValueError("speculative decoding needs a token-shift model: without shift the clean half "
                              "is not an AR model, so it cannot verify drafts")
         if self.next_draft not in NEXT_DRAFTS:
             raise ValueError(f"next_draft must be one of {NEXT_DRAFTS}, got {self.next_draft!r}")
-        if self.fused and self.next_draft == "overlap" and self.block_size == 2:
+        if not self.two_pass and self.next_draft == "overlap" and self.block_size == 2:
             raise ValueError("next_draft='overlap' leaves no draft at block size 2; use 'masked' or B >= 3")
         if self.draft_steps < 1:
             raise ValueError(f"draft_steps must be >= 1, got {self.draft_steps}")
         if self.draft_threshold is not None and not 0 < self.draft_threshold <= 1:
             raise ValueError(f"draft_threshold must be in (0, 1], got {self.draft_threshold}")
         refined = self.draft_steps > 1 or self.draft_threshold is not None
-        if refined and self.fused:
-            raise ValueError("the fused (one forward per block) mode drafts in the verify pass, one step; "
-                             "draft_steps / draft_threshold need fused=False")
+        if refined and not self.two_pass:
+            raise ValueError("the one-pass (one forward per block) mode drafts in the verify pass, one step; "
+                             "draft_steps / draft_threshold need two_pass=True")
         if refined and self.sampling.temperature > 0:
             # A slot committed in a later step depends on slots committed earlier, in any order; the
             # acceptance test needs each draft's distribution given the drafts before it only.
             raise ValueError("sampling (temperature > 0) needs one-step (parallel) drafts")
         self.sampling.validate()
-        if mask_token_id is None and self.block_size > 1:
-            raise ValueError("this model has no mask token, so it cannot draft: use block size 1, or convert it "
-                             "with tools/convert_hf.py (which adds a mask token)")
 
 
 def _check_counts(block_size: int, max_new_tokens: int) -> None:
@@ -272,17 +283,17 @@ class GenerationOutput:
         return sum(len(t) / max(f, 1) for t, f in zip(self.tokens, self.row_forwards)) / max(len(self.tokens), 1)
 
 
-@dataclass
-class SpeculativeOutput(GenerationOutput):
-    drafted: list = field(default_factory=list)
-    """Drafts checked in each verified block (every row's blocks, in order)."""
-    accepted: list = field(default_factory=list)
-    """Drafts kept in each of those blocks."""
-    # row_forwards (GenerationOutput): every active row takes part in every forward here.
+class AcceptanceStats:
+    """What the `drafted` / `accepted` lists (one entry per verified block) of a speculative run
+    say (SpeculativeOutput, megablock.inference.measure.DecodeRecord)."""
 
     @property
     def mean_accepted(self) -> float:
         return sum(self.accepted) / max(len(self.accepted), 1)
+
+    @property
+    def drafts_per_block(self) -> float:
+        return sum(self.drafted) / max(len(self.drafted), 1)
 
     @property
     def acceptance_rate(self) -> float:
@@ -291,6 +302,15 @@ class SpeculativeOutput(GenerationOutput):
     def histogram(self) -> Dict[int, int]:
         """{drafts kept: number of blocks}."""
         return dict(sorted(Counter(self.accepted).items()))
+
+
+@dataclass
+class SpeculativeOutput(GenerationOutput, AcceptanceStats):
+    drafted: list = field(default_factory=list)
+    """Drafts checked in each verified block (every row's blocks, in order)."""
+    accepted: list = field(default_factory=list)
+    """Drafts kept in each of those blocks."""
+    # row_forwards (GenerationOutput): every active row takes part in every forward here.
 
     def report(self) -> dict:
         return {"verified_blocks": len(self.accepted), "mean_accepted": round(self.mean_accepted, 4),
@@ -748,7 +768,7 @@ class SpeculativeDecoder(Decoder):
         return x[:, 1:], q, forwards
 
     def _next_block(self, cache, tokens: list, B: int, overlap: bool) -> tuple:
-        """The fused pass's draft block for the block after `tokens` (pending + drafts): right
+        """The one-pass mode's draft block for the block after `tokens` (pending + drafts): right
         after them with its first slot masked, or overlapping their last slot, which it reveals
         and which it (like a training block's first slot) does not see the clean copy of."""
         a = torch.tensor([len(t) for t in tokens])
@@ -769,7 +789,7 @@ class SpeculativeDecoder(Decoder):
         B, dev, n = cfg.block_size, self.device, len(prompts)
         generator = torch.Generator(device=dev).manual_seed(cfg.seed)
         eos = set(self.eos.tolist())
-        fused = cfg.fused and cfg.drafts_per_block > 0
+        one_pass = not cfg.two_pass and cfg.drafts_per_block > 0
         overlap = cfg.next_draft == "overlap"
         cache = RowKVCache(n, max(len(p) for p in prompts) + cfg.max_new_tokens + 2 * B + 2, dev)
 
@@ -784,7 +804,7 @@ class SpeculativeDecoder(Decoder):
             b = len(rows)
             # Never draft past the token budget: kept drafts + the next token must fit.
             room = [cfg.max_new_tokens - len(out[r]) - 1 for r in rows]
-            if not fused and cfg.drafts_per_block > 0 and forwards > 0 and max(room) > 0:
+            if not one_pass and cfg.drafts_per_block > 0 and forwards > 0 and max(room) > 0:
                 d, q, f = self._peek_draft(cache, [a[0] for a in append], cfg, generator)
                 forwards += f
                 for r in rows:
@@ -796,7 +816,7 @@ class SpeculativeDecoder(Decoder):
             drafts = self.propose(rows, positions, drafts)
             known = [len(a) for a in append]
             tokens = [a + d for a, d in zip(append, drafts)]
-            noised = self._next_block(cache, tokens, B, overlap) if fused else None
+            noised = self._next_block(cache, tokens, B, overlap) if one_pass else None
             app_hidden, noise_hidden = self._forward(cache, tokens, noised)
             forwards += 1
             for r in rows:
@@ -813,7 +833,7 @@ class SpeculativeDecoder(Decoder):
                                           cfg.sampling, generator)
                 decision[i, 0], decision[i, 1] = kept, nxt
             next_q = None
-            if fused:
+            if one_pass:
                 skip = 1 if overlap else 0  # overlap: the first output duplicates the AR token
                 nd, next_q = draw(self._logits(noise_hidden[:, skip: B - 1]), cfg.sampling, generator)
                 decision[:, 2: 2 + nd.shape[1]] = nd.cpu()
@@ -841,7 +861,7 @@ class SpeculativeDecoder(Decoder):
                 keep_rows.append(i)
                 next_append.append([nxt])
                 whole = kept == len(drafts[i])
-                if fused and whole:
+                if one_pass and whole:
                     next_drafts.append(decision[i, 2: 2 + cfg.drafts_per_block].tolist())
                     next_qs.append(None if next_q is None else next_q[i])
                 else:

@@ -32,9 +32,7 @@ from megablock.diffusion.batch import DiffusionBatch, build_batch
 from megablock.diffusion.loss import token_cross_entropy
 
 from .loading import InferenceModel
-from .sampler import GenerateConfig
-from .sampling import SamplingParams
-from .speculative import SpeculativeConfig, speculative_sampler
+from .measure import DecodeConfig, decode
 
 # Logits of one forward are capped at about this many fp32 entries when the batch size is chosen
 # automatically (the cross-entropy makes one more copy): ~1 GiB.
@@ -46,15 +44,21 @@ class EvaluationError(ValueError):
 
 
 def check_block_size(block_size: int, seq_len: int, mask_token_id: Optional[int], shift: bool) -> None:
-    if block_size < 1:
-        raise EvaluationError(f"block_size={block_size} must be >= 1")
-    if seq_len % block_size:
-        raise EvaluationError(f"block_size={block_size} does not divide seq_len={seq_len}; choose a divisor of {seq_len}")
+    """The block size for windows of `seq_len` and a model with `mask_token_id` (None: it has none)."""
+    check_block_range(block_size, seq_len)
     if mask_token_id is None and (block_size > 1 or not shift):
         raise EvaluationError(
             f"the model has no mask token, so it can only be evaluated at block size 1 (AR), not {block_size}; "
             "convert it with tools/convert_hf.py (which adds a mask token) and train it for block diffusion"
         )
+
+
+def check_block_range(block_size: int, seq_len: int) -> None:
+    """The block size on its own, before a model is loaded."""
+    if block_size < 1:
+        raise EvaluationError(f"block_size={block_size} must be >= 1")
+    if seq_len % block_size:
+        raise EvaluationError(f"block_size={block_size} does not divide seq_len={seq_len}; choose a divisor of {seq_len}")
 
 
 def auto_batch_size(seq_len: int, vocab_size: int, two_halves: bool) -> int:
@@ -113,17 +117,15 @@ def ar_nll_sums(model, windows: torch.Tensor, *, batch_size: Optional[int] = Non
 
 
 # --- generation ----------------------------------------------------------------------------------
-def check_generation_args(em: InferenceModel, seq_len: int, n_prompts: int, prompt_len: int, new_tokens: int,
-                          threshold: float, temperature: float, top_p: Optional[float], ref_hf_dir) -> None:
+def check_generation_args(em: InferenceModel, seq_len: int, n_prompts: int, prompt_len: int, cfg: DecodeConfig,
+                          ref_hf_dir) -> None:
     """Fail before the (long) NELBO pass, not after it."""
     if n_prompts < 1:
         raise EvaluationError(f"gen_prompts={n_prompts} must be >= 1")
     if not 1 <= prompt_len <= seq_len:
         raise EvaluationError(f"gen_prompt_len={prompt_len} must be in [1, seq_len={seq_len}]")
-    cfg = GenerateConfig(max_new_tokens=new_tokens, threshold=threshold,
-                         sampling=SamplingParams(temperature, None, top_p))
     try:
-        cfg.validate(mask_token_id=0)
+        cfg.validate(em.mask_token_id)
     except ValueError as e:
         raise EvaluationError(f"generation settings: {e}") from None
     if ref_hf_dir is not None:
@@ -139,36 +141,6 @@ def generation_prompts(windows: torch.Tensor, count: int, length: int) -> list[l
     n, L = windows.shape
     picks = torch.linspace(0, n - 1, min(count, n)).round().long().unique()
     return [windows[i, :length].tolist() for i in picks]
-
-
-def generate_samples(em: InferenceModel, prompts: list[list[int]], block_size: int, max_new_tokens: int, *,
-                     threshold: float = 0.9, temperature: float = 1.0, top_p: Optional[float] = None,
-                     seed: int = 0, tokens_per_step: Optional[int] = None, mode: str = "threshold",
-                     acceptance: Optional[dict] = None):
-    """Decode each prompt on its own with the KV-cached block sampler; returns (new tokens per
-    prompt, forwards, seconds). One at a time because the sampler counts the forwards of a whole
-    batch: batched, B = 1 would report (batch size) tokens per forward, not 1.
-    mode "speculative" uses the lossless speculative sampler (threshold unused); its drafts
-    checked / kept per block are appended to `acceptance["drafted"]` / `["accepted"]` if given."""
-    speculative = mode == "speculative"
-    sampler = speculative_sampler(em) if speculative else em.sampler()
-    tokens, forwards, seconds = [], 0, 0.0
-    for i, prompt in enumerate(prompts):
-        sampling = SamplingParams(temperature, None, top_p)
-        if speculative:
-            cfg = SpeculativeConfig(block_size=block_size, max_new_tokens=max_new_tokens, shift=em.shift,
-                                    sampling=sampling, seed=seed + i)
-        else:
-            cfg = GenerateConfig(block_size=block_size, max_new_tokens=max_new_tokens, threshold=threshold,
-                                 tokens_per_step=tokens_per_step, shift=em.shift, sampling=sampling, seed=seed + i)
-        out = sampler.generate([prompt], cfg)
-        tokens.append(out.tokens[0])
-        forwards += out.forwards
-        seconds += out.seconds
-        if speculative and acceptance is not None:
-            acceptance.setdefault("drafted", []).extend(out.drafted)
-            acceptance.setdefault("accepted", []).extend(out.accepted)
-    return tokens, forwards, seconds
 
 
 @torch.inference_mode()
@@ -206,11 +178,12 @@ def _exp(x: float) -> float:
 def evaluate(
     em: InferenceModel, windows: torch.Tensor, block_size: int, *, samples: int = 1, seed: int = 0,
     eps: float = 1e-3, batch_size: Optional[int] = None, progress: bool = True,
-    generate: bool = False, gen_prompts: int = 4, gen_prompt_len: int = 32, gen_tokens: int = 64,
-    gen_threshold: float = 0.9, gen_temperature: float = 1.0, gen_top_p: Optional[float] = None,
-    ref_hf_dir=None, gen_mode: str = "threshold",
+    generation: Optional[DecodeConfig] = None, gen_prompts: int = 4, gen_prompt_len: int = 32, ref_hf_dir=None,
 ) -> dict:
-    """All numbers of tools/evaluate.py for one model, data and block size (see module docstring)."""
+    """All numbers of tools/evaluate.py for one model, data and block size (see module docstring).
+    `generation` (a GenerateConfig or SpeculativeConfig at `block_size`) also decodes
+    `gen_prompts` prompts of `gen_prompt_len` tokens (megablock.inference.measure) and, with
+    `ref_hf_dir`, scores the samples (generative perplexity)."""
     from tqdm import tqdm
 
     n, L = windows.shape
@@ -221,9 +194,11 @@ def evaluate(
         raise EvaluationError(f"eps={eps} must be in (0, 1]")
     if batch_size is not None and batch_size < 1:
         raise EvaluationError(f"batch_size={batch_size} must be >= 1")
-    if generate:
-        check_generation_args(em, L, gen_prompts, gen_prompt_len, gen_tokens, gen_threshold, gen_temperature,
-                              gen_top_p, ref_hf_dir)
+    if generation is not None:
+        if generation.block_size != block_size:
+            raise EvaluationError(f"the generation config decodes at block size {generation.block_size}, the "
+                                  f"evaluation is at {block_size}; give both the same block size")
+        check_generation_args(em, L, gen_prompts, gen_prompt_len, generation, ref_hf_dir)
 
     result: dict = {"block_size": block_size, "samples": samples, "windows": n, "seq_len": L, "tokens": n * L}
     same_as_ar = em.shift and block_size == 1 and em.attention != "full"
@@ -245,39 +220,33 @@ def evaluate(
         result["ar_ppl"] = _exp(result["ar_nll"])
         result["eval_seconds"] = round(time.perf_counter() - start, 3)
 
-    if generate:
-        result.update(_generation_metrics(em, windows, block_size, gen_prompts, gen_prompt_len, gen_tokens,
-                                          gen_threshold, gen_temperature, gen_top_p, seed, ref_hf_dir, progress,
-                                          gen_mode))
+    if generation is not None:
+        result.update(_generation_metrics(em, windows, generation, gen_prompts, gen_prompt_len, ref_hf_dir, progress))
     return result
 
 
-def _generation_metrics(em, windows, block_size, n_prompts, prompt_len, new_tokens, threshold, temperature,
-                        top_p, seed, ref_hf_dir, progress, mode="threshold") -> dict:
+def _generation_metrics(em, windows, cfg: DecodeConfig, n_prompts, prompt_len, ref_hf_dir, progress) -> dict:
     from tqdm import tqdm
 
     prompts = generation_prompts(windows, n_prompts, prompt_len)
-    acceptance: dict = {}
-    samples, forwards, seconds = generate_samples(em, prompts, block_size, new_tokens, threshold=threshold,
-                                                  temperature=temperature, top_p=top_p, seed=seed, mode=mode,
-                                                  acceptance=acceptance)
-    n_new = sum(len(t) for t in samples)
+    record = decode(em, prompts, cfg)
+    samples = record.tokens
+    mode = "speculative" if record.mode == "speculative" else "threshold"
     metrics = {
-        "gen_prompts": len(prompts), "gen_new_tokens": n_new, "gen_forwards": forwards,
-        "gen_tokens_per_forward": round(n_new / max(forwards, 1), 4),
-        "gen_tokens_per_s": round(n_new / max(seconds, 1e-9), 2),
-        "gen_seconds": round(seconds, 3), "gen_mode": mode,
+        "gen_prompts": len(prompts), "gen_new_tokens": record.new_tokens, "gen_forwards": record.forwards,
+        "gen_tokens_per_forward": round(record.tokens_per_forward, 4),
+        "gen_tokens_per_s": round(record.tokens_per_s, 2),
+        "gen_seconds": round(record.seconds, 3), "gen_mode": mode,
     }
     if mode == "speculative":  # acceptance next to the generative perplexity it comes with
-        drafted, accepted = acceptance.get("drafted", []), acceptance.get("accepted", [])
-        metrics["gen_verified_blocks"] = len(accepted)
-        metrics["gen_mean_accepted"] = round(sum(accepted) / max(len(accepted), 1), 4)
-        metrics["gen_acceptance_rate"] = round(sum(accepted) / max(sum(drafted), 1), 4)
-        metrics["gen_accepted_histogram"] = {str(k): accepted.count(k) for k in sorted(set(accepted))}
+        metrics["gen_verified_blocks"] = len(record.accepted)
+        metrics["gen_mean_accepted"] = round(record.mean_accepted, 4)
+        metrics["gen_acceptance_rate"] = round(record.acceptance_rate, 4)
+        metrics["gen_accepted_histogram"] = {str(k): v for k, v in record.histogram().items()}
     if em.tokenizer is not None:
-        decode = lambda ids: em.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
-        prompt_texts = [decode(p) for p in prompts]
-        texts = [decode(t) for t in samples]
+        detokenize = lambda ids: em.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        prompt_texts = [detokenize(p) for p in prompts]
+        texts = [detokenize(t) for t in samples]
         metrics["gen_sample"] = prompt_texts[0] + texts[0]
         if ref_hf_dir is not None:
             with tqdm(total=len(texts), desc="score samples", unit="sample", disable=not progress) as bar:

@@ -118,12 +118,12 @@ class MegablockLM(TemplateLM):
 
         def decoding(B: int, shift: bool):
             if mode == "speculative":
-                return SpeculativeConfig(block_size=B, fused=not two_pass, next_draft=next_draft, shift=shift,
+                return SpeculativeConfig(block_size=B, two_pass=two_pass, next_draft=next_draft, shift=shift,
                                          seed=int(seed))
             return GenerateConfig(block_size=B, threshold=0.9 if threshold is None else float(threshold),
                                   tokens_per_step=tokens_per_step, shift=shift, seed=int(seed))
 
-        decoding(int(block_size or 1), True).validate(mask_token_id=0)  # the ranges, before the model loads
+        decoding(int(block_size or 1), True).check_ranges()  # before the model loads
 
         world = int(os.environ.get("WORLD_SIZE", "1"))
         tp = int(tp) if tp is not None else (parallel_state.get_tensor_model_parallel_world_size()
@@ -269,7 +269,7 @@ class MegablockLM(TemplateLM):
         if self.mode == "threshold":
             info.update(threshold=self.decoding.threshold, tokens_per_step=self.decoding.tokens_per_step)
         if self.mode == "speculative":
-            info.update(fused=self.decoding.fused, next_draft=self.decoding.next_draft)
+            info.update(two_pass=self.decoding.two_pass, next_draft=self.decoding.next_draft)
         info["decoding"] = {task: summarize(s, self.mode) for task, s in sorted(stats.items())}
         return {"megablock": info, "model_num_parameters": parameter_count(self.model.cfg)[1],
                 "model_dtype": self.dtype}

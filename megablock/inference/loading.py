@@ -102,27 +102,23 @@ def load_checkpoint(path, dtype=torch.float32, parallel: Optional[ParallelInfo] 
     attached, gated) saved at any TP x PP; resharded in memory when the saved layout differs from
     `parallel`'s TP (pp = 1)."""
     parallel = parallel or current_parallel()
-    ckpt = fmt.resolve_checkpoint(path)
-    meta = fmt.read_metadata(ckpt)
-    cfg = fmt.model_config(meta)
+    ckpt = fmt.Checkpoint.open(path)
+    meta, cfg = ckpt.meta, ckpt.meta.model
     model = BlockDiffusionLM(cfg, parallel, dtype=dtype, initialize=False)
     # The same reader as training's init_from: resharded when the layout differs, and a LoRA
     # checkpoint's adapters merged into the weights; a gated drafter's stay apart, gated.
-    gated = adapters.is_gated(meta)
-    model.load_weights({k: v.to(dtype) for k, v in stage_shard(ckpt, meta, parallel, merge_lora=not gated).items()})
-    if gated:
-        adapters.attach_adapters(model, ckpt, meta)
+    model.load_weights({k: v.to(dtype) for k, v in stage_shard(ckpt, parallel, merge_lora=not meta.gated).items()})
+    if meta.gated:
+        adapters.attach_adapters(model, ckpt)
     tokenizer = None
-    if (ckpt / fmt.TOKENIZER_DIR).is_dir():
+    if (ckpt.path / fmt.TOKENIZER_DIR).is_dir():
         from transformers import AutoTokenizer  # deferred: transformers takes seconds to import
 
-        tokenizer = AutoTokenizer.from_pretrained(str(ckpt / fmt.TOKENIZER_DIR))
-    gen = meta.get("generation_config") or {}
+        tokenizer = AutoTokenizer.from_pretrained(str(ckpt.path / fmt.TOKENIZER_DIR))
+    gen = meta.generation_config or {}
     eos = _ids(cfg.eos_token_id, gen.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None))
-    return InferenceModel(
-        model.eval(), tokenizer, meta.get("mask_token_id", cfg.mask_token_id), meta.get("block_size"),
-        bool(meta.get("shift", True)), eos, _pad(tokenizer, eos), meta.get("attention") or "context_causal",
-    )
+    return InferenceModel(model.eval(), tokenizer, meta.mask_token_id, meta.block_size, meta.shift, eos,
+                          _pad(tokenizer, eos), meta.attention)
 
 
 def load(ckpt=None, hf_dir=None, dtype: str = "fp32", parallel: Optional[ParallelInfo] = None,

@@ -22,11 +22,11 @@ token (decided, not yet in the cache, at position s), and possibly drafts for po
   speculative-sampling argument applies slot by slot). The K/V of the pending token and the
   kept drafts stay in the cache; the rejected slots are dropped (each row keeps its own length,
   `RowKVCache`), and the token drawn from p becomes the new pending token.
-- Draft, two forwards per block (`fused=False`): a "peek" pass over the block [pending, mask,
+- Draft, two forwards per block (`two_pass=True`): a "peek" pass over the block [pending, mask,
   ..., mask] at positions s..s+B-1, attending to the cache and bidirectionally to itself, fills
   the masked slots (one refinement step by default; `draft_steps` or `draft_threshold` refine
   further, greedy only). Then the verify pass.
-- Draft, one forward per block (`fused=True`, TiDAR-style steady state): the verify pass also
+- Draft, one forward per block (`two_pass=False`, the default; TiDAR-style steady state): the verify pass also
   carries the next block as a noised block that attends to the clean prefix *including the
   drafts being verified* and to itself. Its drafts are valid when every draft of the verified
   block is kept (they were conditioned on them), and are then verified by the next pass, which
@@ -58,11 +58,11 @@ the drafts kept, next to forwards and seconds.
 """
 from __future__ import annotations
 
-from megablock.diffusion.block_rules import (NEXT_DRAFTS, RowKVCache, SpeculativeConfig, SpeculativeDecoder,
-                                             SpeculativeOutput, verify_drafts)
+from megablock.diffusion.block_rules import (NEXT_DRAFTS, AcceptanceStats, RowKVCache, SpeculativeConfig,
+                                             SpeculativeDecoder, SpeculativeOutput, verify_drafts)
 from .sampler import BlockDiffusionSampler
 
-__all__ = ["NEXT_DRAFTS", "RowKVCache", "SpeculativeConfig", "SpeculativeOutput", "SpeculativeSampler",
+__all__ = ["NEXT_DRAFTS", "AcceptanceStats", "RowKVCache", "SpeculativeConfig", "SpeculativeOutput", "SpeculativeSampler",
            "speculative_sampler", "verify_drafts"]
 
 

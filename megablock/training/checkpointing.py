@@ -53,15 +53,17 @@ import yaml
 
 from megablock.checkpoint import adapters
 from megablock.checkpoint.format import (
-    LATEST_FILE, TOKENIZER_DIR, make_metadata, read_metadata, resolve_checkpoint, save_shard, write_metadata,
+    LATEST_FILE, TOKENIZER_DIR, Checkpoint, CheckpointMeta, read_metadata, resolve_checkpoint, save_shard,
+    write_metadata,
 )
-from megablock.config import LoraSection
+from megablock.config import Config
 from megablock.model.lora import split_weights
-from megablock.training.resume_check import BASE_FILE
-from megablock.training.run_dir import prune_checkpoints, record_checkpoint
+from megablock.model.params import parameter_count
+from megablock.parallel.state import ParallelInfo
+from megablock.training.resume_check import BASE_FILE, base_fingerprint, check_base, check_resume
+from megablock.training.run_dir import STEP_PREFIX, prune_checkpoints, record_checkpoint
 
 logger = logging.getLogger(__name__)
-STEP_PREFIX = "step_"
 
 
 @dataclass
@@ -236,102 +238,144 @@ def _disk_full(err: BaseException, save_dir: Path) -> bool:
     return False
 
 
-def save_training_checkpoint(
-    *, engine, model, info, save_dir: str, state: TrainerState, run_config: dict,
-    source_meta: dict, tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
-    trainable_parameters: Optional[int] = None, lora_base: Optional[dict] = None,
-) -> Path:
-    """Collective: every rank calls it. Returns the final step folder. `lora_base` (LoRA runs,
-    rank 0): the fingerprint of the frozen base (resume_check.base_fingerprint), saved as
-    BASE_FILE so resume can refuse another base."""
-    save_dir = Path(save_dir)
-    name = step_dir_name(state.step)
-    tmp = save_dir / (name + ".tmp")
-    try:
-        return _save_training_checkpoint(
-            engine=engine, model=model, info=info, save_dir=save_dir, state=state, run_config=run_config,
-            source_meta=source_meta, tokenizer_dir=tokenizer_dir, keep_last=keep_last, zero_stage=zero_stage,
-            trainable_parameters=trainable_parameters, lora_base=lora_base,
-        )
-    except (OSError, RuntimeError) as err:
-        if not _disk_full(err, save_dir):
-            raise
-        if info.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays, and the space is back
+class Checkpointer:
+    """The run's checkpoints in checkpoint.save_dir: what a save writes, where, and what resume
+    reads back (torchtitan's CheckpointManager shape). Built once by the trainer from the typed
+    config, the parallel layout and what it checkpoints (the DeepSpeed engine and the model);
+    after that the trainer hands it its TrainerState only. `source` is the model.init_from
+    checkpoint (None for random init): its tokenizer, source name and generation config go
+    into every save, and a LoRA run's saves record the fingerprint of its frozen base."""
+
+    def __init__(self, cfg: Config, info: ParallelInfo, engine, model, source: Optional[Checkpoint] = None):
+        self.info, self.engine, self.model, self.source = info, engine, model, source
+        self.save_dir = Path(cfg.checkpoint.save_dir) if cfg.checkpoint.save_dir is not None else None
+        self.keep_last, self.zero_stage = cfg.checkpoint.keep_last, cfg.parallel.zero_stage
+        self.run_config = cfg.to_dict()  # written as config.yaml; resume compares it with the new run's
+        self.layers_per_stage = cfg.parallel.layers_per_stage
+        self.shift, self.attention = cfg.diffusion.shift, cfg.diffusion.attention
+        self.lora = model.lora  # None, or the settings the model's adapters were applied with
+        self.trainable_parameters = parameter_count(model.cfg, self.lora)[0] if self.lora is not None else None
+        self.tokenizer_dir = (source / TOKENIZER_DIR) if source is not None and (source / TOKENIZER_DIR).is_dir() else None
+        self.lora_base: Optional[dict] = None
+        """LoRA runs from a checkpoint, rank 0: the fingerprint of the frozen base (BASE_FILE)."""
+
+    @property
+    def _base_is_recorded(self) -> bool:
+        return self.lora is not None and self.source is not None and self.info.rank == 0
+
+    def latest(self) -> Optional[Path]:
+        """The step folder `latest` names (None: no complete checkpoint, or no save_dir)."""
+        if self.save_dir is None or not (self.save_dir / LATEST_FILE).is_file():
+            return None
+        return resolve_checkpoint(self.save_dir)
+
+    def record_base(self) -> None:
+        """Fingerprint the frozen base before training (a no-op when resume already did, or for a
+        run without LoRA from a checkpoint): what the saves record is the base this run was built
+        from. Hashed once per run; later launches compare sizes and mtimes first."""
+        if self._base_is_recorded and self.lora_base is None:
+            self.lora_base = base_fingerprint(self.source.path)
+
+    def load(self) -> Optional[TrainerState]:
+        """Resume from `latest`: refuse a config, architecture or LoRA base that would not continue
+        the saved run, then restore engine, RNG and trainer state (None: nothing saved yet)."""
+        ckpt = self.latest()
+        if ckpt is None:
+            return None
+        check_resume(ckpt, self.run_config, self.model.cfg)
+        if self.lora is not None and self.source is not None:
+            self.lora_base = check_base(ckpt, self.source.path)  # the adapters' base is still model.init_from
+        return load_training_state(self.engine, self.model, ckpt, self.info.rank)
+
+    def save(self, step: int, state: TrainerState) -> Optional[Path]:
+        """Collective: every rank calls it. Writes SAVE/step_XXXX (None without a save_dir);
+        a full disk is reported as DiskFullError, and its partial folder removed."""
+        if self.save_dir is None:
+            return None
+        name = step_dir_name(step)
+        tmp = self.save_dir / (name + ".tmp")
+        try:
+            return self._write(name, state)
+        except (OSError, RuntimeError) as err:
+            if not _disk_full(err, self.save_dir):
+                raise
+            if self.info.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays, and the space is back
+            raise self._disk_full_error(name, err) from err
+
+    def _disk_full_error(self, name: str, err: BaseException) -> DiskFullError:
+        save_dir = self.save_dir
         latest = (save_dir / LATEST_FILE).read_text().strip() if (save_dir / LATEST_FILE).is_file() else None
         try:
             free = f"{shutil.disk_usage(save_dir).free / 2**20:,.0f} MiB free after removing the partial save"
         except OSError:
             free = "free space unknown"
-        raise DiskFullError(
+        return DiskFullError(
             errno.ENOSPC,
             f"saving checkpoint {name} into {save_dir} failed: the disk is full ({free}; {type(err).__name__}: "
             f"{str(err).splitlines()[0][:160]}). Free space or point checkpoint.save_dir at a larger disk "
             f"(lower checkpoint.keep_last keeps fewer checkpoints), then resume with checkpoint.resume=true; "
             + (f"'latest' still names the complete {latest}" if latest else "no checkpoint was completed yet"),
-        ) from err
-
-
-def _save_training_checkpoint(
-    *, engine, model, info, save_dir: Path, state: TrainerState, run_config: dict,
-    source_meta: dict, tokenizer_dir: Optional[Path], keep_last: int, zero_stage: int,
-    trainable_parameters: Optional[int], lora_base: Optional[dict],
-) -> Path:
-    name = step_dir_name(state.step)
-    final, tmp = save_dir / name, save_dir / (name + ".tmp")
-    if info.rank == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-
-    lora_settings = model.lora
-    engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=lora_settings is not None)
-    weights, adapter_weights = split_weights(_gather_weights(model, zero_stage))
-    if info.dp_rank == 0:
-        dtype = next(iter(weights.values())).dtype
-        if dtype not in (torch.float32, torch.bfloat16):
-            weights = {k: v.float() for k, v in weights.items()}
-            adapter_weights = {k: v.float() for k, v in adapter_weights.items()}
-        save_shard(tmp, info.tp_rank, info.pp_rank, weights)
-        if lora_settings is not None:
-            adapters.save_adapter_shard(tmp, info.tp_rank, info.pp_rank, adapter_weights)
-    rng_dir = tmp / "rng"
-    rng_dir.mkdir(exist_ok=True)
-    save_rng_state(rng_dir / RNG_FILE.format(rank=info.rank))
-    _barrier()
-
-    if info.rank == 0:
-        dtype = "bf16" if next(iter(weights.values())).dtype == torch.bfloat16 else "fp32"
-        meta = make_metadata(
-            model.cfg, info.tp, info.pp, run_config["parallel"]["layers_per_stage"], dtype,
-            source=source_meta.get("source", "random init"), block_size=state.block_size, step=state.step,
-            curriculum_stage=state.curriculum_stage, shift=run_config["diffusion"]["shift"],
-            attention=run_config["diffusion"]["attention"],
-            **{k: v for k, v in source_meta.items() if k in ("generation_config",)},
-            **({"lora": adapters.checkpoint_meta(lora_settings, trainable_parameters)}
-               if lora_settings is not None else {}),
         )
-        write_metadata(tmp, meta)
-        (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
-        (tmp / "config.yaml").write_text(yaml.safe_dump(run_config, sort_keys=False))
-        if lora_base is not None:
-            (tmp / BASE_FILE).write_text(json.dumps(lora_base, indent=2) + "\n")
-        if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
-            shutil.copytree(tokenizer_dir, tmp / TOKENIZER_DIR)
-        # On record before the rename, so a kill in between never leaves a step folder the run
-        # would not own (pruning and overwrite delete only folders on record).
-        record_checkpoint(save_dir, name)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        latest_tmp = save_dir / (LATEST_FILE + ".tmp")
-        latest_tmp.write_text(name + "\n")
-        os.replace(latest_tmp, save_dir / LATEST_FILE)
-        prune_checkpoints(save_dir, keep_last, keep=name)
-        logger.info("saved checkpoint %s", final)
-    _barrier()
-    return final
+
+    def _metadata(self, state: TrainerState, dtype: str) -> CheckpointMeta:
+        source = self.source.meta if self.source is not None else None
+        return CheckpointMeta(
+            self.model.cfg, self.info.tp, self.info.pp, self.layers_per_stage, dtype,
+            source=source.source if source is not None else CheckpointMeta.source,
+            block_size=state.block_size, step=state.step, curriculum_stage=state.curriculum_stage,
+            shift=self.shift, attention=self.attention,
+            generation_config=source.generation_config if source is not None else None,
+            lora=self.lora, trainable_parameters=self.trainable_parameters,
+        )
+
+    def _write(self, name: str, state: TrainerState) -> Path:
+        info, save_dir = self.info, self.save_dir
+        final, tmp = save_dir / name, save_dir / (name + ".tmp")
+        if info.rank == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier()
+
+        self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False,
+                                    exclude_frozen_parameters=self.lora is not None)
+        weights, adapter_weights = split_weights(_gather_weights(self.model, self.zero_stage))
+        if info.dp_rank == 0:
+            dtype = next(iter(weights.values())).dtype
+            if dtype not in (torch.float32, torch.bfloat16):
+                weights = {k: v.float() for k, v in weights.items()}
+                adapter_weights = {k: v.float() for k, v in adapter_weights.items()}
+            save_shard(tmp, info.tp_rank, info.pp_rank, weights)
+            if self.lora is not None:
+                adapters.save_adapter_shard(tmp, info.tp_rank, info.pp_rank, adapter_weights)
+        rng_dir = tmp / "rng"
+        rng_dir.mkdir(exist_ok=True)
+        save_rng_state(rng_dir / RNG_FILE.format(rank=info.rank))
+        _barrier()
+
+        if info.rank == 0:
+            dtype = "bf16" if next(iter(weights.values())).dtype == torch.bfloat16 else "fp32"
+            write_metadata(tmp, self._metadata(state, dtype))
+            (tmp / "trainer_state.json").write_text(json.dumps(asdict(state), indent=2) + "\n")
+            (tmp / "config.yaml").write_text(yaml.safe_dump(self.run_config, sort_keys=False))
+            if self._base_is_recorded and self.lora_base is not None:
+                (tmp / BASE_FILE).write_text(json.dumps(self.lora_base, indent=2) + "\n")
+            if self.tokenizer_dir is not None:
+                shutil.copytree(self.tokenizer_dir, tmp / TOKENIZER_DIR)
+            # On record before the rename, so a kill in between never leaves a step folder the run
+            # would not own (pruning and overwrite delete only folders on record).
+            record_checkpoint(save_dir, name)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            latest_tmp = save_dir / (LATEST_FILE + ".tmp")
+            latest_tmp.write_text(name + "\n")
+            os.replace(latest_tmp, save_dir / LATEST_FILE)
+            prune_checkpoints(save_dir, keep_last=self.keep_last, keep=name)
+            logger.info("saved checkpoint %s", final)
+        _barrier()
+        return final
 
 
 def _gather_weights(model, zero_stage: int) -> dict:
@@ -341,12 +385,6 @@ def _gather_weights(model, zero_stage: int) -> dict:
         with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
             return {k: v.detach().clone() for k, v in model.weights().items()}
     return {k: v.detach() for k, v in model.weights().items()}
-
-
-def latest_checkpoint(save_dir: Optional[str]) -> Optional[Path]:
-    if save_dir is None or not (Path(save_dir) / LATEST_FILE).is_file():
-        return None
-    return resolve_checkpoint(save_dir)
 
 
 def read_trainer_state(path: Path, fix: str) -> TrainerState:
@@ -359,10 +397,8 @@ def read_trainer_state(path: Path, fix: str) -> TrainerState:
 def load_training_state(engine, model, ckpt: Path, rank: int) -> TrainerState:
     """Restore engine (weights, optimizer, scheduler) and trainer state from a step folder."""
     lora_settings = model.lora
-    saved = (read_metadata(ckpt).get("lora") or None)
-    if (lora_settings is None) != (saved is None) or (
-        saved is not None and LoraSection.from_saved(saved) != lora_settings
-    ):
+    saved = read_metadata(ckpt).lora
+    if saved != lora_settings:
         raise CheckpointLoadError(
             f"{ckpt} was saved with lora={saved} but this run has lora="
             f"{lora_settings}; resume with the same lora settings"

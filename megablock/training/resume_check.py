@@ -27,7 +27,7 @@ from typing import Any
 
 import yaml
 
-from megablock.checkpoint.format import METADATA_FILE
+from megablock.checkpoint.format import METADATA_FILE, CheckpointError, read_metadata
 from megablock.config import Config, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -130,10 +130,10 @@ def check_resume(ckpt, new: dict, model_cfg=None) -> None:
 def _check_architecture(ckpt: Path, model_cfg) -> None:
     """The same init_from path may hold another model today (re-converted): compare shapes."""
     try:
-        saved = json.loads((ckpt / METADATA_FILE).read_text())["model"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # read_metadata reports a damaged megablock.json with its own message
-    now = json.loads(json.dumps(model_cfg.to_dict()))  # same types as the saved JSON
+        saved = read_metadata(ckpt).model.to_dict()
+    except CheckpointError:
+        return  # loading the checkpoint reports a damaged megablock.json with its own message
+    saved, now = (json.loads(json.dumps(c)) for c in (saved, model_cfg.to_dict()))  # the same JSON types
     diffs = [(k, saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
     if diffs:
         shown = "; ".join(f"{k}: saved {a!r}, this run {b!r}" for k, a, b in diffs[:8])

@@ -383,7 +383,7 @@ def claim_save_dir(cfg, info) -> Optional[RunLock]:
     if info.rank == 0:
         try:
             lock = RunLock.acquire(save_dir)
-            check_save_dir_policy(save_dir, cfg.checkpoint.resume, getattr(cfg.checkpoint, "overwrite", False))
+            check_save_dir_policy(save_dir, cfg.checkpoint.resume, cfg.checkpoint.overwrite)
         except ConfigError as e:
             error = str(e)
             if lock is not None:

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Optional, Union
 
-from megablock.checkpoint.format import TOKENIZER_DIR, model_config, read_metadata, resolve_checkpoint
+from megablock.checkpoint.format import Checkpoint
 from megablock.checkpoint.loading import stage_shard
 from megablock.checkpoint.mappings import UnsupportedModel, get_family
 from megablock.config import Config, ConfigError, DiffusionSection, split_fractions, validate_model
@@ -24,12 +23,11 @@ from megablock.parallel.state import ParallelInfo
 logger = logging.getLogger(__name__)
 
 
-def resolve_model_config(cfg: Config) -> tuple[ModelConfig, dict, Optional[Path]]:
-    """(architecture, source metadata, source checkpoint folder or None for random init)."""
+def resolve_model_config(cfg: Config) -> tuple[ModelConfig, Optional[Checkpoint]]:
+    """(architecture, source checkpoint or None for random init)."""
     if cfg.model.init_from:
-        ckpt = resolve_checkpoint(cfg.model.init_from)
-        meta = read_metadata(ckpt)
-        return model_config(meta), meta, ckpt
+        ckpt = Checkpoint.open(cfg.model.init_from)
+        return ckpt.meta.model, ckpt
     if not cfg.model.architecture:
         raise ConfigError("set model.init_from (a converted checkpoint) or model.architecture (random init)")
     try:
@@ -37,16 +35,16 @@ def resolve_model_config(cfg: Config) -> tuple[ModelConfig, dict, Optional[Path]
         get_family(model_cfg.arch)
     except (TypeError, ValueError, UnsupportedModel) as err:
         raise ConfigError(f"model.architecture: {err}") from None
-    return model_cfg, {"source": "random init"}, None
+    return model_cfg, None
 
 
-def resolve_and_check_model(cfg: Config) -> tuple[ModelConfig, dict, Optional[Path]]:
+def resolve_and_check_model(cfg: Config) -> tuple[ModelConfig, Optional[Checkpoint]]:
     """`resolve_model_config` plus the checks between run and architecture: everything that can
     be known before a process group, a model or a dataset is built."""
-    model_cfg, meta, ckpt = resolve_model_config(cfg)
+    model_cfg, ckpt = resolve_model_config(cfg)
     validate_model(cfg, model_cfg)
     warn_past_positions(cfg, model_cfg)
-    return model_cfg, meta, ckpt
+    return model_cfg, ckpt
 
 
 def warn_past_positions(cfg: Config, model_cfg: ModelConfig) -> None:
@@ -61,7 +59,7 @@ def warn_past_positions(cfg: Config, model_cfg: ModelConfig) -> None:
             cfg.data.seq_len - 1)
 
 
-def build_model(cfg: Config, model_cfg: ModelConfig, meta: dict, ckpt: Optional[Path],
+def build_model(cfg: Config, model_cfg: ModelConfig, ckpt: Optional[Checkpoint],
                 info: ParallelInfo) -> BlockDiffusionLM:
     """This rank's model on its device: loaded from `ckpt`, or randomly initialised if None."""
     lps = cfg.parallel.layers_per_stage
@@ -69,7 +67,7 @@ def build_model(cfg: Config, model_cfg: ModelConfig, meta: dict, ckpt: Optional[
     model.set_attention_impl(cfg.model.attention_impl)
     model.set_recompute(cfg.train.recompute)
     if ckpt is not None:
-        model.load_weights({k: v.float() for k, v in stage_shard(ckpt, meta, info, lps).items()})
+        model.load_weights({k: v.float() for k, v in stage_shard(ckpt, info, lps).items()})
     if cfg.lora.enabled:  # after loading: the base weights keep their names and stay frozen
         apply_lora(model, cfg.lora, seed=cfg.train.seed)
     model.set_sequence_parallel(cfg.parallel.sequence_parallel)
@@ -85,10 +83,6 @@ def log_parameter_counts(model_cfg: ModelConfig, cfg: Config) -> None:
             f"{' + norms' if lora.train_norms else ''}") if lora.enabled else "full model"
     logger.info("trainable parameters: %s of %s (%.3f%%; %s)", f"{trainable:,}", f"{total:,}",
                 100.0 * trainable / max(total, 1), what)
-
-
-def tokenizer_dir_of(ckpt: Optional[Path]) -> Optional[Path]:
-    return ckpt / TOKENIZER_DIR if ckpt is not None and (ckpt / TOKENIZER_DIR).is_dir() else None
 
 
 def eod_token_id(model_cfg: ModelConfig) -> int:
@@ -129,37 +123,31 @@ class RunData:
 
 def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> RunData:
     """Training, validation (if eval is on) and schedule-search (if adaptive) batches of this rank;
-    the last two come from the validation split, which training never consumes."""
+    the last two come from the validation split, which training never consumes. The windows are
+    token windows of preprocessed text, or packed conversations (data.format=sft); samplers,
+    noise and curriculum are the same for both."""
     if cfg.data.prefix is None:
         raise ConfigError("data.prefix is not set; point it at PREFIX from tools/preprocess_data.py")
     masks = any(b > 1 for b in cfg.diffusion.block_sizes) or cfg.diffusion.attention == "full"
     check_vocabulary(cfg.data.prefix, model_cfg.vocab_size, model_cfg.mask_token_id, require_mask=masks)
     t = cfg.train
-    if cfg.data.format == "sft":
-        return build_sft_data(cfg, model_cfg, info)
-    train_samples = t.steps * t.global_batch_size
-    eval_samples = t.eval_batches * t.micro_batch_size * info.dp if t.eval_interval else 0
     adaptive = cfg.diffusion.schedule == "adaptive"
+    eval_samples = t.eval_batches * t.micro_batch_size * info.dp if t.eval_interval else 0
     search_samples = cfg.diffusion.schedule_search_batches * t.global_batch_size if adaptive else 0
-    valid_samples = max(eval_samples, search_samples) or None
-    train_ds, valid_ds, _ = build_gpt_datasets(
-        cfg.data.prefix, seq_len=cfg.data.seq_len, vocab_size=model_cfg.vocab_size,
-        eod_token_id=eod_token_id(model_cfg), train_samples=train_samples, valid_samples=valid_samples,
-        split=cfg.data.split, seed=t.seed, cache_dir=cfg.data.cache_dir,
-    )
+    held_out_use = None if not (eval_samples or search_samples) else (
+        "train.eval_interval is set" if eval_samples else "diffusion.schedule=adaptive searches on held-out samples")
+    windows = sft_windows if cfg.data.format == "sft" else text_windows
+    train_windows, valid_windows = windows(cfg, model_cfg, max(eval_samples, search_samples), held_out_use)
+
     sampler = DataParallelSampler(t.global_batch_size, t.micro_batch_size, info.dp_rank, info.dp)
     common = dict(mask_token_id=model_cfg.mask_token_id, seed=t.seed, eod_token_id=eod_token_id(model_cfg))
     # An adaptive schedule trains with the clipped interval its searches choose (set by the trainer).
     train_settings = replace(cfg.diffusion, schedule="clipped") if adaptive else cfg.diffusion
-    train = StepBatcher(TokenWindows(train_ds, cfg.data.seq_len), sampler, train_settings, **common)
-    if valid_samples and valid_ds is None:
-        why = "train.eval_interval is set" if eval_samples else "diffusion.schedule=adaptive searches on held-out samples"
-        raise ConfigError(f"{why} but data.split={cfg.data.split!r} leaves no validation split; give it a "
-                          "validation share (e.g. data.split='98,2,0')")
+    train = StepBatcher(train_windows, sampler, train_settings, **common)
 
     def held_out(samples: int, settings: DiffusionSection) -> HeldOutData:
         held_sampler = DataParallelSampler(samples, t.micro_batch_size, info.dp_rank, info.dp)
-        return HeldOutData(TokenWindows(valid_ds, cfg.data.seq_len), held_sampler, settings, **common)
+        return HeldOutData(valid_windows, held_sampler, settings, **common)
 
     # Evaluation NELBO: t ~ U[eps, 1], unweighted by training tricks (DESIGN.md).
     unbiased = replace(cfg.diffusion, schedule="linear", antithetic=False, complementary=False, loss_weighting="elbo")
@@ -168,6 +156,21 @@ def build_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> RunDa
         validation=held_out(eval_samples, unbiased) if eval_samples else None,
         search=held_out(search_samples, train_settings) if search_samples else None,
     )
+
+
+def text_windows(cfg: Config, model_cfg: ModelConfig, held_out_samples: int,
+                 held_out_use: Optional[str]) -> tuple[TokenWindows, Optional[TokenWindows]]:
+    """(train, validation or None) windows of preprocessed text (megablock.data.datasets)."""
+    t = cfg.train
+    train_ds, valid_ds, _ = build_gpt_datasets(
+        cfg.data.prefix, seq_len=cfg.data.seq_len, vocab_size=model_cfg.vocab_size,
+        eod_token_id=eod_token_id(model_cfg), train_samples=t.steps * t.global_batch_size,
+        valid_samples=held_out_samples or None, split=cfg.data.split, seed=t.seed, cache_dir=cfg.data.cache_dir,
+    )
+    if held_out_use and valid_ds is None:
+        raise ConfigError(f"{held_out_use} but data.split={cfg.data.split!r} leaves no validation split; give it a "
+                          "validation share (e.g. data.split='98,2,0')")
+    return TokenWindows(train_ds, cfg.data.seq_len), (TokenWindows(valid_ds, cfg.data.seq_len) if held_out_use else None)
 
 
 def warn_long_prompts(windows: SFTWindows, seq_len: int) -> None:
@@ -181,10 +184,10 @@ def warn_long_prompts(windows: SFTWindows, seq_len: int) -> None:
             windows.conversations, seq_len, windows.longest_prompt, len(windows), windows.windows_total)
 
 
-def build_sft_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> RunData:
-    """`build_data` for data.format=sft: packed conversation windows (megablock.data.sft) with
-    response flags and conversation ids; the same samplers, noise and curriculum as pretraining,
-    validation and schedule-search samples from the SFT validation split."""
+def sft_windows(cfg: Config, model_cfg: ModelConfig, held_out_samples: int,
+                held_out_use: Optional[str]) -> tuple[SFTWindows, Optional[SFTWindows]]:
+    """(train, validation or None) packed conversation windows (megablock.data.sft) with response
+    flags and conversation ids, for data.format=sft."""
     t, d = cfg.train, cfg.data
     split = split_fractions(d.split)
     try:
@@ -194,28 +197,9 @@ def build_sft_data(cfg: Config, model_cfg: ModelConfig, info: ParallelInfo) -> R
     logger.info("SFT data: %d windows of %d tokens with response targets (of %d packed)",
                 len(train_windows), d.seq_len, train_windows.windows_total)
     warn_long_prompts(train_windows, d.seq_len)
-    sampler = DataParallelSampler(t.global_batch_size, t.micro_batch_size, info.dp_rank, info.dp)
-    common = dict(mask_token_id=model_cfg.mask_token_id, seed=t.seed, eod_token_id=eod_token_id(model_cfg))
-    adaptive = cfg.diffusion.schedule == "adaptive"
-    train_settings = replace(cfg.diffusion, schedule="clipped") if adaptive else cfg.diffusion
-    train = StepBatcher(train_windows, sampler, train_settings, **common)
-    eval_samples = t.eval_batches * t.micro_batch_size * info.dp if t.eval_interval else 0
-    search_samples = cfg.diffusion.schedule_search_batches * t.global_batch_size if adaptive else 0
-    valid_windows = None
-    if eval_samples or search_samples:
-        try:
-            valid_windows = SFTWindows(d.prefix, d.seq_len, split, 1, seed=t.seed, shift=cfg.diffusion.shift)
-        except ValueError as err:
-            raise ConfigError(f"train.eval_interval or an adaptive schedule needs the SFT validation split "
-                              f"(data.split={d.split!r}): {err}") from None
-
-    def held_out(samples: int, settings: DiffusionSection) -> HeldOutData:
-        held_sampler = DataParallelSampler(samples, t.micro_batch_size, info.dp_rank, info.dp)
-        return HeldOutData(valid_windows, held_sampler, settings, **common)
-
-    unbiased = replace(cfg.diffusion, schedule="linear", antithetic=False, complementary=False, loss_weighting="elbo")
-    return RunData(
-        train=train,
-        validation=held_out(eval_samples, unbiased) if eval_samples else None,
-        search=held_out(search_samples, train_settings) if search_samples else None,
-    )
+    if not held_out_use:
+        return train_windows, None
+    try:
+        return train_windows, SFTWindows(d.prefix, d.seq_len, split, 1, seed=t.seed, shift=cfg.diffusion.shift)
+    except ValueError as err:
+        raise ConfigError(f"{held_out_use}, which needs the SFT validation split (data.split={d.split!r}): {err}") from None

@@ -16,16 +16,13 @@ from tqdm import tqdm
 from megablock.config import Config, deepspeed_config, validate_parallel_layout
 from megablock.model.params import parameter_count, training_flops
 from megablock.parallel.state import initialize_parallel, seed_everything
-from megablock.training.checkpointing import (
-    TrainerState, latest_checkpoint, load_training_state, save_training_checkpoint,
-)
+from megablock.training.checkpointing import Checkpointer, TrainerState
 from megablock.training.engine import build_engine
 from megablock.training.metrics import MetricsWriter, device_peak_flops
 from megablock.training.optim import follow_configured_schedule
-from megablock.training.resume_check import base_fingerprint, check_base, check_resume
 from megablock.training.run_dir import claim_save_dir
 from megablock.training.schedule_search import SearchLog, SearchResult, search_interval
-from megablock.training.setup import build_data, build_model, resolve_and_check_model, tokenizer_dir_of
+from megablock.training.setup import build_data, build_model, resolve_and_check_model
 
 logger = logging.getLogger(__name__)
 
@@ -78,12 +75,12 @@ def mfu(flops: float, seconds: float, peak_flops: Optional[float], world_size: i
 class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        self.model_cfg, self.source_meta, self.source_ckpt = resolve_and_check_model(cfg)
+        self.model_cfg, self.source_ckpt = resolve_and_check_model(cfg)
         self.info = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
         validate_parallel_layout(cfg, self.info.world_size)
         self.run_lock = claim_save_dir(cfg, self.info)  # save_dir policy + lock, launcher watchdog
         seed_everything(cfg.train.seed)
-        self.model = build_model(cfg, self.model_cfg, self.source_meta, self.source_ckpt, self.info)
+        self.model = build_model(cfg, self.model_cfg, self.source_ckpt, self.info)
         self.trainable_parameters, self.total_parameters = parameter_count(self.model_cfg, cfg.lora)
         data = build_data(cfg, self.model_cfg, self.info)
         self.train_data, self.valid_data, self.search_data = data.train, data.validation, data.search
@@ -93,23 +90,20 @@ class Trainer:
         self.is_logger = self.info.rank == 0
         self.metrics = MetricsWriter(cfg.checkpoint.save_dir, self.is_logger)
         self.search_log = SearchLog(cfg.checkpoint.save_dir, self.is_logger and self.search_data is not None)
+        self.checkpointer = Checkpointer(cfg, self.info, self.engine.ds, self.model, self.source_ckpt)
         self._stop_signal = False
-        self.lora_base: Optional[dict] = None  # fingerprint of the frozen base (LoRA from a checkpoint)
 
     # ------------------------------------------------------------------ resume and save
     def maybe_resume(self) -> None:
         if not self.cfg.checkpoint.resume:
             return
-        ckpt = latest_checkpoint(self.cfg.checkpoint.save_dir)
-        if ckpt is None:
-            logger.info("checkpoint.resume: no checkpoint in %s yet; starting from step 0", self.cfg.checkpoint.save_dir)
-            return
-        check_resume(ckpt, self.cfg.to_dict(), self.model_cfg)  # refuse config changes that break exactness
-        if self._lora_on_checkpoint():
-            self.lora_base = check_base(ckpt, self.source_ckpt)  # the adapters' base is still model.init_from
         scheduler = self.engine.ds.lr_scheduler
         configured_lrs = list(scheduler.base_lrs)
-        self.state = load_training_state(self.engine.ds, self.model, ckpt, self.info.rank)
+        state = self.checkpointer.load()  # refuses config changes that break exactness
+        if state is None:
+            logger.info("checkpoint.resume: no checkpoint in %s yet; starting from step 0", self.cfg.checkpoint.save_dir)
+            return
+        self.state, ckpt = state, self.checkpointer.latest()
         lrs = follow_configured_schedule(scheduler, configured_lrs)
         self.metrics.truncate_after(self.state.step)
         self.search_log.truncate_from(self.state.step)
@@ -119,29 +113,18 @@ class Trainer:
                     ckpt, self.state.step, self.state.consumed_tokens, self.state.step + 1, lrs[0],
                     self.cfg.train.lr, self.cfg.train.steps)
 
-    def _lora_on_checkpoint(self) -> bool:
-        return self.cfg.lora.enabled and self.source_ckpt is not None
-
     def _what_remains(self) -> str:
         """Which checkpoint a stopped run leaves (none when it stopped before its first save)."""
         save_dir = self.cfg.checkpoint.save_dir
         if save_dir is None:
             return "No checkpoint was saved (checkpoint.save_dir is not set)"
-        latest = latest_checkpoint(save_dir)
+        latest = self.checkpointer.latest()
         if latest is None:
             return f"No checkpoint was saved in {save_dir} before it stopped"
         return f"The last good checkpoint, {latest.name} in {save_dir}, remains 'latest'"
 
     def save(self) -> None:
-        if self.cfg.checkpoint.save_dir is None:
-            return
-        save_training_checkpoint(
-            engine=self.engine.ds, model=self.model, info=self.info, save_dir=self.cfg.checkpoint.save_dir,
-            state=self.state, run_config=self.cfg.to_dict(), source_meta=self.source_meta,
-            tokenizer_dir=tokenizer_dir_of(self.source_ckpt), keep_last=self.cfg.checkpoint.keep_last,
-            zero_stage=self.cfg.parallel.zero_stage, trainable_parameters=self.trainable_parameters,
-            lora_base=self.lora_base if self.is_logger else None,
-        )
+        self.checkpointer.save(self.state.step, self.state)
 
     # ------------------------------------------------------------------ signals
     def _on_signal(self, signum, frame) -> None:
@@ -205,10 +188,7 @@ class Trainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
         self.maybe_resume()
-        if self._lora_on_checkpoint() and self.is_logger and self.lora_base is None:
-            # Before training, not at the first save: what the saves record is the base this run was
-            # built from. Hashed once per run; later launches compare sizes and mtimes first.
-            self.lora_base = base_fingerprint(self.source_ckpt)
+        self.checkpointer.record_base()  # before training, not at the first save
         peak = device_peak_flops()
         nonfinite = NonFinitePolicy(t.max_nonfinite_steps)
         bar = tqdm(total=t.steps, initial=self.state.step, disable=not self.is_logger, dynamic_ncols=True, desc="train")
@@ -244,7 +224,7 @@ class Trainer:
                 raise TrainingStopped(
                     f"{nonfinite.in_a_row} consecutive steps had a non-finite loss (last: step {self.state.step}); "
                     f"stopping. {self._what_remains()}; lower train.lr or check the data, then "
-                    + ("resume with checkpoint.resume=true" if latest_checkpoint(cfg.checkpoint.save_dir) else "start again")
+                    + ("resume with checkpoint.resume=true" if self.checkpointer.latest() else "start again")
                 )
 
             last = self.state.step >= t.steps

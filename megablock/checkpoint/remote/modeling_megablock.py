@@ -202,7 +202,7 @@ class BlockGenerationMixin:
                        max_new_tokens: int = 64, temperature: float = 0.0, top_p: Optional[float] = None,
                        top_k: Optional[int] = None, eos_token_id: Union[int, Sequence[int], None] = None,
                        pad_token_id: Optional[int] = None, seed: int = 0, tokens_per_step: Optional[int] = None,
-                       fused: bool = True, next_draft: str = "masked") -> BlockGenerateOutput:
+                       two_pass: bool = False, next_draft: str = "masked") -> BlockGenerateOutput:
         """Decode `input_ids` [batch, L] (padded on either side; `attention_mask` marks the real
         tokens) block by block.
 
@@ -210,8 +210,9 @@ class BlockGenerationMixin:
         in parallel, committing every slot whose confidence is above `threshold` (at least one per
         step; `tokens_per_step` instead commits that many). mode "speculative": the noised half
         drafts a block, the clean half verifies it; the output is exactly the model's AR decoding
-        (token for token when greedy, in distribution when sampling). `fused` (one forward per
-        block) and `next_draft` ("masked" / "overlap") pick the draft layout.
+        (token for token when greedy, in distribution when sampling). One forward per block
+        by default (the verify pass drafts the next block, laid out by `next_draft`: "masked" /
+        "overlap"); `two_pass` drafts in a forward of its own.
         temperature 0 is greedy; otherwise top_k / top_p sampling with a generator seeded by `seed`.
         EOS ids default to the config's and the generation config's.
         """
@@ -245,7 +246,7 @@ class BlockGenerationMixin:
         else:
             runner = _SpeculativeRunner(self, self.config.mask_token_id, eos, pad)
             cfg = SpeculativeConfig(block_size=B, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
-                                    fused=fused, next_draft=next_draft, shift=shift)
+                                    two_pass=two_pass, next_draft=next_draft, shift=shift)
         out = runner.generate(prompts, cfg)
         return BlockGenerateOutput(sequences=out.padded().to(input_ids.device), forwards=out.forwards,
                                    tokens_per_forward=out.tokens_per_forward,

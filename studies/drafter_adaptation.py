@@ -2,9 +2,9 @@
 """A drafter for SmolLM2-135M-Instruct: gated LoRA on the noised positions (lora.scope=noised), the
 verifier the untouched base model, against the full-model recipe at the same token budget.
 
-    python benchmarks/parallel_adaptation.py --until data --out PREP ...     # once: base, prompts, distilled data
-    python benchmarks/drafter_adaptation.py --prep PREP [--out DIR]          # resumable; rerun to continue
-    python benchmarks/drafter_adaptation.py --prep PREP --report-only        # tables and plot from what exists
+    python studies/parallel_adaptation.py --until data --out PREP ...     # once: base, prompts, distilled data
+    python studies/drafter_adaptation.py --prep PREP [--out DIR]          # resumable; rerun to continue
+    python studies/drafter_adaptation.py --prep PREP --report-only        # tables and plot from what exists
 
 Every arm trains in chunks of --chunk-tokens (`train.exit_after_steps`, the learning-rate schedule
 fixed by the whole --tokens budget, so the chunks are one exact run) and gets a curve point after
@@ -38,8 +38,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-from parallel_adaptation import CORPORA, PY, latest_step, load_prompts, log, run  # noqa: E402
+sys.path.insert(0, str(ROOT / "studies"))
+from parallel_adaptation import CORPORA, PY, latest_step, load_prompts, log, needed, run  # noqa: E402
 
 TOKENS_PER_STEP = 512  # 4 sequences of L = 128
 GATED = {"lora.enabled": "true", "lora.scope": "noised", "lora.rank": 64, "lora.alpha": 128,
@@ -50,15 +50,16 @@ ARMS = {
     "gated_lr1e-3_kl": {**GATED, "train.lr": 1e-3, "diffusion.distill_weight": 1.0},
     "full_lr3e-5": {"diffusion.ar_loss_weight": 0.5, "train.lr": 3e-5, "diffusion.first_slot_mask_prob": 0.5},
 }
-LAYOUTS = {"one pass, masked": dict(fused=True, next_draft="masked"),
-           "one pass, overlap": dict(fused=True, next_draft="overlap"),
-           "two passes": dict(fused=False)}
+LAYOUTS = {"one pass, masked": dict(two_pass=False, next_draft="masked"),
+           "one pass, overlap": dict(two_pass=False, next_draft="overlap"),
+           "two passes": dict(two_pass=True)}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--prep", required=True, help="output folder of parallel_adaptation.py --until data")
-    p.add_argument("--corpora", default=str(ROOT.parent / "shared" / "data"), help="folder with the corpora")
+    p.add_argument("--corpora", default=None,
+                   help="folder with the corpora; needed until OUT/raw.jsonl exists")
     p.add_argument("--out", default=str(ROOT / "study" / "drafter"))
     p.add_argument("--arms", default=",".join(ARMS), help="comma-separated names of ARMS")
     p.add_argument("--tokens", type=int, default=524288, help="the schedule's budget (the best gated arm's tokens)")
@@ -82,7 +83,7 @@ def raw_records(args, out: Path, tokenizer) -> Path:
 
     per_corpus, rows = args.raw_tokens // len(CORPORA), []
     for name, (file, split) in CORPORA.items():
-        docs = list(iter_documents(str(Path(args.corpora) / file), text_split=split))
+        docs = list(iter_documents(str(Path(needed(args, "corpora")) / file), text_split=split))
         cut, count = int(len(docs) * 0.9), 0
         stride = max(1, cut // 4000)  # spread over the training part, not its first chapters
         for doc in docs[:cut:stride]:
@@ -149,20 +150,21 @@ def curve_point(args, ckpt: Path, paths: dict) -> dict:
 
     from megablock.cli import launched_parallel
     from megablock.inference.loading import load
-    from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
+    from megablock.inference.measure import decode
+    from megablock.inference.speculative import SpeculativeConfig
 
     torch.set_num_threads(args.threads)
     im = load(ckpt=str(ckpt), parallel=launched_parallel())
     im.eos_token_ids = []  # fixed-length rows
     prompts = load_prompts(paths["heldout"], im.tokenizer)[: args.curve_prompts]
-    sampler, point = speculative_sampler(im), {}
+    point = {}
     for B in (4, 8):
         for name, layout in LAYOUTS.items():
-            o = sampler.generate(prompts, SpeculativeConfig(block_size=B, max_new_tokens=args.gen_tokens, **layout))
-            point[f"B{B} {name}"] = {"kept_per_block": round(o.mean_accepted, 4),
-                                     "offered_per_block": round(sum(o.drafted) / max(len(o.drafted), 1), 3),
-                                     "tokens_per_forward": round(o.row_tokens_per_forward, 4),
-                                     "histogram": o.histogram()}
+            r = decode(im, prompts, SpeculativeConfig(block_size=B, max_new_tokens=args.gen_tokens, **layout), batched=True)
+            point[f"B{B} {name}"] = {"kept_per_block": round(r.mean_accepted, 4),
+                                     "offered_per_block": round(r.drafts_per_block, 3),
+                                     "tokens_per_forward": round(r.row_tokens_per_forward, 4),
+                                     "histogram": r.histogram()}
     return point
 
 
@@ -251,7 +253,7 @@ def main(argv=None) -> int:
     if unknown:
         sys.exit(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
     if not (prep / "data" / "distilled.flags.idx").is_file():
-        sys.exit(f"{prep} has no distilled data: run benchmarks/parallel_adaptation.py --until data --out {prep} first")
+        sys.exit(f"{prep} has no distilled data: run studies/parallel_adaptation.py --until data --out {prep} first")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1",
            "TOKENIZERS_PARALLELISM": "false"}
     paths = prepare(args, prep, out, env)

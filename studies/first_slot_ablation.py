@@ -2,7 +2,7 @@
 """What `diffusion.first_slot_mask_prob` buys: two short runs from the same base on the same data,
 with and without the option, then the speculative sampler's acceptance in each draft layout.
 
-    python benchmarks/first_slot_ablation.py --work study/parallel100k   # after parallel_adaptation.py's data phase
+    python studies/first_slot_ablation.py --work study/parallel100k   # after parallel_adaptation.py's data phase
 
 One-forward-per-block speculative decoding drafts block k+1 in the pass that verifies block k,
 before block k+1's first token is known (`next_draft="masked"`: that slot is a mask). Plain
@@ -31,8 +31,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from parallel_adaptation import PY, ROOT, latest_step, load_prompts, log, run, spread  # noqa: E402
 
-LAYOUTS = {"one pass, first slot masked": (True, "masked"), "one pass, overlap": (True, "overlap"),
-           "two passes": (False, "masked")}
+LAYOUTS = {"one pass, first slot masked": (False, "masked"), "one pass, overlap": (False, "overlap"),
+           "two passes": (True, "masked")}
 
 
 def parse_args(argv=None):
@@ -71,28 +71,19 @@ def acceptance(args, ckpt: Path, heldout: Path) -> dict:
 
     from megablock.cli import launched_parallel
     from megablock.inference.loading import load
-    from megablock.inference.sampler import GenerateConfig
-    from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
+    from megablock.inference.measure import measure
+    from megablock.inference.speculative import SpeculativeConfig
 
     torch.set_num_threads(args.threads)
     im = load(ckpt=str(ckpt), parallel=launched_parallel())
     im.eos_token_ids = []  # fixed-length rows
     prompts = spread(load_prompts(heldout, im.tokenizer), args.prompts)
-    ar = [im.sampler().generate([p], GenerateConfig(block_size=1, max_new_tokens=args.tokens)).tokens[0]
-          for p in prompts]
-    spec, out = speculative_sampler(im), {}
-    for name, (fused, layout) in LAYOUTS.items():
-        cfg = SpeculativeConfig(block_size=args.block_size, max_new_tokens=args.tokens, fused=fused, next_draft=layout)
-        kept, offered, forwards, same = [], [], 0, 0
-        for p, want in zip(prompts, ar):
-            o = spec.generate([p], cfg)
-            kept += o.accepted
-            offered += o.drafted
-            forwards += o.forwards
-            same += o.tokens[0] == want
-        out[name] = {"kept_per_block": sum(kept) / max(len(kept), 1), "offered_per_block": sum(offered) / max(len(offered), 1),
-                     "tokens_per_forward": args.tokens * len(prompts) / forwards, "identical_to_ar": f"{same}/{len(prompts)}"}
-    return out
+    configs = {name: SpeculativeConfig(block_size=args.block_size, max_new_tokens=args.tokens, two_pass=two_pass,
+                                       next_draft=layout) for name, (two_pass, layout) in LAYOUTS.items()}
+    records = measure(im, prompts, configs, max_new_tokens=args.tokens)
+    return {name: {"kept_per_block": r.mean_accepted, "offered_per_block": r.drafts_per_block,
+                   "tokens_per_forward": r.tokens_per_forward, "identical_to_ar": f"{r.identical_to_ar}/{len(prompts)}"}
+            for name, r in records.items() if name in configs}
 
 
 def main(argv=None) -> int:

@@ -2,10 +2,10 @@
 """kill -9 soak: a tiny training run killed at random moments (some in the middle of a
 checkpoint save), resumed each time, compared step by step with an uninterrupted run.
 
-    python benchmarks/kill_soak.py                      # 4 kills over a 40-step run
-    python benchmarks/kill_soak.py --kills 10 --steps 60 --seed 1
-    python benchmarks/kill_soak.py --variant adaptive   # diffusion.schedule=adaptive (searches resumed)
-    python benchmarks/kill_soak.py --variant lora       # LoRA: adapters only in DeepSpeed's state
+    python scripts/kill_soak.py                      # 4 kills over a 40-step run
+    python scripts/kill_soak.py --kills 10 --steps 60 --seed 1
+    python scripts/kill_soak.py --variant adaptive   # diffusion.schedule=adaptive (searches resumed)
+    python scripts/kill_soak.py --variant lora       # LoRA: adapters only in DeepSpeed's state
 
 Setup (in --workdir, default a temporary folder): a tiny random Llama (2 layers, hidden 64)
 converted with a mask token, the committed Shakespeare sample preprocessed with its tokenizer,

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """The adaptation study: which parts of the NBDiff recipe matter, at equal token budgets.
 
-    python benchmarks/adaptation_study.py                    # all variants, ~1 hour on 2 CPU cores
-    python benchmarks/adaptation_study.py --variants a c     # some of them
-    python benchmarks/adaptation_study.py --report-only      # table and plot from finished runs
+    python studies/adaptation_study.py                    # all variants, ~1 hour on 2 CPU cores
+    python studies/adaptation_study.py --variants a c     # some of them
+    python studies/adaptation_study.py --report-only      # table and plot from finished runs
 
 Starts from SmolLM2-135M converted with a mask token (scripts/quickstart.sh leaves it in
 quickstart/smollm2-135m; --base points elsewhere). Every variant trains from that checkpoint
@@ -204,8 +204,10 @@ def generation_sweep(name: str, ckpt: Path, heldout: Path, block_size: int, args
 
     from megablock.data.datasets import eval_windows
     from megablock.cli import launched_parallel
-    from megablock.inference.evaluation import generate_samples, generation_prompts, reference_nll
+    from megablock.inference.evaluation import generation_prompts, reference_nll
     from megablock.inference.loading import load
+    from megablock.inference.measure import decode as measure_decoding
+    from megablock.inference.sampler import GenerateConfig
 
     path = out / "eval" / f"{name}_gen.json"
     if path.is_file():
@@ -216,8 +218,9 @@ def generation_sweep(name: str, ckpt: Path, heldout: Path, block_size: int, args
     decode = lambda ids: em.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     points = []
     for decoding, threshold, per_step in (decodings(args) if block_size > 1 else [("AR", 1.0, None)]):
-        samples, forwards, _ = generate_samples(em, prompts, block_size, 32, threshold=threshold, temperature=1.0,
-                                                tokens_per_step=per_step)
+        record = measure_decoding(em, prompts, GenerateConfig(block_size=block_size, max_new_tokens=32, threshold=threshold,
+                                                              tokens_per_step=per_step, shift=em.shift))
+        samples, forwards = record.tokens, record.forwards
         nll, count = reference_nll(ref, [decode(p) for p in prompts], [decode(t) for t in samples])
         points.append({"decoding": decoding, "new_tokens": sum(map(len, samples)), "forwards": forwards,
                        "tokens_per_forward": sum(map(len, samples)) / forwards, "ref_tokens": count,
@@ -273,8 +276,9 @@ def schedule_variance(name: str, save: Path, heldout: Path, change: dict, args, 
 
 
 def trainable(save: Path) -> int | None:
-    meta = json.loads((save / (save / "latest").read_text().strip() / "megablock.json").read_text())
-    return (meta.get("lora") or {}).get("trainable_parameters")
+    from megablock.checkpoint.format import Checkpoint
+
+    return Checkpoint.open(save).meta.trainable_parameters
 
 
 def main(argv=None) -> int:

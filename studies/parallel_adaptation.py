@@ -2,8 +2,8 @@
 """An adaptation meant to decode in parallel: SmolLM2-135M-Instruct trained with block diffusion on
 its own continuations (self-distilled SFT data), block size grown 1 -> 2 -> 4 -> 8.
 
-    python benchmarks/parallel_adaptation.py [--tokens 49152] [--chunk-steps 8]   # resumable
-    python benchmarks/parallel_adaptation.py --report-only                       # page numbers from what exists
+    python studies/parallel_adaptation.py [--tokens 49152] [--chunk-steps 8]   # resumable
+    python studies/parallel_adaptation.py --report-only                       # page numbers from what exists
 
 Every phase leaves its result under --out (default study/parallel/, git-ignored) and is skipped
 when rerun, so an interrupted run continues where it stopped (training resumes from its latest
@@ -51,10 +51,11 @@ CORPORA = {  # name: (file, how documents are split)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--base", default="/tmp/megablock_bench/smollm2-135m-ckpt",
+    p.add_argument("--base", default=None,
                    help="converted SmolLM2-135M-Instruct with a mask token (tools/convert_hf.py --gguf; "
-                        "scripts/quickstart.sh makes quickstart/smollm2-135m)")
-    p.add_argument("--corpora", default="/work/shared/data", help="folder with the corpora of CORPORA")
+                        "scripts/quickstart.sh makes quickstart/smollm2-135m); needed until OUT/base exists")
+    p.add_argument("--corpora", default=None,
+                   help="folder with the corpora of CORPORA; needed until the prompts and held-out data exist")
     p.add_argument("--out", default=str(ROOT / "study" / "parallel"))
     p.add_argument("--train-prompts", type=int, default=40, help="per corpus")
     p.add_argument("--heldout-prompts", type=int, default=8, help="per corpus")
@@ -82,6 +83,14 @@ def parse_args(argv=None):
     p.add_argument("--first-slot-mask", type=float, default=0.0,
                    help="diffusion.first_slot_mask_prob (the one-forward-per-block draft layout in training)")
     return p.parse_args(argv)
+
+
+def needed(args, name: str) -> str:
+    """A machine path the study needs now (it is given on the command line, never assumed)."""
+    value = getattr(args, name)
+    if value is None:
+        sys.exit(f"--{name} is needed to build what {args.out} lacks: pass it (see --help)")
+    return value
 
 
 def log(msg: str) -> None:
@@ -113,7 +122,7 @@ def stages(tokens: int) -> list:
 def prepare_base(args, out: Path, env: dict) -> tuple[Path, Path]:
     base, hf = out / "base", out / "base_hf"
     if not (base / "megablock.json").is_file():
-        log(f"copying the base checkpoint from {args.base}")
+        log(f"copying the base checkpoint from {needed(args, 'base')}")
         shutil.copytree(args.base, out / "base.tmp", dirs_exist_ok=True)
         os.replace(out / "base.tmp", base)
     if not (hf / "config.json").is_file():
@@ -135,7 +144,7 @@ def make_prompts(args, out: Path, base: Path) -> tuple[Path, Path]:
     rows = {"train": [], "heldout": []}
     lo, hi = args.prefix_tokens
     for name, (file, split) in CORPORA.items():
-        path = str(Path(args.corpora) / file)
+        path = str(Path(needed(args, "corpora")) / file)
         n = sum(1 for _ in iter_documents(path, text_split=split))
         cut = int(n * 0.9)
         for part, count, rng in (("train", args.train_prompts, (0, cut)), ("heldout", args.heldout_prompts, (cut, n))):
@@ -159,7 +168,7 @@ def heldout_text(args, out: Path, base: Path, env: dict) -> Path:
         return prefix
     from megablock.data.preprocess import iter_documents
 
-    path = str(Path(args.corpora) / CORPORA["wiki"][0])
+    path = str(Path(needed(args, "corpora")) / CORPORA["wiki"][0])
     docs = list(iter_documents(path))
     text = out / "data" / "heldout_wiki.txt"
     text.write_text("\n\n".join(docs[int(len(docs) * 0.9):]) + "\n")
@@ -230,15 +239,18 @@ def curve_point(ckpt: Path, heldout: Path, args) -> dict:
     import torch
 
     from megablock.cli import launched_parallel
-    from megablock.inference.evaluation import generate_samples
     from megablock.inference.loading import load
+    from megablock.inference.measure import decode
+    from megablock.inference.sampler import GenerateConfig
+    from megablock.inference.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
     em = load(ckpt=str(ckpt), parallel=launched_parallel())
     prompts = spread(load_prompts(heldout, em.tokenizer), args.curve_prompts)
-    samples, forwards, seconds = generate_samples(em, prompts, 8, args.gen_tokens, threshold=0.9, temperature=0.0)
-    new = sum(map(len, samples))
-    return {"tokens_per_forward": new / forwards, "new_tokens": new, "forwards": forwards, "seconds": round(seconds, 2)}
+    r = decode(em, prompts, GenerateConfig(block_size=8, max_new_tokens=args.gen_tokens, threshold=0.9, shift=em.shift,
+                                           sampling=SamplingParams(0.0)))
+    return {"tokens_per_forward": r.tokens_per_forward, "new_tokens": r.new_tokens, "forwards": r.forwards,
+            "seconds": round(r.seconds, 2)}
 
 
 def add_curve_point(curve: Path, ckpt: Path, heldout: Path, args, consumed: int, step: int, block: int) -> None:
@@ -293,8 +305,11 @@ def threshold_decoding(ckpt: Path, ref: Path, heldout: Path, args, out: Path, na
     import torch
 
     from megablock.cli import launched_parallel
-    from megablock.inference.evaluation import generate_samples, reference_nll
+    from megablock.inference.evaluation import reference_nll
     from megablock.inference.loading import load
+    from megablock.inference.measure import decode as measure_decoding
+    from megablock.inference.sampler import GenerateConfig
+    from megablock.inference.sampling import SamplingParams
 
     torch.set_num_threads(args.threads)
     em = load(ckpt=str(ckpt), parallel=launched_parallel())
@@ -303,8 +318,9 @@ def threshold_decoding(ckpt: Path, ref: Path, heldout: Path, args, out: Path, na
     rows = []
     for B in (4, 8):
         for temperature in (0.0, 1.0):
-            samples, forwards, seconds = generate_samples(em, prompts, B, args.gen_tokens, threshold=0.9,
-                                                          temperature=temperature)
+            r = measure_decoding(em, prompts, GenerateConfig(block_size=B, max_new_tokens=args.gen_tokens, threshold=0.9,
+                                                             shift=em.shift, sampling=SamplingParams(temperature)))
+            samples, forwards, seconds = r.tokens, r.forwards, r.seconds
             row = {"block_size": B, "temperature": temperature, "new_tokens": sum(map(len, samples)),
                    "forwards": forwards, "tokens_per_forward": sum(map(len, samples)) / forwards,
                    "seconds": round(seconds, 2)}
@@ -331,16 +347,13 @@ def speculative(ckpt: Path, ref: Path, heldout: Path, args, out: Path, name: str
     path = out / "eval" / f"speculative_{name}.json"
     if path.is_file():
         return json.loads(path.read_text())
-    try:
-        from megablock.inference.speculative import SpeculativeConfig, speculative_sampler
-    except ImportError:
-        return None
     import torch
     from transformers import AutoModelForCausalLM
 
     from megablock.cli import launched_parallel
     from megablock.inference.loading import load
-    from megablock.inference.sampler import GenerateConfig
+    from megablock.inference.measure import measure
+    from megablock.inference.speculative import SpeculativeConfig
 
     torch.set_num_threads(1)
     em = load(ckpt=str(ckpt), parallel=launched_parallel())
@@ -348,33 +361,16 @@ def speculative(ckpt: Path, ref: Path, heldout: Path, args, out: Path, name: str
     prompts = spread(load_prompts(heldout, em.tokenizer), args.spec_prompts)
     n = args.spec_tokens
     hf = AutoModelForCausalLM.from_pretrained(str(ref), dtype=torch.float32).eval()
-    ar, spec = em.sampler(), speculative_sampler(em)
     result = {"prompts": len(prompts), "new_tokens_per_prompt": n, "clock": "process CPU time, 1 thread",
               "load_avg_start": os.getloadavg()[0], "rows": []}
-    hf_seconds, ar_out = 0.0, []
-    for p in prompts:
-        ar_out.append(ar.generate([p], GenerateConfig(block_size=1, max_new_tokens=n)).tokens[0])
-        with torch.inference_mode():
-            x = torch.tensor([p])
-            t0 = time.process_time()
-            hf.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                        pad_token_id=em.pad_token_id)
-            hf_seconds += time.process_time() - t0
-    result["hf_tokens_per_s"] = n * len(prompts) / hf_seconds
+    records = measure(em, prompts, {B: SpeculativeConfig(block_size=B, max_new_tokens=n) for B in (4, 8, 16)},
+                      max_new_tokens=n, hf_model=hf, clock=time.process_time)
+    result["hf_tokens_per_s"] = records["hf"].tokens_per_s
     for B in (4, 8, 16):
-        accepted, drafted, forwards, seconds, same = [], [], 0, 0.0, 0
-        for p, ref_tokens in zip(prompts, ar_out):
-            t0 = time.process_time()
-            o = spec.generate([p], SpeculativeConfig(block_size=B, max_new_tokens=n))
-            seconds += time.process_time() - t0
-            accepted += o.accepted
-            drafted += o.drafted
-            forwards += o.forwards
-            same += o.tokens[0] == ref_tokens
-        row = {"block_size": B, "mean_accepted_per_block": sum(accepted) / max(len(accepted), 1),
-               "drafts_per_block": sum(drafted) / max(len(drafted), 1), "verified_blocks": len(accepted),
-               "tokens_per_forward": n * len(prompts) / forwards, "tokens_per_s": n * len(prompts) / seconds,
-               "identical_to_ar": f"{same}/{len(prompts)}"}
+        r = records[B]
+        row = {"block_size": B, "mean_accepted_per_block": r.mean_accepted, "drafts_per_block": r.drafts_per_block,
+               "verified_blocks": len(r.accepted), "tokens_per_forward": r.tokens_per_forward,
+               "tokens_per_s": r.tokens_per_s, "identical_to_ar": f"{r.identical_to_ar}/{len(prompts)}"}
         row["speedup_vs_hf"] = row["tokens_per_s"] / result["hf_tokens_per_s"]
         result["rows"].append(row)
         log(f"{name}: speculative B={B}: {row['mean_accepted_per_block']:.2f} of {row['drafts_per_block']:.1f} drafts "
