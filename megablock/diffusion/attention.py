@@ -42,8 +42,13 @@ def attend(
 
     q: [b, hq, S, d]; k, v: [b, hkv, S, d] with hq a multiple of hkv (query head h reads
     key/value head h // (hq // hkv)); S = layout.total_len. Returns [b, hq, S, d].
-    ``auto`` picks ``flex`` on CUDA and ``sdpa`` elsewhere.
+    ``auto`` picks ``flex`` on CUDA and ``sdpa`` elsewhere. Under context parallelism
+    (`layout.context`) q, k, v are this rank's shard (megablock.diffusion.context).
     """
+    if layout.context is not None:
+        from .context import context_attend  # it builds on this module
+
+        return context_attend(q, k, v, layout, impl, scale)
     if layout.rows is not None:
         return _attend_carried(q, k, v, layout, impl, scale)
     _check_shapes(q, k, v, layout)

@@ -288,7 +288,7 @@ def _save_training_checkpoint(
     lora_settings = model.lora
     engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False, exclude_frozen_parameters=lora_settings is not None)
     weights, adapter_weights = split_weights(_gather_weights(model, zero_stage))
-    if info.dp_rank == 0:
+    if info.dp_rank == 0 and info.cp_rank == 0:  # context ranks hold the same weights
         dtype = next(iter(weights.values())).dtype
         if dtype not in (torch.float32, torch.bfloat16):
             weights = {k: v.float() for k, v in weights.items()}
