@@ -20,7 +20,7 @@ So a noised chunk's own clean chunk is on its rank, and the zigzag gives every r
 number of visible (query chunk, key chunk) pairs: rank r's early chunks see r earlier chunks,
 its late ones 2c-1-r.
 
-Attention (`context_attend`, chosen by `ContextShard.impl`, parallel.context_impl):
+Attention (megablock.diffusion.attention.attend, by `ContextShard.impl`, parallel.context_impl):
   - ``allgather`` (the reference): all-gather K/V over the group (backward: reduce-scatter of
     dK/dV), place the local queries in a zero sequence of length S, run the single-sequence exact
     kernels (megablock.diffusion.attention) and read the local rows back. Zero query rows add
@@ -46,7 +46,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from .attention import attend
 from .batch import DiffusionBatch
 from .layout import AttentionLayout, ContextShard, chunk_len, context_chunks, shard_positions
 from .loss import LossParts
@@ -66,23 +65,23 @@ def shard_batch(batch: DiffusionBatch, shard: ContextShard) -> DiffusionBatch:
     return batch.map_positions(lambda t: t.index_select(1, idx), layout)
 
 
-def context_attend(q, k, v, layout: AttentionLayout, impl: str = "auto", scale: Optional[float] = None):
-    """Attention of this rank's shard (q: [b, hq, S / c, d], k, v: [b, hkv, S / c, d]) under the
-    layout's rules over the whole sequence."""
-    shard = layout.context
-    if shard.impl == "allgather":
-        return _allgather_attend(q, k, v, layout, impl, scale)
-    if shard.impl == "ring":
-        return _RingAttention.apply(q, k, v, layout, scale)
-    raise ValueError(f"parallel.context_impl={shard.impl!r} is not one of ['ring', 'allgather']")
-
-
 # ----------------------------------------------------------------------------- allgather
 
 
 def _all_positions(layout: AttentionLayout, device) -> torch.Tensor:
     """[S]: position of every entry of the rank-order gather of all shards."""
     return torch.cat([shard_positions(layout, device, r) for r in range(layout.context.size)])
+
+
+def gather_sequence(x: torch.Tensor, layout: AttentionLayout) -> torch.Tensor:
+    """[b, h, S / c, d] shards of the group -> [b, h, S, d] in sequence order on every rank
+    (backward: the gradient reduce-scattered back to the shards)."""
+    return _GatherSequence.apply(x, layout)
+
+
+def ring_attend(q, k, v, layout: AttentionLayout, scale: Optional[float] = None) -> torch.Tensor:
+    """Ring attention of this rank's shard (module docstring)."""
+    return _RingAttention.apply(q, k, v, layout, scale)
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -109,15 +108,6 @@ class _GatherSequence(torch.autograd.Function):
         out = torch.empty((b, h, S // c, d), dtype=grad.dtype, device=grad.device)
         dist.reduce_scatter_tensor(out, parts, group=layout.context.group)
         return out, None
-
-
-def _allgather_attend(q, k, v, layout, impl, scale):
-    full = replace(layout, context=None)
-    rows = shard_positions(layout, q.device)
-    keys, values = _GatherSequence.apply(k, layout), _GatherSequence.apply(v, layout)
-    b, h, _, d = q.shape
-    spread = q.new_zeros(b, h, layout.total_len, d).index_copy(2, rows, q)
-    return attend(spread, keys, values, full, impl, scale).index_select(2, rows)
 
 
 # ----------------------------------------------------------------------------- ring pieces
