@@ -291,7 +291,7 @@ class _RingAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, layout: AttentionLayout, scale):
         shard = layout.context
         plan = ring_plan(layout, q.device, q.dtype)
-        ring = _Ring(shard)
+        ring = _Ring(shard) if shard.size > 1 else None  # a group of one: nothing to exchange
         b, h, S, d = q.shape
         out = torch.zeros(b, h, S, d, dtype=torch.float32, device=q.device)
         lse = torch.full((b, h, S), float("-inf"), dtype=torch.float32, device=q.device)
@@ -310,7 +310,8 @@ class _RingAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         q, k, v, out, lse = ctx.saved_tensors
-        shard, plan, ring = ctx.shard, ctx.plan, _Ring(ctx.shard)
+        shard, plan = ctx.shard, ctx.plan
+        ring = _Ring(shard) if shard.size > 1 else None
         g = g.contiguous()
         dq = torch.zeros_like(q, dtype=torch.float32)
         kv = torch.stack([k, v])
@@ -325,7 +326,7 @@ class _RingAttention(torch.autograd.Function):
             if acc is not None:
                 mine += acc
             # On to the next rank, which holds this shard next; after the last step that is its owner.
-            acc, acc_reqs = ring.pass_on(mine, _DKV)
+            acc, acc_reqs = ring.pass_on(mine, _DKV) if ring is not None else (mine, [])
             _wait(reqs)
             kv = nxt
         _wait(acc_reqs)
