@@ -14,8 +14,8 @@ memory is measured (rank 0: the peak of torch's CPU allocator above what was ali
 step, benchmarks/common.py), the same for a forward alone (what it keeps for backward plus its
 transients: the activation memory), then --repeats timed forward + backward steps (a barrier
 before each; best and median of rank 0). The estimates are memory.py's for the same config and
-the batch's real number of loss positions: activations plus the largest transient for the
-forward, the backward peak without weights and optimizer state for the step. The step peak
+the batch's real number of loss positions: the activations (the loss's logits included) for
+the forward, the backward peak without weights and optimizer state for the step. The step peak
 also holds the gradients of every weight and the head's, which do not shrink with CP.
 
 What this cannot show: the ring posts each transfer before the computation it should hide
@@ -115,7 +115,7 @@ def _measure(rank, world, seq_len, impl, layers, repeats, device):
     p = est.parts
     step_estimate = (max(est.activations + p["head_grads"], est.gradients)
                      + max(p["logits_chunk"], p["layer_workspace"]))
-    forward_estimate = est.activations + max(p["logits_chunk"], p["layer_workspace"])
+    forward_estimate = est.activations  # what autograd keeps, the loss's logits included
     return {"measured": measured, "estimate": step_estimate, "forward": forward, "forward_estimate": forward_estimate,
             "times": times}
 
