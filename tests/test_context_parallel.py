@@ -223,3 +223,20 @@ def test_ring_kernel_on_cuda_equals_dense():
     torch.testing.assert_close(ring, ref, rtol=1e-4, atol=1e-4)
     for a, b in zip(ring_grads, ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_estimate_splits_tokens_and_zero_over_the_context_ranks():
+    from megablock.model.config import ModelConfig
+    from megablock.training.memory import estimate
+
+    arch = ModelConfig(arch="llama", vocab_size=4096, hidden_size=256, intermediate_size=704, num_layers=4,
+                       num_attention_heads=4, num_kv_heads=2, mask_token_id=4095, max_position_embeddings=8192)
+    sets = ["data.seq_len=4096", "train.loss_chunk_tokens=512", "parallel.zero_stage=1"]
+    one = estimate(load_config(None, sets), arch)[0]
+    ring = estimate(load_config(None, [*sets, "parallel.context=2"]), arch)[0]
+    gather = estimate(load_config(None, [*sets, "parallel.context=2", "parallel.context_impl=allgather"]), arch)[0]
+    assert ring.activations == pytest.approx(one.activations / 2, rel=1e-9)
+    assert ring.optimizer == pytest.approx(one.optimizer / 2, rel=1e-9)  # ZeRO over data x context
+    assert ring.weights == one.weights and ring.gradients == one.gradients
+    # allgather keeps the whole sequence's keys, spread queries and outputs for backward.
+    assert gather.activations > ring.activations
