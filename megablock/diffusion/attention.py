@@ -19,7 +19,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from megablock.config import AttentionImpl, options
+from megablock.config import AttentionImpl, ContextImpl, options
 
 from .context import gather_sequence, ring_attend
 from .layout import AttentionLayout, shard_positions
@@ -114,7 +114,7 @@ def context_attend(q, k, v, layout: AttentionLayout, impl: str = "auto", scale: 
     if shard.impl == "ring":
         return ring_attend(q, k, v, layout, scale)
     if shard.impl != "allgather":
-        raise ValueError(f"parallel.context_impl={shard.impl!r} is not one of ['ring', 'allgather']")
+        raise ValueError(f"parallel.context_impl={shard.impl!r} is not one of {list(options(ContextImpl))}")
     # The reference: every key on every rank, and the local queries in a zero sequence of length
     # S. Zero query rows add nothing to dK/dV (their output gradient is 0), so this is exact.
     rows = shard_positions(layout, q.device)

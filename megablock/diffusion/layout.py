@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-from megablock.config import Attention, options
+from megablock.config import Attention, ContextImpl, options
 
 ATTENTION_MODES = ("ar",) + options(Attention)
 """The configurable attentions plus "ar" (x0 only, causal: block size 1 with shift)."""
@@ -26,7 +26,7 @@ class ContextShard:
     rank: int
     group: Optional[object] = field(default=None, compare=False, repr=False)
     """The context-parallel process group (megatron-core's)."""
-    impl: str = "ring"
+    impl: ContextImpl = "ring"
     """parallel.context_impl: ring | allgather."""
 
 
