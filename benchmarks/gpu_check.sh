@@ -9,6 +9,8 @@
 #    carry [".whl"], timeout_s 540): installs the wheels into /tmp/site, then runs
 #      - the CUDA-only tests (compiled FlexAttention vs the dense reference; bf16 logits-only-where-
 #        a-loss-is vs full logits; recompute vs none, with CUDA peak memory),
+#      - the context-parallel ring kernel's CUDA test, and benchmarks/context_parallel.py at CP = 2
+#        over NCCL where two GPUs and DeepSpeed are present (skipped, and said so, otherwise),
 #      - benchmarks/train_step.py on a ~1B shape (16 layers, hidden 2048, intermediate 5632,
 #        16/4 heads, vocab 32000) in bf16 with compiled FlexAttention at L = 2048: step time,
 #        tokens/s, MFU and peak memory for AR vs block diffusion, without and with full recompute.
@@ -43,4 +45,12 @@ echo "== train_step, ~1B shape, bf16, FlexAttention, L = 2048 ($(( $(date +%s) -
 SHAPE="--device cuda --layers 16 --hidden 2048 --intermediate 5632 --heads 16 --kv-heads 4 --lengths 2048 --repeats 3 --configs ar sdpa --no-breakdown"
 timeout 150 python3 benchmarks/train_step.py $SHAPE --recompute none || echo "BENCH FAILED (rc $?)"
 timeout 120 python3 benchmarks/train_step.py $SHAPE --recompute full || echo "BENCH FAILED (rc $?)"
+echo "== context parallelism ($(( $(date +%s) - start )) s so far): the ring kernel on CUDA; CP = 2 over NCCL with 2 GPUs"
+timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_context_parallel.py -k cuda || echo "TESTS FAILED (rc $?)"
+if [[ $(python3 -c "import torch; print(torch.cuda.device_count())") -ge 2 ]] && python3 -c "import deepspeed" 2>/dev/null; then
+    timeout 240 python3 benchmarks/context_parallel.py --device cuda --seq-lens 8192 --layers 4 --repeats 3 \
+        || echo "BENCH FAILED (rc $?)"
+else
+    echo "CP = 2 benchmark skipped: it needs two GPUs and DeepSpeed (megablock.parallel.state starts through it)"
+fi
 echo "== done in $(( $(date +%s) - start )) s"

@@ -44,6 +44,8 @@ CleanPass = Literal["cached", "joint"]
 """lora.scope=noised: how a step treats the frozen clean half (megablock.training.engine)."""
 DataFormat = Literal["pretrain", "sft"]
 """pretrain (raw text, every token a target) | sft (prompt/response data with response flags)."""
+ContextImpl = Literal["ring", "allgather"]
+"""Context-parallel attention: K/V chunks passed around the ring | all-gathered (the reference)."""
 WeightDtype = Literal["fp32", "bf16"]
 """dtypes of checkpoint shards, exports and inference weights."""
 
@@ -163,9 +165,22 @@ class ParallelSection(Section):
     sequence_parallel: bool = False
     """Megatron-style sequence parallelism with TP > 1: norms and residuals sharded along the
     sequence, all-gather / reduce-scatter around the parallel linears (megablock.parallel.sequence)."""
+    context: int = 1
+    """Context-parallel size c: each sample's sequence is split over c ranks, which share weights and
+    see the same samples (megablock.diffusion.context); gradients are reduced over data x context."""
+    context_impl: ContextImpl = "ring"
+    """How attention reads the other ranks' keys: ring (point-to-point, O(2L / c) K/V per rank) |
+    allgather (all K/V on every rank; the reference)."""
 
     def check(self) -> None:
         self._require(self.tensor >= 1, "tensor", "must be >= 1")
+        self._require(self.context >= 1, "context", "must be >= 1")
+        if self.context > 1 and self.pipeline > 1:
+            raise ConfigError(f"parallel.context={self.context} with parallel.pipeline={self.pipeline}: context "
+                              "parallelism is not implemented for pipelines; set parallel.pipeline=1")
+        if self.context > 1 and self.sequence_parallel:
+            raise ConfigError(f"parallel.context={self.context} with parallel.sequence_parallel: the two are not "
+                              "implemented together; set parallel.sequence_parallel=false")
         self._require(not self.sequence_parallel or self.tensor > 1, "sequence_parallel",
                       "shards the sequence over the tensor-parallel ranks, so it needs parallel.tensor > 1")
         self._require(self.pipeline >= 1, "pipeline", "must be >= 1")
@@ -228,7 +243,8 @@ class TrainSection(Section):
     """Leave out of the forward the noised blocks in which nothing is masked: they carry no loss
     and no other position attends to them (about 1 in B of the noised blocks), so loss and
     gradients are unchanged (megablock.diffusion.batch.drop_unmasked_blocks). Pipeline-parallel
-    runs carry the full sequence (their stages exchange fixed shapes)."""
+    runs carry the full sequence (their stages exchange fixed shapes), and so do context-parallel
+    runs (their zigzag shards keep fixed lengths)."""
 
     def check(self) -> None:
         for name in ("micro_batch_size", "global_batch_size", "steps", "max_nonfinite_steps",
@@ -529,6 +545,29 @@ class Config:
                 )
         if self.lora.scope == "noised":
             self._check_gated()
+        if self.parallel.context > 1:
+            self._check_context()
+
+    def _check_context(self) -> None:
+        """parallel.context > 1: every stage's sequence splits into 2c chunks of whole blocks."""
+        c, L = self.parallel.context, self.data.seq_len
+        if self.diffusion.attention == "full":
+            raise ConfigError(f"diffusion.attention=full with parallel.context={c}: context parallelism is "
+                              "implemented for context_causal and block_causal; choose one of them")
+        for B in self.diffusion.block_sizes:
+            if L % (2 * c * B):
+                raise ConfigError(
+                    f"parallel.context={c} with data.seq_len={L} and block size {B}: each half of the sequence is "
+                    f"split into 2 x {c} chunks of whole blocks, so data.seq_len must be a multiple of "
+                    f"2 x parallel.context x block size = {2 * c * B}")
+        refused = [("lora.enabled", self.lora.enabled, "set lora.enabled=false"),
+                   ("diffusion.confidence_loss_weight", self.diffusion.confidence_loss_weight,
+                    "set diffusion.confidence_loss_weight=0"),
+                   ("diffusion.distill_weight", self.diffusion.distill_weight, "set diffusion.distill_weight=0")]
+        for key, value, fix in refused:
+            if value:
+                raise ConfigError(f"{key}={value!r} with parallel.context={c}: not implemented with context "
+                                  f"parallelism; {fix}")
 
     def _check_gated(self) -> None:
         """lora.scope=noised: the clean half is the frozen base, so what would train it is refused."""
@@ -690,12 +729,13 @@ def load_config(path: Optional[str] = None, overrides: Optional[list] = None) ->
 def validate_parallel_layout(cfg: Config, world_size: int) -> int:
     """Batch arithmetic for a launch of `world_size` ranks; returns gradient accumulation steps."""
     p, t = cfg.parallel, cfg.train
-    if world_size % (p.tensor * p.pipeline):
+    model_parallel = p.tensor * p.pipeline * p.context
+    if world_size % model_parallel:
         raise ConfigError(
             f"{world_size} processes cannot form parallel.tensor={p.tensor} x parallel.pipeline="
-            f"{p.pipeline}; launch a multiple of {p.tensor * p.pipeline}"
+            f"{p.pipeline} x parallel.context={p.context}; launch a multiple of {model_parallel}"
         )
-    dp = world_size // (p.tensor * p.pipeline)
+    dp = world_size // model_parallel  # context ranks see the same samples
     per_step = t.micro_batch_size * dp
     if t.global_batch_size % per_step:
         raise ConfigError(

@@ -1,12 +1,13 @@
 """Per-rank memory of a training config: weights, gradients, optimizer state, activations, logits.
 
     python tools/estimate_memory.py --config X.yaml [--set key=value ...] [--hf-config config.json]
-        [--data-parallel N] [--block-size B] [--device-memory-gb 80] [--json]
+        [--data-parallel N] [--context C] [--block-size B] [--device-memory-gb 80] [--json]
 
 The architecture comes from --hf-config (a Hugging Face config.json, e.g. the model you will
 convert), else from model.init_from's megablock.json when that checkpoint exists, else from
 model.architecture (`--set model.architecture='{hidden_size: ..., ...}'`). --data-parallel is the
-number of model replicas (ZeRO partitions over it; default 1). The block size defaults to the
+number of model replicas (ZeRO partitions over it; default 1); --context sets parallel.context
+(each sample split over C ranks; docs/context_parallel.md). The block size defaults to the
 curriculum's largest (the most expensive step). Prints a table per pipeline stage and the
 largest micro-batch whose peak fits --device-memory-gb with 10% kept free; the model is
 megablock/training/memory.py's (what it counts and what it leaves out is written there).
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="config overrides, as for pretrain_nbdiff.py")
     p.add_argument("--hf-config", help="a Hugging Face config.json giving the architecture")
     p.add_argument("--data-parallel", type=int, default=1, help="model replicas (ZeRO partitions over them)")
+    p.add_argument("--context", type=int, help="context-parallel size (sets parallel.context)")
     p.add_argument("--block-size", type=int, help="block size of the step (default: the curriculum's largest)")
     p.add_argument("--device-memory-gb", type=float, help="device memory (GB = 1e9 bytes) for the fit")
     p.add_argument("--json", action="store_true", help="one JSON object on the last line")
@@ -76,11 +78,13 @@ def check_inputs(args, cfg, m: ModelConfig) -> None:
     if args.block_size is not None and not (args.block_size >= 1 and cfg.data.seq_len % args.block_size == 0):
         raise ConfigError(f"--block-size {args.block_size} must be >= 1 and divide data.seq_len={cfg.data.seq_len}")
     validate_model(cfg, m)
-    validate_parallel_layout(cfg, args.data_parallel * cfg.parallel.tensor * cfg.parallel.pipeline)
+    p = cfg.parallel
+    validate_parallel_layout(cfg, args.data_parallel * p.tensor * p.pipeline * p.context)
 
 
 def run(args) -> int:
-    cfg = load_config(args.config, [a for group in args.set for a in group])
+    context = [] if args.context is None else [f"parallel.context={args.context}"]
+    cfg = load_config(args.config, [a for group in args.set for a in group] + context)
     m = resolve_architecture(cfg, args.hf_config)
     check_inputs(args, cfg, m)
     dp = args.data_parallel
@@ -89,7 +93,8 @@ def run(args) -> int:
     B = args.block_size or max(cfg.diffusion.block_sizes)
     print(f"{m.arch}: {m.num_layers} layers, hidden {m.hidden_size}, intermediate {m.intermediate_size}, "
           f"{m.num_attention_heads}/{m.num_kv_heads} heads, vocab {m.vocab_size}")
-    print(f"layout TP {p.tensor} x PP {p.pipeline} x DP {dp}, ZeRO {p.zero_stage}, {t.precision}, "
+    cp = f" x CP {p.context} ({p.context_impl})" if p.context > 1 else ""
+    print(f"layout TP {p.tensor}{cp} x PP {p.pipeline} x DP {dp}, ZeRO {p.zero_stage}, {t.precision}, "
           f"recompute {t.recompute}, micro-batch {t.micro_batch_size}, L = {cfg.data.seq_len}, B = {B}, "
           f"loss chunk {t.loss_chunk_tokens} tokens")
     print(format_table(stages))

@@ -19,9 +19,10 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from megablock.config import AttentionImpl, options
+from megablock.config import AttentionImpl, ContextImpl, options
 
-from .layout import AttentionLayout
+from .context import gather_sequence, ring_attend
+from .layout import AttentionLayout, shard_positions
 from .masks import LayoutCache, _rules, dense_mask, flex_block_mask
 
 IMPLS = options(AttentionImpl)
@@ -42,8 +43,11 @@ def attend(
 
     q: [b, hq, S, d]; k, v: [b, hkv, S, d] with hq a multiple of hkv (query head h reads
     key/value head h // (hq // hkv)); S = layout.total_len. Returns [b, hq, S, d].
-    ``auto`` picks ``flex`` on CUDA and ``sdpa`` elsewhere.
+    ``auto`` picks ``flex`` on CUDA and ``sdpa`` elsewhere. Under context parallelism
+    (`layout.context`) q, k, v are this rank's shard (megablock.diffusion.context).
     """
+    if layout.context is not None:
+        return context_attend(q, k, v, layout, impl, scale)
     if layout.rows is not None:
         return _attend_carried(q, k, v, layout, impl, scale)
     _check_shapes(q, k, v, layout)
@@ -101,6 +105,24 @@ def attend_noised(
     if rows is not None:
         out = _per_row(lambda i: out[i].index_select(1, rows[i]), out.shape[0])
     return out
+
+
+def context_attend(q, k, v, layout: AttentionLayout, impl: str = "auto", scale: Optional[float] = None):
+    """Attention of this context rank's shard (q: [b, hq, S / c, d], k, v: [b, hkv, S / c, d])
+    under the rules of the whole sequence (megablock.diffusion.context)."""
+    shard = layout.context
+    if shard.impl == "ring":
+        return ring_attend(q, k, v, layout, scale)
+    if shard.impl != "allgather":
+        raise ValueError(f"parallel.context_impl={shard.impl!r} is not one of {list(options(ContextImpl))}")
+    # The reference: every key on every rank, and the local queries in a zero sequence of length
+    # S. Zero query rows add nothing to dK/dV (their output gradient is 0), so this is exact.
+    rows = shard_positions(layout, q.device)
+    b, h, _, d = q.shape
+    spread = q.new_zeros(b, h, layout.total_len, d).index_copy(2, rows, q)
+    out = attend(spread, gather_sequence(k, layout), gather_sequence(v, layout), replace(layout, context=None),
+                 impl, scale)
+    return out.index_select(2, rows)
 
 
 def _spread(t: torch.Tensor, rows: torch.Tensor, S: int) -> torch.Tensor:

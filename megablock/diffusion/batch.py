@@ -52,7 +52,7 @@ from typing import Optional
 import torch
 
 from megablock.config import DiffusionSection
-from megablock.diffusion.layout import AttentionLayout
+from megablock.diffusion.layout import AttentionLayout, shard_positions
 from megablock.diffusion.loss import LossLabels
 from megablock.diffusion.noise import Noise, draw_noise, hidden_first_slots
 
@@ -83,6 +83,8 @@ class DiffusionBatch:
         if self.layout.mode == "ar":
             return torch.zeros_like(self.diff_weights, dtype=torch.bool)
         rows = self.layout.rows
+        if self.layout.context is not None:
+            rows = shard_positions(self.layout, self.diff_weights.device).expand_as(self.diff_weights)
         if rows is None:
             rows = torch.arange(self.diff_weights.shape[1], device=self.diff_weights.device).expand_as(self.diff_weights)
         noised = rows.to(self.diff_weights.device) < self.layout.seq_len

@@ -175,11 +175,14 @@ def selected_block_diffusion_loss(
     diff_normalizer: float,
     ar_loss_weight: float,
     chunk_tokens: int = 8192,
+    ar_count: Optional[torch.Tensor] = None,
 ) -> LossParts:
     """`block_diffusion_loss` from the hidden states [b, S, H] before the head: `head` maps
     [N, H] gathered states to this rank's [N, V / TP] logits (the final norm is per position,
     so it may run before or after the gather). Only loss positions are gathered (module
-    docstring); the sums and normalizers are exactly those of `block_diffusion_loss`."""
+    docstring); the sums and normalizers are exactly those of `block_diffusion_loss`.
+    `ar_count`: the AR normalizer when `hidden` is a shard of the sequence (the whole sample's
+    count of AR positions; megablock.diffusion.context); None counts `ar_weights`."""
     idx = loss_positions(diff_weights, ar_weights, ar_loss_weight)
     flat = hidden.reshape(-1, hidden.shape[-1])
     dw, aw = diff_weights.reshape(-1), ar_weights.reshape(-1)
@@ -190,7 +193,7 @@ def selected_block_diffusion_loss(
                                        dw.index_select(0, idx), aw.index_select(0, idx), chunk_tokens)
     diffusion = diff_sum / diff_normalizer
     if ar_loss_weight > 0:
-        ar = ar_sum / aw.sum().clamp(min=1)
+        ar = ar_sum / (aw.sum() if ar_count is None else ar_count).clamp(min=1)
     else:
         # Only the AR positions that also carry a diffusion weight were gathered: their mean
         # would not be the AR loss, so it is not reported.
@@ -293,11 +296,12 @@ def distill_kl(student_local: torch.Tensor, teacher_local: torch.Tensor, tempera
 
 
 def objective(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor], labels: LossLabels,
-              weights: LossWeights) -> LossParts:
+              weights: LossWeights, ar_count: Optional[torch.Tensor] = None) -> LossParts:
     """The whole training loss of one micro-batch from its hidden states [b, S', H] (before the
-    head: `head` maps gathered rows to this rank's logits). Both engines call this."""
+    head: `head` maps gathered rows to this rank's logits). Both engines call this. `ar_count`:
+    see `selected_block_diffusion_loss` (context parallelism)."""
     parts = selected_block_diffusion_loss(hidden, head, labels.targets, labels.diff_weights, labels.ar_weights,
-                                          float(labels.normalizer), weights.ar, weights.chunk_tokens)
+                                          float(labels.normalizer), weights.ar, weights.chunk_tokens, ar_count)
     if not weights.reads_drafts:
         return parts
     sel = labels.noised_targets > 0

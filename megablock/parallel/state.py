@@ -51,6 +51,10 @@ class ParallelInfo:
     """The tensor-parallel process group (None: no torch.distributed, TP = 1)."""
     model_parallel_group: Optional[object] = field(default=None, compare=False, repr=False)
     """The TP x PP group: one replica of the model (for counts and norms over the whole model)."""
+    cp: int = 1
+    """Context-parallel size: ranks that split each sample's sequence (same samples, same weights)."""
+    cp_rank: int = 0
+    cp_group: Optional[object] = field(default=None, compare=False, repr=False)
 
 
 def default_device() -> torch.device:
@@ -103,30 +107,33 @@ def _remove_shm_buffer_at_exit() -> None:
     atexit.register(remove)
 
 
-def initialize_parallel(tp: int = 1, pp: int = 1, device: torch.device | None = None) -> ParallelInfo:
-    """Initialise torch.distributed and megatron-core's TP/DP/PP groups (idempotent)."""
+def initialize_parallel(tp: int = 1, pp: int = 1, device: torch.device | None = None, cp: int = 1) -> ParallelInfo:
+    """Initialise torch.distributed and megatron-core's TP/CP/DP/PP groups (idempotent)."""
     device = device or default_device()
     init_process_group(device)
     world = dist.get_world_size()
-    if world % (tp * pp):
+    if world % (tp * pp * cp):
         raise ValueError(
-            f"world size {world} is not divisible by parallel.tensor x parallel.pipeline = {tp} x {pp}; "
-            f"launch a multiple of {tp * pp} processes"
+            f"world size {world} is not divisible by parallel.tensor x parallel.pipeline x parallel.context = "
+            f"{tp} x {pp} x {cp}; launch a multiple of {tp * pp * cp} processes"
         )
     if parallel_state.model_parallel_is_initialized():
         if (
             parallel_state.get_tensor_model_parallel_world_size() != tp
             or parallel_state.get_pipeline_model_parallel_world_size() != pp
+            or parallel_state.get_context_parallel_world_size() != cp
         ):
             parallel_state.destroy_model_parallel()
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            context_parallel_size=cp,
             order="tp-cp-ep-dp-pp",
             create_gloo_process_groups=device.type == "cuda",
         )
-        logger.info("initialised parallel groups: world %d = TP %d x DP %d x PP %d", world, tp, world // (tp * pp), pp)
+        logger.info("initialised parallel groups: world %d = TP %d x CP %d x DP %d x PP %d", world, tp, cp,
+                    world // (tp * pp * cp), pp)
     return parallel_info(device)
 
 
@@ -143,6 +150,9 @@ def parallel_info(device: torch.device | None = None) -> ParallelInfo:
         device=device or default_device(),
         tp_group=parallel_state.get_tensor_model_parallel_group(),
         model_parallel_group=parallel_state.get_model_parallel_group(),
+        cp=parallel_state.get_context_parallel_world_size(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
+        cp_group=parallel_state.get_context_parallel_group(),
     )
 
 
@@ -165,7 +175,11 @@ class MegatronMPU:
     """The `mpu` object `deepspeed.initialize(mpu=...)` expects, backed by megatron-core.
 
     DeepSpeed asks for get_model_parallel_* (its name for tensor parallelism) and the data
-    parallel group, which it uses to average gradients and shard ZeRO state.
+    parallel group, which sets its batch arithmetic. Context parallelism is DeepSpeed's
+    "sequence parallelism" (Ulysses) as far as the engine is concerned: ranks that share weights
+    and samples. Given get_sequence_* it averages gradients and shards ZeRO state over the
+    data x context group, dividing the sum by the data-parallel size only, so each context rank's
+    loss is its share of the sample's loss and the shares add up (megablock.diffusion.context).
     """
 
     get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
@@ -180,6 +194,21 @@ class MegatronMPU:
     get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
     get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
     get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+    get_sequence_parallel_rank = staticmethod(parallel_state.get_context_parallel_rank)
+    get_sequence_parallel_world_size = staticmethod(parallel_state.get_context_parallel_world_size)
+    get_sequence_parallel_group = staticmethod(parallel_state.get_context_parallel_group)
+
+    @staticmethod
+    def get_sequence_data_parallel_group():
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+    @staticmethod
+    def get_sequence_data_parallel_world_size():
+        return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
+
+    @staticmethod
+    def get_sequence_data_parallel_rank():
+        return parallel_state.get_data_parallel_rank(with_context_parallel=True)
 
 
 def seed_everything(seed: int, info: ParallelInfo | None = None) -> None:

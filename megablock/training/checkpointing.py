@@ -341,7 +341,7 @@ class Checkpointer:
         self.engine.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False,
                                     exclude_frozen_parameters=self.lora is not None)
         weights, adapter_weights = split_weights(_gather_weights(self.model, self.zero_stage))
-        if info.dp_rank == 0:
+        if info.dp_rank == 0 and info.cp_rank == 0:  # context ranks hold the same weights
             dtype = next(iter(weights.values())).dtype
             if dtype not in (torch.float32, torch.bfloat16):
                 weights = {k: v.float() for k, v in weights.items()}

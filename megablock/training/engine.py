@@ -14,6 +14,8 @@ from megatron.core import parallel_state
 from megablock.config import Config
 from megablock.diffusion.batch import DiffusionBatch, drop_unmasked_blocks
 from megablock.diffusion.clean_context import cached_clean_forward
+from megablock.diffusion.context import context_loss, shard_batch
+from megablock.diffusion.layout import ContextShard
 from megablock.diffusion.loss import LossLabels, LossWeights, objective, sample_diffusion_losses
 from megablock.model.transformer import BlockDiffusionLM
 from megablock.parallel.state import MegatronMPU, ParallelInfo
@@ -67,13 +69,15 @@ class DiffusionObjective(torch.nn.Module):
     loss and the adapter gradients are those of the joint forward."""
 
     def __init__(self, model: BlockDiffusionLM, weights: LossWeights, drop_unmasked: bool = True,
-                 clean_pass: str = "joint"):
+                 clean_pass: str = "joint", context: Optional[ContextShard] = None):
         super().__init__()
         self.model = model
         self.weights = weights
         self.drop_unmasked = drop_unmasked
         """train.drop_unmasked_blocks: the forward skips the noised blocks that carry no loss."""
         self.clean_pass = clean_pass
+        self.context = context
+        """Context parallelism: the forward runs this rank's shard (megablock.diffusion.context)."""
 
     def hidden_states(self, batch: DiffusionBatch) -> torch.Tensor:
         if self.clean_pass == "cached" and batch.layout.mode == "context_causal":
@@ -82,9 +86,20 @@ class DiffusionObjective(torch.nn.Module):
         return self.model.encode(batch.input_ids, batch.position_ids, batch.layout)
 
     def forward(self, batch: DiffusionBatch, per_sample: bool = False):
+        whole = batch
+        if self.context is not None:
+            batch = shard_batch(batch, self.context)
         if per_sample:  # evaluation only (no_grad): logits of every position, as the search measures them
             logits = self.model(batch.input_ids, batch.position_ids, batch.layout)
-            return sample_diffusion_losses(logits, batch.targets, batch.diff_weights, batch.diff_normalizer)
+            losses = sample_diffusion_losses(logits, batch.targets, batch.diff_weights, batch.diff_normalizer)
+            if self.context is not None:  # each shard's share of every row
+                dist.all_reduce(losses, group=self.context.group)
+            return losses
+        if self.context is not None:
+            parts = objective(self.hidden_states(batch), self.model.head, batch.loss_labels(), self.weights,
+                              ar_count=whole.ar_weights.sum())
+            parts = context_loss(parts, self.context)
+            return parts.loss, parts.diffusion_loss, parts.ar_loss
         if self.drop_unmasked:
             # Under sequence parallelism the carried length must still split over the TP ranks.
             batch = drop_unmasked_blocks(batch, self.model.tp if self.model.sequence_parallel else 1)
@@ -194,7 +209,10 @@ def build_engine(model: BlockDiffusionLM, cfg: Config, info: ParallelInfo, ds_co
     weights = LossWeights.from_config(cfg)
     if info.pp == 1:
         clean_pass = cfg.lora.clean_pass if cfg.lora.enabled and cfg.lora.scope == "noised" else "joint"
-        module = DiffusionObjective(model, weights, cfg.train.drop_unmasked_blocks, clean_pass)
+        context = None
+        if info.cp > 1:
+            context = ContextShard(info.cp, info.cp_rank, info.cp_group, cfg.parallel.context_impl)
+        module = DiffusionObjective(model, weights, cfg.train.drop_unmasked_blocks, clean_pass, context)
         mpu, loss = MegatronMPU, None
     else:
         loss = PipelineLoss(weights)
@@ -208,8 +226,8 @@ def build_engine(model: BlockDiffusionLM, cfg: Config, info: ParallelInfo, ds_co
         model=module, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds_config, mpu=mpu
     )
     logger.info(
-        "engine: ZeRO %d, %s, TP %d x DP %d x PP %d, accumulation %d",
-        cfg.parallel.zero_stage, cfg.train.precision, info.tp, info.dp, info.pp,
+        "engine: ZeRO %d, %s, TP %d x CP %d x DP %d x PP %d, accumulation %d",
+        cfg.parallel.zero_stage, cfg.train.precision, info.tp, info.cp, info.dp, info.pp,
         ds_config.get("gradient_accumulation_steps", 1),
     )
     if info.pp == 1:

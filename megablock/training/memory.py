@@ -23,6 +23,13 @@ What is counted (bytes on the busiest rank of a TP x PP x DP layout):
   schedule, or given), and the [chunk, V / TP] head output (with its fp32 copy in bf16 / fp16)
   for one chunk.
 
+Context parallelism (parallel.context = c): every rank carries S / c positions of each sample, so
+the tokens above (activations, loss positions, workspaces) are / c, and ZeRO partitions over
+data x context. `ring` attention keeps only the shard's q, k, v, out and lse per layer, plus two
+K/V shards and the fp32 merge buffers while a layer runs; `allgather` keeps, per layer, the
+gathered K/V of all S positions, the local queries spread over S and the S-long output and lse
+(none of which `selective` or `full` keeps).
+
 The peak is weights + optimizer state + the larger of (activations + the head's gradients,
 which backward makes first) and (all gradients), + the largest transient (loss chunk, one
 recomputed layer, a layer's backward workspace, or the optimizer step's temporaries).
@@ -108,6 +115,17 @@ def layer_activation_bytes_per_token(m: ModelConfig, tp: int, a: int, recompute:
     return total
 
 
+def _context_attention_bytes(m: ModelConfig, tp: int, a: int, tokens: float, c: int, impl: str):
+    """(workspace while one layer's attention runs, extra bytes it keeps for backward) of a
+    context-parallel rank carrying `tokens` positions (module docstring)."""
+    qw, kw, heads = m.num_attention_heads * m.head_dim / tp, m.num_kv_heads * m.head_dim / tp, m.num_attention_heads / tp
+    if impl == "ring":  # the stacked K/V, the incoming shard, fp32 running and per-step out and lse
+        return tokens * (4 * kw * a + 8 * qw + 8 * heads), 0.0
+    full = tokens * c
+    kept = full * (2 * kw * a + 2 * qw * a + 4 * heads)  # gathered K/V, spread q, S-long out and lse
+    return kept, kept
+
+
 def _layer_workspace_per_token(m: ModelConfig, tp: int, a: int) -> float:
     """Largest gradient temporaries inside one layer's backward (the MLP's)."""
     f = m.intermediate_size / tp
@@ -136,7 +154,7 @@ def estimate(cfg: Config, m: ModelConfig, dp: int = 1, block_size: Optional[int]
              micro_batch_size: Optional[int] = None, loss_tokens: Optional[float] = None) -> list[StageMemory]:
     """Per-stage memory of one rank (see the module docstring); `block_size` defaults to the
     largest curriculum stage (the step with the most loss positions is B > 1's two-half step);
-    `loss_tokens` (per micro-batch) overrides the schedule's expectation."""
+    `loss_tokens` (per micro-batch, all context ranks together) overrides the schedule's expectation."""
     p, t = cfg.parallel, cfg.train
     tp, pp = p.tensor, p.pipeline
     a = _dtype_bytes(t.precision)
@@ -146,8 +164,9 @@ def estimate(cfg: Config, m: ModelConfig, dp: int = 1, block_size: Optional[int]
     ar_mode = cfg.diffusion.shift and B == 1 and cfg.diffusion.attention != "full"
     S = L if ar_mode or cfg.diffusion.attention == "full" else 2 * L
     rows = 1 + (1 if cfg.diffusion.complementary and not ar_mode else 0)
-    tokens = mb * rows * S
-    n_loss = loss_tokens if loss_tokens is not None else mb * rows * expected_loss_tokens(cfg, B)
+    c = p.context
+    tokens = mb * rows * S / c  # this rank's positions
+    n_loss = (loss_tokens if loss_tokens is not None else mb * rows * expected_loss_tokens(cfg, B)) / c
 
     trainable_frac = 1.0
     if cfg.lora.enabled:
@@ -162,11 +181,11 @@ def estimate(cfg: Config, m: ModelConfig, dp: int = 1, block_size: Optional[int]
         n_train = n * trainable_frac if cfg.lora.enabled else n
         if cfg.lora.enabled:
             n = n + n_train  # the adapters are extra weights
-        zero = p.zero_stage
-        weights = n * a / (dp if zero >= 3 else 1)
-        grads = n_train * a / (dp if zero >= 2 else 1)
+        zero, shards = p.zero_stage, dp * c  # ZeRO partitions over data x context
+        weights = n * a / (shards if zero >= 3 else 1)
+        grads = n_train * a / (shards if zero >= 2 else 1)
         master = 4 if (a != 4 or zero >= 1) else 0
-        opt_state = n_train * (8 + master) / (dp if zero >= 1 else 1)
+        opt_state = n_train * (8 + master) / (shards if zero >= 1 else 1)
         largest = max(m.padded_vocab_size(tp) / tp * m.hidden_size, 2 * m.intermediate_size * m.hidden_size / tp)
         opt_step_tmp = 4 * largest * trainable_frac
 
@@ -174,6 +193,11 @@ def estimate(cfg: Config, m: ModelConfig, dp: int = 1, block_size: Optional[int]
         per_layer = layer_activation_bytes_per_token(m, tp, a, t.recompute, p.sequence_parallel)
         acts = in_flight * tokens * len(layers) * per_layer
         acts += in_flight * tokens * 2 * a * m.head_dim  # RoPE cos / sin, shared by the layers
+        core_ws = 0.0
+        if c > 1:
+            gathered, kept = _context_attention_bytes(m, tp, a, tokens, c, p.context_impl)
+            acts += in_flight * len(layers) * (kept if t.recompute == "none" else 0.0)
+            core_ws = gathered if p.context_impl == "ring" or t.recompute != "none" else 0.0
         logits = transient_logits = head_grads = 0.0
         last = stage == pp - 1
         if last:
@@ -185,7 +209,7 @@ def estimate(cfg: Config, m: ModelConfig, dp: int = 1, block_size: Optional[int]
             # The head's output, and its fp32 copy for the cross-entropy unless it is fp32 already.
             transient_logits = chunk * V_local * (a + (4 if a != 4 else 0))
             head_grads = (vocab_params if stage == 0 or not m.tie_word_embeddings else vocab_params / 2) * a
-        workspace = tokens * _layer_workspace_per_token(m, tp, a)
+        workspace = tokens * _layer_workspace_per_token(m, tp, a) + core_ws
         if t.recompute == "full":
             workspace += tokens * layer_activation_bytes_per_token(m, tp, a, "none", p.sequence_parallel)
         transient = max(transient_logits, workspace, opt_step_tmp)  # for the table; peak splits them

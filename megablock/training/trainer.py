@@ -76,7 +76,7 @@ class Trainer:
     def __init__(self, cfg: Config):
         self.cfg = cfg
         self.model_cfg, self.source_ckpt = resolve_and_check_model(cfg)
-        self.info = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline)
+        self.info = initialize_parallel(cfg.parallel.tensor, cfg.parallel.pipeline, cp=cfg.parallel.context)
         validate_parallel_layout(cfg, self.info.world_size)
         self.run_lock = claim_save_dir(cfg, self.info)  # save_dir policy + lock, launcher watchdog
         seed_everything(cfg.train.seed)
