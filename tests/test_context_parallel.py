@@ -39,7 +39,7 @@ def _batch(meta, attention, B, docs, shift):
 
     tokens = torch.randint(5, 300, (2, L), generator=torch.Generator().manual_seed(3))
     tokens[0, 21] = tokens[1, 40] = 0  # an EOS inside each sample: two documents each
-    return build_batch(tokens, torch.arange(2), B, mask_token_id=meta["mask_token_id"], seed=7,
+    return build_batch(tokens, torch.arange(2), B, mask_token_id=meta.mask_token_id, seed=7,
                        attention=attention, shift=shift, document_masking=docs, eod_token_id=0)
 
 

@@ -54,7 +54,7 @@ def _worker(rank, world, ckpts):
         model, meta = load_model(ckpt, info)
         replicated[ckpt.name] = _replicated(model)
         for B, docs in ((1, False), (4, False), (4, True)):
-            batch = build_batch(tokens, torch.arange(2), B, mask_token_id=meta["mask_token_id"], seed=5,
+            batch = build_batch(tokens, torch.arange(2), B, mask_token_id=meta.mask_token_id, seed=5,
                                 document_masking=docs, eod_token_id=0)
             args = (batch.targets, batch.diff_weights, batch.ar_weights, batch.diff_normalizer, 0.5)
             modes = [(False, "none"), (True, "none"), (True, "full"), (True, "selective")] if world > 1 else [(False, "none")]
