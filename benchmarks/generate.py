@@ -54,6 +54,7 @@ import torch  # noqa: E402
 
 from megablock.config import WeightDtype, options  # noqa: E402
 from megablock.diffusion.block_rules import DecodeMode  # noqa: E402
+from megablock.inference.speculative import LAYOUTS, layout_config  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT = "The history of the printing press begins in the fifteenth century, when"
@@ -136,11 +137,6 @@ def hf_batch_runner(model, prompts: list, n: int):
     return run
 
 
-LAYOUTS = {"one-pass masked": dict(two_pass=False, next_draft="masked"),
-           "one-pass overlap": dict(two_pass=False, next_draft="overlap"),
-           "two-pass": dict(two_pass=True)}
-
-
 def read_prompt_file(path: str) -> list[str]:
     """Prompts of a file: JSON lines with a "prompt" (benchmarks' held-out prompt files) or plain lines."""
     lines = [x for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
@@ -152,7 +148,6 @@ def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
 
     from megablock.inference.measure import decode, hf_generate
     from megablock.inference.sampler import GenerateConfig
-    from megablock.inference.speculative import SpeculativeConfig
 
     n = args.max_new_tokens
     hf_model = None
@@ -179,7 +174,7 @@ def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
                          else hf_batch_runner(hf_model, prompts, n))
         for B in args.block_sizes:
             for name in args.layouts:
-                cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, **LAYOUTS[name])
+                cfg = layout_config(LAYOUTS[name], B, max_new_tokens=n)
                 if cfg.drafts_per_block < 1:
                     continue
                 fns[(B, name)] = runner(cfg)
@@ -208,8 +203,8 @@ def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
                        forward_cost_x_ar=(statistics.median(times) / res.forwards)
                        / (statistics.median(ar_times) / ar_out.forwards))
             if key != "ar":
-                row.update(mean_accepted=res.mean_accepted, drafts_per_block=SpeculativeConfig(
-                    block_size=B, **LAYOUTS[name]).drafts_per_block, acceptance_rate=res.acceptance_rate,
+                row.update(mean_accepted=res.mean_accepted, drafts_per_block=layout_config(
+                    LAYOUTS[name], B).drafts_per_block, acceptance_rate=res.acceptance_rate,
                     accepted_histogram=res.histogram())
                 if batch == 1:
                     # A model, not a measurement: the speed if a forward cost one AR step (as on a GPU,
@@ -233,12 +228,12 @@ def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
     for c in checks:
         print(f"batch {c['batch']}: megablock AR (B=1) tokens == HF generate tokens (before the first EOS): "
               f"{c['ar_tokens_equal_hf']}")
-    print(f"{'batch':>5} {'B':>3} {'layout':<17} {'acc/blk':>9} {'fwd':>5} {'tok/fwd':>8} {'fwd cost':>8} "
+    print(f"{'batch':>5} {'B':>3} {'layout':<36} {'acc/blk':>9} {'fwd':>5} {'tok/fwd':>8} {'fwd cost':>8} "
           f"{'tok/s med':>10} {'tok/s best':>10} {'vs HF med':>9} {'vs HF best':>10} {'model':>6} {'=AR':>4}")
     for r in rows:
         acc = f"{r['mean_accepted']:.2f}/{r['drafts_per_block']}" if "mean_accepted" in r else "-"
         vs = lambda k: f"{r[k]:.2f}" if r.get(k) is not None else "-"  # noqa: E731
-        print(f"{r['batch']:>5} {r['block_size']:>3} {r['layout']:<17} {acc:>9} {r['forwards']:>5} "
+        print(f"{r['batch']:>5} {r['block_size']:>3} {r['layout']:<36} {acc:>9} {r['forwards']:>5} "
               f"{r['tokens_per_forward']:>8.2f} {vs('forward_cost_x_ar'):>8} {r['tokens_per_s_median']:>10.1f} "
               f"{r['tokens_per_s_best']:>10.1f} {vs('vs_hf_median'):>9} {vs('vs_hf_best'):>10} "
               f"{vs('modeled_vs_hf_one_ar_step'):>6} {str(r.get('same_as_ar', '-')):>4}")

@@ -20,7 +20,7 @@ from megablock.checkpoint.convert import convert
 from megablock.checkpoint.format import full_shapes
 from megablock.checkpoint.mappings import FAMILY_NAMES
 from megablock.data.preprocess import preprocess
-from megablock.inference.speculative import SpeculativeConfig
+from megablock.inference.speculative import LAYOUTS, layout_config
 from megablock.model.lora import MASK_DELTA, base_weight_name
 from megablock.parallel.state import free_port
 
@@ -146,16 +146,14 @@ def training_assets(root, family: str = "llama", ckpt_name: str = "ckpt") -> Pat
     return root
 
 
-SPECULATIVE_LAYOUTS = ((True, "masked"), (False, "masked"), (False, "overlap"))
-"""(two_pass, next_draft): two forwards per block, and the two layouts of the one-forward mode."""
-
-
-def speculative_configs(max_new_tokens: int, block_sizes=(2, 4, 8)):
-    """Every valid speculative layout at each block size (overlap needs B >= 3)."""
+def speculative_configs(max_new_tokens: int, block_sizes=(2, 4, 8), **settings):
+    """Every valid speculative layout (those of `speculative.LAYOUTS`, and overlap with branches and
+    reused drafts) at each block size (overlap needs B >= 3), with `settings` (sampling, seed, ...)."""
+    layouts = [*LAYOUTS.values(), dict(next_draft="overlap", branches=2, reuse_drafts=True)]
     for B in block_sizes:
-        for two_pass, layout in SPECULATIVE_LAYOUTS:
-            if not (layout == "overlap" and B == 2):
-                yield SpeculativeConfig(block_size=B, max_new_tokens=max_new_tokens, two_pass=two_pass, next_draft=layout)
+        for layout in layouts:
+            if not (layout.get("next_draft") == "overlap" and B == 2):
+                yield layout_config(layout, B, max_new_tokens=max_new_tokens, **settings)
 
 
 def randomize_adapters(model, rank: int, scale: float = 0.1) -> None:

@@ -10,26 +10,32 @@ Every arm trains in chunks of --chunk-tokens (`train.exit_after_steps`, the lear
 fixed by the whole --tokens budget, so the chunks are one exact run) and gets a curve point after
 each chunk: greedy speculative decoding of the held-out prompts (batched; every row's count is
 its count at batch 1) at B = 4 and 8 in the three layouts, drafts kept per verified block and
-tokens per forward. The arms take turns (the one with the fewest tokens trains next) up to
---round-tokens each; then the best gated arm (most tokens per forward at B = 8, one forward per
-block, masked layout) continues to --tokens. An interruption loses at most the chunk in flight.
+tokens per forward, and for the full-model arm the AR perplexity of held-out Wikipedia text. The
+arms take turns (the one with the fewest tokens trains next) up to --round-tokens each; then the
+best gated arm (most tokens per forward at B = 8, one forward per block, masked layout; chosen
+once, OUT/best.txt) continues to --tokens, and then the full-model arm to the same budget. An
+interruption loses at most the chunk in flight.
 
 Data (all prepared by parallel_adaptation.py --until data under PREP, plus one file made here):
-  - distilled: the base model's own greedy continuations of 1,200 corpus prompts (SFT format:
-    the response tokens are scored), which is what the drafter must predict;
+  - distilled: the base model's own greedy continuations of corpus prompts (SFT format: the
+    response tokens are scored), which is what the drafter must predict;
   - raw: documents of the three corpora's training parts (the first 90%, where the train prompts
     come from; the held-out prompts are from the last 10%) as SFT records with an empty prompt,
     so every token is scored: in the blend, about --raw-tokens of them.
-Arms (ARMS below): gated LoRA rank 64 at two learning rates without distillation and the higher
-one with it (diffusion.distill_weight 1), all at block size 2 -> 4 -> 8 with half the blocks'
-first slot masked (the one-forward layout) and lambda = 0; and the full-model recipe (lambda 0.5,
-lr 3e-5, block size 1 -> 2 -> 4 -> 8) on the same blend, with its AR perplexity on held-out
-Wikipedia text against the base (a gated arm's AR model is the base itself).
+  Gated arms draw --distilled-share of their samples from the distilled set; the full-model arm
+  draws by size.
+Arms (ARMS below): gated LoRA rank 64, lambda = 0, block size 2 -> 4 -> 8 with half the blocks'
+first slot masked (the one-forward layout):
+  - the recipe of the first sittings (t ~ U[eps, 1], distillation weight 1, lr 1e-3);
+  - every slot masked (t = 1, the draft block's own pattern) at lr 3e-4 and 1e-3 with
+    distillation, and at 1e-3 without;
+and the full-model recipe (lambda 0.5, lr 3e-5, block size 1 -> 2 -> 4 -> 8), whose AR
+perplexity on held-out Wikipedia text is compared with the base's (a gated arm's AR model is the
+base itself).
 """
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import sys
@@ -44,15 +50,16 @@ from parallel_adaptation import CORPORA, PY, latest_step, load_prompts, log, nee
 TOKENS_PER_STEP = 512  # 4 sequences of L = 128
 GATED = {"lora.enabled": "true", "lora.scope": "noised", "lora.rank": 64, "lora.alpha": 128,
          "diffusion.ar_loss_weight": 0, "diffusion.first_slot_mask_prob": 0.5}
+# Every eligible slot of every block masked (t = 1): a speculative draft block is all masks, so
+# this is the only mask pattern the drafter meets when it decodes, and every slot is a target.
+ALL_MASKED = {"diffusion.schedule": "clipped", "diffusion.clip_min": 1.0, "diffusion.clip_max": 1.0}
 ARMS = {
-    "gated_lr3e-4": {**GATED, "train.lr": 3e-4},
-    "gated_lr1e-3": {**GATED, "train.lr": 1e-3},
     "gated_lr1e-3_kl": {**GATED, "train.lr": 1e-3, "diffusion.distill_weight": 1.0},
+    "gated_lr3e-4_kl_t1": {**GATED, **ALL_MASKED, "train.lr": 3e-4, "diffusion.distill_weight": 1.0},
+    "gated_lr1e-3_t1": {**GATED, **ALL_MASKED, "train.lr": 1e-3},
+    "gated_lr1e-3_kl_t1": {**GATED, **ALL_MASKED, "train.lr": 1e-3, "diffusion.distill_weight": 1.0},
     "full_lr3e-5": {"diffusion.ar_loss_weight": 0.5, "train.lr": 3e-5, "diffusion.first_slot_mask_prob": 0.5},
 }
-LAYOUTS = {"one pass, masked": dict(two_pass=False, next_draft="masked"),
-           "one pass, overlap": dict(two_pass=False, next_draft="overlap"),
-           "two passes": dict(two_pass=True)}
 
 
 def parse_args(argv=None):
@@ -66,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--round-tokens", type=int, default=131072, help="every arm trains this far before the best continues")
     p.add_argument("--chunk-tokens", type=int, default=32768, help="tokens per training launch and curve point")
     p.add_argument("--raw-tokens", type=int, default=240000, help="raw-corpus tokens in the blend (about)")
+    p.add_argument("--distilled-share", type=float, default=0.75,
+                   help="share of the gated arms' samples drawn from the distilled continuations")
     p.add_argument("--curve-prompts", type=int, default=24)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
@@ -120,12 +129,22 @@ def stages(arm: str, tokens: int) -> list:
             {"block_size": 4, "tokens": tokens // 8}, {"block_size": 8}]
 
 
+def blend(args, arm: str, paths: dict) -> list:
+    """data.prefix: a gated arm reads the base's own continuations (what it must draft) at
+    --distilled-share of its samples; the full-model arm reads the sets by size, the raw text
+    keeping its AR model near the base."""
+    distilled, raw = (str(p) for p in paths["data"])
+    if not arm.startswith("gated"):
+        return [distilled, raw]
+    return [args.distilled_share, distilled, 1 - args.distilled_share, raw]
+
+
 def train_chunk(args, arm: str, paths: dict, out: Path, env: dict) -> None:
     save = out / arm
     steps, chunk = args.tokens // TOKENS_PER_STEP, args.chunk_tokens // TOKENS_PER_STEP
     lr = ARMS[arm]["train.lr"]
     sets = {
-        "model.init_from": paths["base"], "data.prefix": json.dumps([str(p) for p in paths["data"]]),
+        "model.init_from": paths["base"], "data.prefix": json.dumps(blend(args, arm, paths)),
         "data.format": "sft", "data.split": "100,0,0", "data.seq_len": 128,
         "checkpoint.save_dir": save, "checkpoint.resume": "true", "checkpoint.interval": chunk,
         "checkpoint.keep_last": 1, "train.steps": steps, "train.exit_after_steps": chunk,
@@ -151,7 +170,7 @@ def curve_point(args, ckpt: Path, paths: dict) -> dict:
     from megablock.cli import launched_parallel
     from megablock.inference.loading import load
     from megablock.inference.measure import decode
-    from megablock.inference.speculative import SpeculativeConfig
+    from megablock.inference.speculative import LAYOUTS, layout_config
 
     torch.set_num_threads(args.threads)
     im = load(ckpt=str(ckpt), parallel=launched_parallel())
@@ -160,7 +179,7 @@ def curve_point(args, ckpt: Path, paths: dict) -> dict:
     point = {}
     for B in (4, 8):
         for name, layout in LAYOUTS.items():
-            r = decode(im, prompts, SpeculativeConfig(block_size=B, max_new_tokens=args.gen_tokens, **layout), batched=True)
+            r = decode(im, prompts, layout_config(layout, B, max_new_tokens=args.gen_tokens), batched=True)
             point[f"B{B} {name}"] = {"kept_per_block": round(r.mean_accepted, 4),
                                      "offered_per_block": round(r.drafts_per_block, 3),
                                      "tokens_per_forward": round(r.row_tokens_per_forward, 4),
@@ -168,7 +187,7 @@ def curve_point(args, ckpt: Path, paths: dict) -> dict:
     return point
 
 
-def add_curve_point(args, arm: str, paths: dict, out: Path) -> None:
+def add_curve_point(args, arm: str, paths: dict, out: Path, env: dict) -> None:
     curve = out / f"curve_{arm}.jsonl"
     points = [json.loads(x) for x in curve.read_text().splitlines()] if curve.is_file() else []
     tokens = consumed(out, arm)
@@ -177,6 +196,8 @@ def add_curve_point(args, arm: str, paths: dict, out: Path) -> None:
     ckpt = paths["base"] if tokens == 0 else out / arm
     t0 = time.perf_counter()
     point = {"tokens": tokens, **curve_point(args, ckpt, paths)}
+    if not arm.startswith("gated"):  # a gated arm's AR model is the base itself
+        point["ar_ppl"] = ar_perplexity(ckpt, paths, out, f"{arm}_{tokens}", env)["ar_ppl"]
     with curve.open("a") as f:
         f.write(json.dumps(point) + "\n")
     m = point["B8 one pass, masked"]
@@ -194,29 +215,49 @@ def ar_perplexity(ckpt: Path, paths: dict, out: Path, name: str, env: dict) -> d
     return json.loads(path.read_text())
 
 
-def best_gated(args, out: Path, arms: list) -> str:
+def chosen_arm(args, out: Path, arms: list) -> str:
+    """The gated arm that continues to --tokens: the most tokens per forward at B = 8 (one forward
+    per block, masked layout) once every arm has its --round-tokens, chosen once (OUT/best.txt),
+    so a noisy later point cannot switch the budget to another arm."""
+    path = out / "best.txt"
+    if path.is_file():
+        return path.read_text().strip()
+
     def score(arm):
         curve = out / f"curve_{arm}.jsonl"
         if not curve.is_file():
             return -1.0
         return json.loads(curve.read_text().splitlines()[-1])["B8 one pass, masked"]["tokens_per_forward"]
-    return max((a for a in arms if a.startswith("gated")), key=score)
+    best = max((a for a in arms if a.startswith("gated")), key=score)
+    path.write_text(best + "\n")
+    log(f"{best} continues to {args.tokens} tokens")
+    return best
 
 
 # ----------------------------------------------------------------------------- report
 def report(args, out: Path, arms: list) -> str:
-    lines = ["| arm | tokens | " + " | ".join(f"{k}: kept / offered, tok/fwd" for k in
-                                               (f"B{B} {n}" for B in (4, 8) for n in LAYOUTS)) + " |",
-             "|---|---|" + "---|" * (2 * len(LAYOUTS))]
-    for arm in arms:
-        curve = out / f"curve_{arm}.jsonl"
-        for p in (json.loads(x) for x in (curve.read_text().splitlines() if curve.is_file() else [])):
+    """Two tables: drafts kept / offered per block and tokens per forward in the three basic
+    layouts, then tokens per forward of the one-pass variants that use more of the drafts."""
+    points = {arm: [json.loads(x) for x in (out / f"curve_{arm}.jsonl").read_text().splitlines()]
+              for arm in arms if (out / f"curve_{arm}.jsonl").is_file()}
+    from megablock.inference.speculative import LAYOUTS
+
+    basic = [f"B{B} {n}" for B in (4, 8) for n in list(LAYOUTS)[:3]]
+    more = [f"B{B} {n}" for B in (4, 8) for n in list(LAYOUTS)[3:]]
+    lines = ["| arm | tokens | " + " | ".join(f"{k}: kept / offered, tok/fwd" for k in basic)
+             + " | AR perplexity (held-out Wikipedia) |", "|---|---|" + "---|" * (len(basic) + 1)]
+    for arm, curve in points.items():
+        for p in curve:
             cells = [f"{p[k]['kept_per_block']:.2f} / {p[k]['offered_per_block']:.1f}, {p[k]['tokens_per_forward']:.2f}"
-                     for k in (f"B{B} {n}" for B in (4, 8) for n in LAYOUTS)]
+                     for k in basic]
+            ppl = f"{p['ar_ppl']:.2f}" if "ar_ppl" in p else "the base's"
+            lines.append(f"| {arm} | {p['tokens']} | " + " | ".join(cells) + f" | {ppl} |")
+    lines += ["", "| arm | tokens | " + " | ".join(f"{k}: tok/fwd" for k in more) + " |",
+              "|---|---|" + "---|" * len(more)]
+    for arm, curve in points.items():
+        for p in curve:
+            cells = [f"{p[k]['tokens_per_forward']:.2f}" if k in p else "-" for k in more]
             lines.append(f"| {arm} | {p['tokens']} | " + " | ".join(cells) + " |")
-    for path in sorted((out / "eval").glob("ar_*.json")):
-        r = json.loads(path.read_text())
-        lines.append(f"\nAR perplexity ({path.stem[3:]}, {r['tokens']} held-out Wikipedia tokens): {r['ar_ppl']:.3f}")
     return "\n".join(lines)
 
 
@@ -235,8 +276,8 @@ def plot(out: Path, arms: list) -> None:
         t = [p["tokens"] / 1000 for p in points]
         for ax, (key, field) in zip(axes, [("B4 one pass, masked", "kept_per_block"),
                                            ("B8 one pass, masked", "kept_per_block"),
-                                           ("B8 one pass, masked", "tokens_per_forward")]):
-            ax.plot(t, [p[key][field] for p in points], marker="o", label=arm)
+                                           ("B8 one pass, masked, all branches", "tokens_per_forward")]):
+            ax.plot(t, [p[key][field] if key in p else float("nan") for p in points], marker="o", label=arm)
             ax.set_title(f"{key}: {field.replace('_', ' ')}")
             ax.set_xlabel("training tokens (thousands)")
     axes[0].legend()
@@ -262,23 +303,20 @@ def main(argv=None) -> int:
             if not (out / f"curve_{arm}.jsonl").is_file() and (out / "curve_base.jsonl").is_file():
                 (out / f"curve_{arm}.jsonl").write_text((out / "curve_base.jsonl").read_text())
         if not (out / "curve_base.jsonl").is_file():
-            add_curve_point(args, "base", paths, out)
+            add_curve_point(args, "base", paths, out, env)
             for arm in arms:
                 (out / f"curve_{arm}.jsonl").write_text((out / "curve_base.jsonl").read_text())
         while True:
             todo = [a for a in arms if consumed(out, a) < args.round_tokens]
             if not todo:
-                best = best_gated(args, out, arms)
-                if consumed(out, best) >= args.tokens:
-                    break
-                todo = [best]
+                todo = [a for a in [chosen_arm(args, out, arms)] if consumed(out, a) < args.tokens]
+            if not todo:  # beside the best drafter, the full-model recipe at the same budget
+                todo = [a for a in arms if not a.startswith("gated") and consumed(out, a) < args.tokens]
+            if not todo:
+                break
             arm = min(todo, key=lambda a: consumed(out, a))
             train_chunk(args, arm, paths, out, env)
-            add_curve_point(args, arm, paths, out)
-        ar_perplexity(paths["base"], paths, out, "base", env)
-        for arm in arms:
-            if not arm.startswith("gated"):
-                ar_perplexity(out / arm, paths, out, arm, env)
+            add_curve_point(args, arm, paths, out, env)
     text = report(args, out, arms)
     (out / "report.md").write_text(text + "\n")
     plot(out, arms)

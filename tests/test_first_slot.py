@@ -108,7 +108,7 @@ def test_training_layout_is_the_one_pass_draft_layout():
     cache = RowKVCache(1, P + 2 * B, torch.device("cpu"))
     tokens = [prefix[0].tolist()]  # pending + drafts of the verified block: the clean prefix
     with torch.no_grad():
-        noised = sampler._next_block(cache, tokens, B, overlap=False)
+        noised = sampler._next_blocks(cache, tokens, [[len(tokens[0]) - 1]], B, overlap=False)
         _, hidden = sampler._forward(cache, tokens, noised)
         got = model.head(hidden)[0]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -30,14 +30,12 @@ from megablock.inference.sampling import SamplingParams, filter_logits  # noqa: 
 from megablock.inference.speculative import (RowKVCache, SpeculativeConfig, SpeculativeSampler,  # noqa: E402
                                              speculative_sampler)
 from megablock.parallel.state import initialize_parallel  # noqa: E402
-from megablock.testing import peaked_model, run_distributed, save_tiny_hf_model, tiny_hf_model  # noqa: E402
+from megablock.testing import (peaked_model, run_distributed, save_tiny_hf_model, speculative_configs,  # noqa: E402
+                               tiny_hf_model)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK = 319  # an ordinary token of the tiny vocabulary, used as the mask for untrained models
 PROMPTS = [list(range(20, 28)), [5, 6, 7], list(range(40, 53)), [101]]
-
-# (two_pass, next_draft): two forwards per block, and the two layouts of the one-forward mode.
-MODES = [(True, "masked"), (False, "masked"), (False, "overlap")]
 
 
 @pytest.fixture(autouse=True)
@@ -87,17 +85,13 @@ def test_greedy_equals_ar_and_hf_generate(family):
     ar = im.sampler().generate(PROMPTS, GenerateConfig(block_size=1, max_new_tokens=n)).tokens
     assert ar == [hf_greedy(hf, p, n, im.eos_token_ids) for p in PROMPTS]
     sampler = speculative_sampler(im)
-    for B in (2, 4, 8):
-        for two_pass, layout in MODES:
-            if layout == "overlap" and B == 2:
-                continue
-            cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, two_pass=two_pass, next_draft=layout)
-            assert sampler.generate(PROMPTS, cfg).tokens == ar, (B, two_pass, layout)
-            mixed = oracle(im, ar, corrupt=3).generate(PROMPTS, cfg)
-            assert mixed.tokens == ar, (B, two_pass, layout)
-            if B == 8:  # the corrupted oracle really cut blocks at several places and kept some whole
-                hist = mixed.histogram()
-                assert len(hist) >= 3 and mixed.mean_accepted > 0.5, hist
+    for cfg in speculative_configs(n):
+        assert sampler.generate(PROMPTS, cfg).tokens == ar, cfg
+        mixed = oracle(im, ar, corrupt=3).generate(PROMPTS, cfg)
+        assert mixed.tokens == ar, cfg
+        if cfg.block_size == 8 and cfg.branches == 1:  # the corrupted oracle cut blocks at several places and kept some whole
+            hist = mixed.histogram()
+            assert len(hist) >= 3 and mixed.mean_accepted > 0.5, hist
 
 
 def test_refined_drafts_and_single_prompts():
@@ -127,8 +121,7 @@ def test_eos_inside_a_block_equals_hf_generate():
     stop = free[0].index(eos)
     assert expected[0] == free[0][: stop + 1] and 1 <= stop % B
     assert expected[1] == free[1]
-    for two_pass, layout in MODES:
-        cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, two_pass=two_pass, next_draft=layout)
+    for cfg in speculative_configs(n, (B,)):
         assert oracle(im, expected).generate(PROMPTS[:2], cfg).tokens == expected
         assert speculative_sampler(im).generate(PROMPTS[:2], cfg).tokens == expected
 
@@ -162,21 +155,62 @@ def test_perfect_drafter_is_accepted_whole():
     im.eos_token_ids = []
     prompts, n = PROMPTS[:2], 20
     ar = im.sampler().generate(prompts, GenerateConfig(block_size=1, max_new_tokens=n)).tokens
-    for B in (2, 4, 8):
-        for two_pass, layout in MODES:
-            if layout == "overlap" and B == 2:
-                continue
-            res = oracle(im, ar).generate(prompts, SpeculativeConfig(block_size=B, max_new_tokens=n, two_pass=two_pass,
-                                                                       next_draft=layout))
-            assert res.tokens == ar
-            assert res.acceptance_rate == 1.0 and res.accepted == res.drafted
-            want = perfect_forwards(n, B, two_pass, layout)
-            assert res.forwards == want, (B, two_pass, layout)
-            assert res.tokens_per_forward == pytest.approx(2 * n / want)  # two rows per forward
+    for cfg in speculative_configs(n):
+        res = oracle(im, ar).generate(prompts, cfg)
+        assert res.tokens == ar
+        assert res.acceptance_rate == 1.0 and res.accepted == res.drafted
+        want = perfect_forwards(n, cfg.block_size, cfg.two_pass, cfg.next_draft)
+        assert res.forwards == want, cfg
+        assert res.tokens_per_forward == pytest.approx(2 * n / want)  # two rows per forward
     # The formula itself, by hand: B = 4, 20 tokens: prefill 1, then 4+4+4+4+3.
     assert perfect_forwards(20, 4, True, "masked") == 1 + 2 * 5
     assert perfect_forwards(20, 4, False, "masked") == 1 + 5
     assert perfect_forwards(20, 4, False, "overlap") == 1 + 7  # blocks of 3: 3 * 6 + 1
+
+
+# --- branches: next blocks for several outcomes of one verify pass ----------------------------------------
+def test_each_branch_equals_its_block_drafted_alone():
+    """A pass carrying m draft blocks (each after its own prefix of the verified tokens) gives each
+    block the hidden states it gets as the only draft block of that pass: blocks see neither each
+    other nor the append slots past their prefix, and their positions are their own."""
+    im = from_hf_model(peaked_model("qwen2", seed=9), mask_token_id=MASK)
+    s = speculative_sampler(im)
+    prompts, B = [[3, 4, 5, 6, 7], [8, 9]], 4
+    verified = [[10, 11, 12, 13], [14, 15, 16, 17]]  # pending token + three drafts per row
+    bets = [[3, 0, 1], [3, 2, 0]]
+    for overlap in (False, True):
+        def pass_with(points):
+            cache = RowKVCache(2, 64, s.device)
+            s._forward(cache, prompts)
+            cache.commit(torch.tensor([len(p) for p in prompts]))
+            app, noise = s._forward(cache, verified, s._next_blocks(cache, verified, points, B, overlap))
+            return app, noise.view(2, len(points[0]), B, -1)
+        app, together = pass_with(bets)
+        for j in range(3):
+            alone_app, alone = pass_with([[row[j]] for row in bets])
+            torch.testing.assert_close(together[:, j], alone[:, 0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(app, alone_app, atol=1e-5, rtol=1e-5)  # the verify slots never see drafts
+        assert not torch.allclose(together[:, 0], together[:, 1], atol=1e-3)
+
+
+def test_all_branches_give_every_pass_drafts():
+    """With a next block for every possible count, every verify pass after the prefill has drafts
+    whatever it kept (but for a last one with no room left); with one branch, a pass after a
+    rejection has none. The untrained drafter's drafts are mostly rejected."""
+    hf = peaked_model("llama", seed=4)
+    im = from_hf_model(hf, mask_token_id=MASK)
+    im.eos_token_ids = []
+    prompt, n, B = [PROMPTS[0]], 24, 4
+    ar = im.sampler().generate(prompt, GenerateConfig(block_size=1, max_new_tokens=n)).tokens
+    sampler = speculative_sampler(im)
+    one = sampler.generate(prompt, SpeculativeConfig(block_size=B, max_new_tokens=n))
+    every = sampler.generate(prompt, SpeculativeConfig(block_size=B, max_new_tokens=n, branches=B))
+    reuse = sampler.generate(prompt, SpeculativeConfig(block_size=B, max_new_tokens=n, reuse_drafts=True))
+    assert one.tokens == every.tokens == reuse.tokens == ar
+    assert one.histogram().get(0, 0) >= 3  # rejections happened
+    assert len(one.drafted) < one.forwards - 3
+    assert len(every.drafted) >= every.forwards - 2
+    assert len(reuse.drafted) > len(one.drafted)
 
 
 # --- KV cache rollback ----------------------------------------------------------------------------------
@@ -258,10 +292,10 @@ def sampled_joint(sampler, prompt, cfg, n_samples, k):
 
 def test_speculative_sampling_matches_ar_distribution(monkeypatch):
     """The joint distribution of the first 3 new tokens (343 cells, 3,000 samples) against the
-    exact AR probabilities, for each draft layout. Each check raises a false alarm with
-    probability 1e-3 (p-value threshold; three checks, < 0.3% together); seeds are fixed, so the
-    test is deterministic. Token 1 comes from the prefill;
-    tokens 2 and 3 pass through draft acceptance and residual resampling."""
+    exact AR probabilities, for each draft layout, and of tokens 3-5 for the layouts with branches
+    and reused drafts. Each check raises a false alarm with probability 1e-3 (p-value threshold;
+    seven checks, < 0.7% together); seeds are fixed, so the test is deterministic. Token 1 comes
+    from the prefill; tokens 2 and 3 pass through draft acceptance and residual resampling."""
     hf = peaked_model("llama", seed=7, scale=4.0, vocab_size=V_TINY)
     im = from_hf_model(hf, mask_token_id=V_TINY - 1)
     im.eos_token_ids = []
@@ -269,18 +303,27 @@ def test_speculative_sampling_matches_ar_distribution(monkeypatch):
     params = SamplingParams(temperature=0.9, top_k=5)
     probs = exact_joint(hf, prompt, k, params)
     sampler = speculative_sampler(im)
-    for two_pass, layout in MODES:
-        cfg = SpeculativeConfig(block_size=4, max_new_tokens=k, two_pass=two_pass, next_draft=layout, sampling=params,
-                                seed=11)
+    for cfg in speculative_configs(k, (4,), sampling=params, seed=11):
         counts, res = sampled_joint(sampler, prompt, cfg, n, k)
         assert 0.1 < res.acceptance_rate < 0.9  # both branches of the rule are exercised
-        assert chi_square_p(counts, probs) > 1e-3, (two_pass, layout)
+        assert chi_square_p(counts, probs) > 1e-3, cfg
     # The test has power: taking every draft (no acceptance test) samples the drafter's
     # distribution, which it must reject.
     def take_all(ar_logits, drafts, q, params, generator=None):
         p = filter_logits(ar_logits.float(), params).softmax(-1)
         return len(drafts), int(torch.multinomial(p[-1], 1, generator=generator))
 
+    # Branches and reused drafts decide tokens 3-5 here (token 2 is the first verified draft).
+    k5 = 5
+    tail = exact_joint(hf, prompt, k5, params).view(V_TINY ** 2, V_TINY ** 3).sum(0)
+    for cfg in speculative_configs(k5, (4,), sampling=params, seed=12):
+        if cfg.branches == 1:
+            continue
+        res = sampler.generate([prompt] * n, cfg)
+        idx = torch.zeros(n, dtype=torch.long)
+        for j in range(2, k5):
+            idx = idx * V_TINY + torch.tensor([t[j] for t in res.tokens])
+        assert chi_square_p(torch.bincount(idx, minlength=V_TINY ** 3).double(), tail) > 1e-3, cfg
     monkeypatch.setattr(block_rules, "verify_drafts", take_all)
     cfg = SpeculativeConfig(block_size=4, max_new_tokens=k, two_pass=True, sampling=params, seed=11)
     counts, _ = sampled_joint(sampler, prompt, cfg, n, k)

@@ -51,6 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "pass also drafts the next block, one forward per block)")
     p.add_argument("--next-draft", choices=options(NextDraft), default="masked",
                    help="speculative, one pass: layout of the next block's draft (see megablock.inference.speculative)")
+    p.add_argument("--branches", type=int, default=1,
+                   help="speculative, one pass: next blocks each verify pass drafts, one per number of kept drafts it "
+                        "bets on (1: every draft kept; B: every count, so every pass has drafts; B slots each)")
+    p.add_argument("--reuse-drafts", action="store_true",
+                   help="speculative, one pass: after a rejection, verify the drafts after it in the next pass")
     p.add_argument("--draft-steps", type=int, default=1, help="speculative --two-pass: refinement forwards per draft")
     p.add_argument("--draft-threshold", type=float, default=None,
                    help="speculative --two-pass: refine drafts with this commit threshold instead")
@@ -84,7 +89,8 @@ def generate_config(args):
                              "speculative mode has --draft-steps / --draft-threshold")
         cfg = SpeculativeConfig(
             block_size=args.block_size, max_new_tokens=args.max_new_tokens, two_pass=args.two_pass,
-            next_draft=args.next_draft, draft_steps=args.draft_steps, draft_threshold=args.draft_threshold,
+            next_draft=args.next_draft, branches=args.branches, reuse_drafts=args.reuse_drafts,
+            draft_steps=args.draft_steps, draft_threshold=args.draft_threshold,
             sampling=SamplingParams(args.temperature, args.top_k, args.top_p), seed=args.seed,
         )
         cfg.check_ranges()

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens-per-step", type=int, default=None, help="threshold mode: commit exactly K per step")
     p.add_argument("--two-pass", action="store_true", help="speculative: draft in a forward of its own")
     p.add_argument("--next-draft", default="masked", help="speculative, one pass: masked (default) | overlap")
+    p.add_argument("--branches", type=int, default=1, help="speculative, one pass: next blocks per verify pass")
+    p.add_argument("--reuse-drafts", action="store_true",
+                   help="speculative, one pass: after a rejection, verify the drafts after it in the next pass")
     p.add_argument("--dtype", default="fp32", help="fp32 (default) | bf16")
     p.add_argument("--tp", type=int, default=None, help="TP ranks per replica (default: every launched process)")
     p.add_argument("--max-length", type=int, default=None,
@@ -104,7 +107,8 @@ def model_args(args) -> dict:
     out.update(mode=args.mode, dtype=args.dtype, batch_size=args.batch_size, max_gen_toks=args.max_gen_toks,
                seed=args.seed)
     if args.mode == "speculative":
-        out.update(two_pass=args.two_pass, next_draft=args.next_draft)
+        out.update(two_pass=args.two_pass, next_draft=args.next_draft, branches=args.branches,
+                   reuse_drafts=args.reuse_drafts)
     return out
 
 

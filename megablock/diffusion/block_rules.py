@@ -200,6 +200,14 @@ class SpeculativeConfig:
     next_draft: NextDraft = "masked"
     """Layout of the one-pass next block: "masked" (first slot masked) or "overlap" (first slot the
     last verified draft)."""
+    branches: int = 1
+    """One-pass mode: next blocks a verify pass drafts, one per number of kept drafts it bets on:
+    1 bets on every draft being kept (the only case where one next block is right), 2 also on
+    none, and so on up to one per possible count (`drafts_per_block` + 1), so that a pass always
+    has the next block's drafts whatever it keeps. Each branch costs B more slots per forward."""
+    reuse_drafts: bool = False
+    """One-pass mode: when no branch matches what a pass kept, verify the drafts after the rejected
+    one in the next pass (the drafter's guesses for those positions) instead of none."""
     draft_steps: int = 1
     """Refinement forwards per draft (two-forward mode only; greedy only)."""
     draft_threshold: Optional[float] = None
@@ -230,6 +238,12 @@ class SpeculativeConfig:
             raise ValueError(f"next_draft must be one of {NEXT_DRAFTS}, got {self.next_draft!r}")
         if not self.two_pass and self.next_draft == "overlap" and self.block_size == 2:
             raise ValueError("next_draft='overlap' leaves no draft at block size 2; use 'masked' or B >= 3")
+        if self.branches < 1 or self.branches > max(self.drafts_per_block, 0) + 1:
+            raise ValueError(f"branches must be in [1, {max(self.drafts_per_block, 0) + 1}] (one per possible "
+                             f"number of kept drafts at block size {self.block_size}), got {self.branches}")
+        if self.two_pass and (self.branches > 1 or self.reuse_drafts):
+            raise ValueError("branches and reuse_drafts are for the one-pass mode (the verify pass drafts the next "
+                             "block); two_pass drafts every block afresh")
         if self.draft_steps < 1:
             raise ValueError(f"draft_steps must be >= 1, got {self.draft_steps}")
         if self.draft_threshold is not None and not 0 < self.draft_threshold <= 1:
@@ -448,8 +462,10 @@ class RowKVCache:
     length (a scatter, so rows need not line up):
     - the append part, `append_valid[r]` real tokens then padding: causal among themselves, over
       the row's cache;
-    - the noised part (a draft block): bidirectional among itself, over the row's cache and the
-      first `noised_sees[r]` append slots. Append slots never see it.
+    - the noised part, m draft blocks of n_noised / m slots (`noised_sees` [b] for one, [b, m]):
+      block j is bidirectional among itself, over the row's cache and the first
+      `noised_sees[r, j]` append slots; blocks never see each other, and append slots never see
+      any of them.
     `commit(counts)` then keeps the first counts[r] append slots of each row; everything else
     written this forward lies past the row's length and is never attended to again (the next
     forward overwrites it). Slots past a row's length are invisible, so padding and rolled-back
@@ -493,8 +509,13 @@ class RowKVCache:
         app_key = ((rel >= 0) & (rel < valid.to(dev)[:, None]))[:, None]
         mask = cached | (app_key & (rel[:, None] <= query))
         if n_noise:
-            noise_key = ((rel >= n_app) & (rel < self._n))[:, None]
-            seen = app_key & (rel[:, None] < sees.to(dev)[:, None, None])
+            sees = sees.to(dev).reshape(self.batch, -1)  # [b, m]
+            width = n_noise // sees.shape[1]
+            q_block = (query - n_app).clamp(min=0) // width  # [1, n, 1]
+            k_block = (rel - n_app).div(width, rounding_mode="floor")[:, None]  # [b, 1, W]
+            noise_key = (rel >= n_app)[:, None] & (rel < self._n)[:, None] & (k_block == q_block)
+            q_sees = sees.gather(1, q_block[..., 0].expand(self.batch, -1))[..., None]  # [b, n, 1]
+            seen = app_key & (rel[:, None] < q_sees)
             mask = torch.where(query < n_app, mask, cached | seen | noise_key)
         return mask[:, None]
 
@@ -722,9 +743,10 @@ class SpeculativeDecoder(Decoder):
 
     def _forward(self, cache: RowKVCache, append: list, noised: Optional[tuple] = None):
         """One model call. append: per row the tokens to append (at least one each, or none at all
-        for a pure draft pass). noised: (tokens [b, B], first position [b], append slots seen [b])
-        or None. Returns the hidden states (append [b, n_append, H], noised [b, B, H] or None):
-        the caller takes logits of the few slots it needs (a prefill has many)."""
+        for a pure draft pass). noised: m draft blocks of B slots, (tokens [b, m * B], first
+        positions [b, m], append slots seen [b, m]; [b] for m = 1), or None. Returns the hidden
+        states (append [b, n_append, H], noised [b, m * B, H] or None): the caller takes logits
+        of the few slots it needs (a prefill has many)."""
         dev, b = self.device, cache.batch
         a = torch.tensor([len(t) for t in append], dtype=torch.long)
         n_app = int(a.max()) if len(append) else 0
@@ -735,9 +757,10 @@ class SpeculativeDecoder(Decoder):
         n_noise = 0
         if noised is not None:
             tokens, start, sees = noised
-            n_noise = tokens.shape[1]
+            n_noise, start = tokens.shape[1], start.reshape(b, -1)
+            slots = start[:, :, None] + torch.arange(n_noise // start.shape[1])
             ids = torch.cat([ids, tokens.cpu()], dim=1)
-            pos = torch.cat([pos, start[:, None] + torch.arange(n_noise)], dim=1)
+            pos = torch.cat([pos, slots.reshape(b, n_noise)], dim=1)
         cache.begin(n_app, a, n_noise, None if noised is None else sees)
         hidden = self._encode(ids.to(dev), pos.to(dev), cache)
         cache.end()
@@ -767,16 +790,28 @@ class SpeculativeDecoder(Decoder):
             todo[:, 1:] &= ~commit
         return x[:, 1:], q, forwards
 
-    def _next_block(self, cache, tokens: list, B: int, overlap: bool) -> tuple:
-        """The one-pass mode's draft block for the block after `tokens` (pending + drafts): right
-        after them with its first slot masked, or overlapping their last slot, which it reveals
-        and which it (like a training block's first slot) does not see the clean copy of."""
-        a = torch.tensor([len(t) for t in tokens])
+    def _next_blocks(self, cache, tokens: list, points: list, B: int, overlap: bool) -> tuple:
+        """The one-pass mode's draft blocks after `tokens` (each row's pending token + drafts), one
+        per bet in points[r] (a number k of kept drafts: the block comes after tokens[:k + 1]):
+        right after them with the first slot masked, or overlapping their last one, which it
+        reveals and which it (like a training block's first slot) does not see the clean copy of.
+        Returns (tokens [b, m * B], first positions [b, m], append slots seen [b, m])."""
         back = 1 if overlap else 0
-        x = torch.full((len(tokens), B), self.mask_token_id, dtype=torch.long)
+        seen = torch.tensor(points, dtype=torch.long) + 1 - back  # [b, m]
+        x = torch.full((len(tokens), seen.shape[1], B), self.mask_token_id, dtype=torch.long)
         if overlap:
-            x[:, 0] = torch.tensor([t[-1] for t in tokens])
-        return x, cache.lengths.cpu() + a - back, a - back
+            x[:, :, 0] = torch.tensor([[t[k] for k in row] for t, row in zip(tokens, points)])
+        return x.flatten(1), cache.lengths.cpu()[:, None] + seen, seen
+
+    @staticmethod
+    def _bets(drafts: list, branches: int) -> list:
+        """Per row the kept-draft counts its next blocks bet on: every draft kept first, then
+        none, one, ...; a row with fewer possible counts repeats its first bet (same width)."""
+        rows = []
+        for d in drafts:
+            bets = [len(d)] + [k for k in range(len(d)) if k < branches - 1]
+            rows.append((bets + bets[:1] * branches)[:branches])
+        return rows
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], cfg: SpeculativeConfig,
@@ -791,7 +826,7 @@ class SpeculativeDecoder(Decoder):
         eos = set(self.eos.tolist())
         one_pass = not cfg.two_pass and cfg.drafts_per_block > 0
         overlap = cfg.next_draft == "overlap"
-        cache = RowKVCache(n, max(len(p) for p in prompts) + cfg.max_new_tokens + 2 * B + 2, dev)
+        cache = RowKVCache(n, max(len(p) for p in prompts) + cfg.max_new_tokens + (1 + cfg.branches) * B + 2, dev)
 
         rows = list(range(n))
         out: list[list[int]] = [[] for _ in range(n)]
@@ -816,7 +851,8 @@ class SpeculativeDecoder(Decoder):
             drafts = self.propose(rows, positions, drafts)
             known = [len(a) for a in append]
             tokens = [a + d for a, d in zip(append, drafts)]
-            noised = self._next_block(cache, tokens, B, overlap) if one_pass else None
+            bets = self._bets(drafts, min(cfg.branches, max(len(d) for d in drafts) + 1)) if one_pass else None
+            noised = self._next_blocks(cache, tokens, bets, B, overlap) if one_pass else None
             app_hidden, noise_hidden = self._forward(cache, tokens, noised)
             forwards += 1
             for r in rows:
@@ -827,7 +863,9 @@ class SpeculativeDecoder(Decoder):
             app_logits = self._logits(app_hidden.gather(1, at.to(dev)[..., None].expand(-1, -1, app_hidden.shape[-1])))
 
             # Decide every row (TP rank 0's decisions are broadcast so all ranks agree).
-            decision = torch.zeros(b, 2 + B, dtype=torch.long)
+            m = len(bets[0]) if one_pass else 0
+            width_next = cfg.drafts_per_block
+            decision = torch.zeros(b, 2 + max(m, 1) * width_next, dtype=torch.long)
             for i in range(b):
                 kept, nxt = verify_drafts(app_logits[i, : len(drafts[i]) + 1], drafts[i], qs[i],
                                           cfg.sampling, generator)
@@ -835,8 +873,11 @@ class SpeculativeDecoder(Decoder):
             next_q = None
             if one_pass:
                 skip = 1 if overlap else 0  # overlap: the first output duplicates the AR token
-                nd, next_q = draw(self._logits(noise_hidden[:, skip: B - 1]), cfg.sampling, generator)
-                decision[:, 2: 2 + nd.shape[1]] = nd.cpu()
+                outs = noise_hidden.reshape(b, m, B, -1)[:, :, skip: B - 1].reshape(b, m * width_next, -1)
+                nd, next_q = draw(self._logits(outs), cfg.sampling, generator)
+                decision[:, 2:] = nd.cpu()
+                if next_q is not None:
+                    next_q = next_q.view(b, m, width_next, -1)
             decision = self._agree(decision.to(dev)).cpu()
 
             keep_rows, commit = [], torch.zeros(b, dtype=torch.long)
@@ -860,10 +901,13 @@ class SpeculativeDecoder(Decoder):
                     continue
                 keep_rows.append(i)
                 next_append.append([nxt])
-                whole = kept == len(drafts[i])
-                if one_pass and whole:
-                    next_drafts.append(decision[i, 2: 2 + cfg.drafts_per_block].tolist())
-                    next_qs.append(None if next_q is None else next_q[i])
+                if one_pass and kept in bets[i]:  # a next block was drafted after exactly these tokens
+                    j = bets[i].index(kept)
+                    next_drafts.append(decision[i, 2 + j * width_next: 2 + (j + 1) * width_next].tolist())
+                    next_qs.append(None if next_q is None else next_q[i, j])
+                elif one_pass and cfg.reuse_drafts:  # drafts[kept] was rejected; the ones after it still stand
+                    next_drafts.append(drafts[i][kept + 1:])
+                    next_qs.append(None if qs[i] is None else qs[i][kept + 1:])
                 else:
                     next_drafts.append([])
                     next_qs.append(None)

@@ -62,8 +62,28 @@ from megablock.diffusion.block_rules import (NEXT_DRAFTS, AcceptanceStats, RowKV
                                              SpeculativeDecoder, SpeculativeOutput, verify_drafts)
 from .sampler import BlockDiffusionSampler
 
-__all__ = ["NEXT_DRAFTS", "AcceptanceStats", "RowKVCache", "SpeculativeConfig", "SpeculativeOutput", "SpeculativeSampler",
-           "speculative_sampler", "verify_drafts"]
+__all__ = ["LAYOUTS", "NEXT_DRAFTS", "AcceptanceStats", "RowKVCache", "SpeculativeConfig", "SpeculativeOutput",
+           "SpeculativeSampler", "layout_config", "speculative_sampler", "verify_drafts"]
+
+LAYOUTS = {
+    "one pass, masked": dict(next_draft="masked"),
+    "one pass, overlap": dict(next_draft="overlap"),
+    "two passes": dict(two_pass=True),
+    "one pass, masked, reuse": dict(next_draft="masked", reuse_drafts=True),
+    "one pass, masked, 2 branches + reuse": dict(next_draft="masked", branches=2, reuse_drafts=True),
+    "one pass, masked, all branches": dict(next_draft="masked", branches="all"),
+}
+"""The draft layouts the benchmarks and studies compare, by name. branches="all": a next block
+for every possible number of kept drafts at the block size."""
+
+
+def layout_config(layout: dict, block_size: int, **settings) -> SpeculativeConfig:
+    """The SpeculativeConfig of a `LAYOUTS` entry (or any such dict) at `block_size`, with
+    `settings` (max_new_tokens, sampling, seed, ...)."""
+    every = layout.get("branches") == "all"
+    cfg = SpeculativeConfig(block_size=block_size, **{**layout, "branches": 1}, **settings)
+    cfg.branches = cfg.drafts_per_block + 1 if every else layout.get("branches", 1)
+    return cfg
 
 
 class SpeculativeSampler(SpeculativeDecoder, BlockDiffusionSampler):
