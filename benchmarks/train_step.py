@@ -86,7 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--no-timing", action="store_true",
                    help="memory only (byte counts do not depend on machine load; time them on a quiet machine)")
     p.add_argument("--no-breakdown", action="store_true", help="skip the attention / head+loss timings")
-    p.add_argument("--profile", action="store_true", help="torch.profiler op table for (a) and (b) at the largest L")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler op table for (a) and (b) at the largest L ((b) and (d) with --configs ... gated)")
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(DEFAULT_CONFIGS),
                    help="which steps to run (the AR step is always run: the ratios need it)")
     p.add_argument("--loss", choices=["selected", "full"], default="selected",
@@ -419,9 +420,10 @@ def main(argv=None) -> int:
                             ("rest", "rest", "{:.2f}"), ("x", "rest_x", "{:.2f}")]))
 
     L_max = max(args.lengths)
-    if args.profile:
-        batches = {c: make_batch(c, L_max, args.block_size) for c in ("ar", "sdpa")}
-        prof_steps = {c: (step_fn(model, c, batches[c], args), zero_grad(model)) for c in ("ar", "sdpa")}
+    if args.profile:  # (a) against (b), or with (d) the full-model step against the gated one
+        pair = ("sdpa", "gated") if "gated" in configs else ("ar", "sdpa")
+        batches = {c: make_batch(c, L_max, args.block_size, args) for c in pair}
+        prof_steps = {c: (step_fn(models[c], c, batches[c], args), zero_grad(models[c])) for c in pair}
         for s, b in prof_steps.values():  # warm
             b()
             s()

@@ -21,9 +21,7 @@ Data (all prepared by parallel_adaptation.py --until data under PREP, plus one f
     response tokens are scored), which is what the drafter must predict;
   - raw: documents of the three corpora's training parts (the first 90%, where the train prompts
     come from; the held-out prompts are from the last 10%) as SFT records with an empty prompt,
-    so every token is scored: in the blend, about --raw-tokens of them.
-  Gated arms draw --distilled-share of their samples from the distilled set; the full-model arm
-  draws by size.
+    so every token is scored: in the blend, about --raw-tokens of them (SFT sets blend by size).
 Arms (ARMS below): gated LoRA rank 64, lambda = 0, block size 2 -> 4 -> 8 with half the blocks'
 first slot masked (the one-forward layout):
   - the recipe of the first sittings (t ~ U[eps, 1], distillation weight 1, lr 1e-3);
@@ -73,8 +71,6 @@ def parse_args(argv=None):
     p.add_argument("--round-tokens", type=int, default=131072, help="every arm trains this far before the best continues")
     p.add_argument("--chunk-tokens", type=int, default=32768, help="tokens per training launch and curve point")
     p.add_argument("--raw-tokens", type=int, default=240000, help="raw-corpus tokens in the blend (about)")
-    p.add_argument("--distilled-share", type=float, default=0.75,
-                   help="share of the gated arms' samples drawn from the distilled continuations")
     p.add_argument("--curve-prompts", type=int, default=24)
     p.add_argument("--gen-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
@@ -129,22 +125,12 @@ def stages(arm: str, tokens: int) -> list:
             {"block_size": 4, "tokens": tokens // 8}, {"block_size": 8}]
 
 
-def blend(args, arm: str, paths: dict) -> list:
-    """data.prefix: a gated arm reads the base's own continuations (what it must draft) at
-    --distilled-share of its samples; the full-model arm reads the sets by size, the raw text
-    keeping its AR model near the base."""
-    distilled, raw = (str(p) for p in paths["data"])
-    if not arm.startswith("gated"):
-        return [distilled, raw]
-    return [args.distilled_share, distilled, 1 - args.distilled_share, raw]
-
-
 def train_chunk(args, arm: str, paths: dict, out: Path, env: dict) -> None:
     save = out / arm
     steps, chunk = args.tokens // TOKENS_PER_STEP, args.chunk_tokens // TOKENS_PER_STEP
     lr = ARMS[arm]["train.lr"]
     sets = {
-        "model.init_from": paths["base"], "data.prefix": json.dumps(blend(args, arm, paths)),
+        "model.init_from": paths["base"], "data.prefix": json.dumps([str(p) for p in paths["data"]]),
         "data.format": "sft", "data.split": "100,0,0", "data.seq_len": 128,
         "checkpoint.save_dir": save, "checkpoint.resume": "true", "checkpoint.interval": chunk,
         "checkpoint.keep_last": 1, "train.steps": steps, "train.exit_after_steps": chunk,

@@ -42,6 +42,20 @@ token (decided, not yet in the cache, at position s), and possibly drafts for po
       duplicates the AR token). At most B-1 tokens per forward.
   Neither choice affects correctness (the clean half checks every draft), only acceptance; the
   benchmark measures both.
+- Using more of the drafts in one forward per block. A pass that keeps k of its n drafts wastes
+  its next block unless k = n, so with a drafter that is often wrong most passes verify nothing.
+    * `branches` = m: the pass carries m next blocks, one per kept-draft count it bets on (n
+      first, then 0, 1, ...): block k starts after the pending token and drafts[:k], sees exactly
+      those append slots and nothing of the other blocks (RowKVCache's per-block `noised_sees`).
+      Whatever count the pass keeps, if it bet on it, the next pass has drafts conditioned on the
+      right prefix. m = n + 1 covers every count, at B slots per block: (n + 1) + m B slots per
+      forward, which a memory-bound GPU forward at small batch absorbs and a CPU does not.
+    * `reuse_drafts`: when no block matches (k < n), the next pass verifies the drafts after the
+      rejected one, drafts[k+1:], at their own positions after the new pending token. They were
+      drafted from a shorter prefix, so they are kept less often, but they cost no extra pass;
+      with sampling each was drawn from its own q independently of the rejected slot, so the
+      acceptance rule still applies to it unchanged.
+  Both are lossless for the same reason as the rest: every kept token passed the verifier.
 
 Blocks start wherever the previous verification stopped, not at multiples of B. The model still
 sees in inference what it saw in training for that block: in training a noised block of B slots
