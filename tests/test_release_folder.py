@@ -204,7 +204,7 @@ def test_block_generate_equals_megablocks_samplers(decoded):
             checked += 1
         eos_cut = [t for (job, ref) in pairs if ref is not None for t in ref.tokens if len(t) < N_NEW]
         assert eos_cut, "some row must end at its EOS"
-    assert checked == len(cases) * 3 * 6
+    assert checked == len(cases) * 3 * 8
 
 
 def test_speculative_mode_equals_transformers_greedy_generate(decoded):
@@ -223,7 +223,7 @@ def test_speculative_mode_equals_transformers_greedy_generate(decoded):
                     spec = [_trim(r, job["eos"], N_NEW) for r in jobs[j]["sequences"]]
                     assert spec == hf, (folder, kw)
                     compared += 1
-    assert compared == len(cases) * 3 * 2  # folders x block sizes x (one pass, two passes)
+    assert compared == len(cases) * 3 * 3  # folders x block sizes x (one pass, two passes, branches + reuse)
 
 
 def test_the_folder_is_the_plain_model_without_remote_code_and_refuses_other_attention(decoded, folders):
