@@ -137,6 +137,20 @@ def test_weights_are_inverse_mask_probability():
         assert uniform.diff_weights[:, :L - 1][m].eq(1).all()
 
 
+def test_clipped_at_one_masks_every_draft_slot():
+    """clip_min = clip_max = 1 (the drafter recipe, t = 1): every eligible slot is masked with
+    weight 1, the pattern of a speculative draft block; with shift each block's first slot stays
+    visible unless first_slot_mask_prob hides it."""
+    b, L, B = 4, 64, 8
+    settings = DiffusionSection(schedule="clipped", clip_min=1.0, clip_max=1.0)
+    noise = draw_noise(torch.arange(b), L, B, settings, seed=3)
+    assert torch.equal(noise.masked, noise.eligible) and noise.masked.sum() == b * L * (B - 1) // B
+    batch = build_batch(x0_batch(b, L), torch.arange(b), B, settings, mask_token_id=M, seed=3)
+    xt = batch.input_ids[:, :L]
+    assert xt[:, torch.arange(L) % B != 0].eq(M).all() and not xt[:, ::B].eq(M).any()
+    assert batch.diff_weights[:, :L][batch.diff_weights[:, :L] > 0].eq(1).all()
+
+
 def test_diffusion_weights_are_unbiased_per_token():
     """E[sum diff_weights] = diff_normalizer: every target token counts once in expectation
     (w = 1/p on masked tokens, 1 on the AR steps).  Clipped t keeps the variance small: with

@@ -83,7 +83,7 @@ LAYOUTS = {
     "one pass, masked": dict(next_draft="masked"),
     "one pass, overlap": dict(next_draft="overlap"),
     "two passes": dict(two_pass=True),
-    "one pass, masked, reuse": dict(next_draft="masked", reuse_drafts=True),
+    "one pass, masked, 2 branches": dict(next_draft="masked", branches=2),
     "one pass, masked, 2 branches + reuse": dict(next_draft="masked", branches=2, reuse_drafts=True),
     "one pass, masked, all branches": dict(next_draft="masked", branches="all"),
 }
