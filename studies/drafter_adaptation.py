@@ -224,9 +224,12 @@ def chosen_arm(args, out: Path, arms: list) -> str:
 def report(args, out: Path, arms: list) -> str:
     """Two tables: drafts kept / offered per block and tokens per forward in the three basic
     layouts, then tokens per forward of the one-pass variants that use more of the drafts."""
-    points = {arm: [json.loads(x) for x in (out / f"curve_{arm}.jsonl").read_text().splitlines()]
-              for arm in ["base", *arms] if (out / f"curve_{arm}.jsonl").is_file()}
-    points = {arm: [p for p in curve if arm == "base" or p["tokens"]] for arm, curve in points.items()}  # base once
+    points = {}
+    for arm in ["base", *arms]:
+        path = out / f"curve_{arm}.jsonl"
+        if path.is_file():  # every arm's curve starts with the base's point: show it once, as "base"
+            curve = [json.loads(x) for x in path.read_text().splitlines()]
+            points[arm] = [p for p in curve if arm == "base" or p["tokens"]]
     from megablock.inference.speculative import LAYOUTS
 
     basic = [f"B{B} {n}" for B in (4, 8) for n in list(LAYOUTS)[:3]]
