@@ -54,6 +54,7 @@ import torch  # noqa: E402
 
 from megablock.config import WeightDtype, options  # noqa: E402
 from megablock.diffusion.block_rules import DecodeMode  # noqa: E402
+from megablock.inference.distill import read_prompt_file  # noqa: E402
 from megablock.inference.speculative import LAYOUTS, layout_config  # noqa: E402
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -135,12 +136,6 @@ def hf_batch_runner(model, prompts: list, n: int):
         return [row[width:].tolist() for row in out]
 
     return run
-
-
-def read_prompt_file(path: str) -> list[str]:
-    """Prompts of a file: JSON lines with a "prompt" (benchmarks' held-out prompt files) or plain lines."""
-    lines = [x for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip()]
-    return [json.loads(x)["prompt"] if x.lstrip().startswith("{") else x for x in lines]
 
 
 def speculative_main(args, im, hf_folder, eos_ids=()) -> None:

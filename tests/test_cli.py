@@ -76,3 +76,26 @@ def test_expected_errors_are_one_line_not_unexpected(tmp_path, capsys):
     (tmp_path / "run" / "step_0000004" / "megablock.json").write_text("{}")
     (tmp_path / "run" / "latest").write_text("step_0000004\n")
     assert "step_0000004" in Trainer._what_remains(fresh) and "remains 'latest'" in Trainer._what_remains(fresh)
+
+
+def test_generate_reads_jsonl_prompt_files_as_the_benchmarks_and_distillation_do(tmp_path, capsys):
+    """tools/generate.py --prompt-file took every line verbatim, so a .jsonl of held-out prompts (the
+    benchmarks' and distill_data's format, the only way to pass a prompt that spans lines) was decoded
+    as JSON text."""
+    import json
+
+    from megablock.commands.generate import build_parser, main, read_prompts
+
+    prompts = ["Woodworking\nWoodworking is the skill of", "ULYSSES.\nAchilles stands"]
+    jsonl = tmp_path / "heldout.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": p, "corpus": "x"}) + "\n" for p in prompts))
+    plain = tmp_path / "prompts.txt"
+    plain.write_text("one prompt\n\nanother one\n")
+    args = ["--ckpt", str(tmp_path / "no-ckpt"), "--max-new-tokens", "4", "--block-size", "1", "--prompt-file"]
+    assert read_prompts(build_parser().parse_args(args + [str(jsonl)])) == prompts
+    assert read_prompts(build_parser().parse_args(args + [str(plain)])) == ["one prompt", "another one"]
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"text": "no prompt field"}\n')
+    assert main(args + [str(bad)]) == EXIT_ERROR  # before any model loads
+    assert capsys.readouterr().err.strip() == f"error: {bad} line 2: no 'prompt' string"

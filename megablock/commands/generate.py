@@ -4,8 +4,9 @@
         --block-size B [--threshold P | --tokens-per-step K] [--mode threshold|speculative] [--json]
 
 One process runs TP = 1; under torchrun / deepspeed every launched process is a TP rank
-(`torchrun --nproc_per_node 2 tools/generate.py ...`). `--prompt-file` takes one prompt per line
-and decodes them as one batch. Prints each prompt's continuation; with `--json` the last line is one
+(`torchrun --nproc_per_node 2 tools/generate.py ...`). `--prompt-file` takes JSON lines with a
+"prompt" field (.jsonl / .json: prompts may span lines) or one prompt per line, and decodes them as
+one batch. Prints each prompt's continuation; with `--json` the last line is one
 JSON object: text (texts for several prompts), new_tokens, forwards, tokens_per_forward, seconds.
 `--mode speculative` decodes losslessly (exactly the model's AR output when greedy): the noised
 half drafts each block, the clean causal pass verifies it (megablock.inference.speculative); its
@@ -16,13 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
 from megablock.cli import add_common_flags, add_model_flags, is_rank_zero, launched_parallel, run_tool
 from megablock.config import WeightDtype, options
 from megablock.diffusion.block_rules import DecodeMode, NextDraft
+from megablock.inference.distill import read_prompt_file
 from megablock.inference.loading import load
 from megablock.inference.sampler import GenerateConfig
 from megablock.inference.sampling import SamplingParams
@@ -38,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     text = p.add_mutually_exclusive_group(required=True)
     text.add_argument("--prompt", help="prompt text")
-    text.add_argument("--prompt-file", help="file with one prompt per line (decoded as one batch)")
+    text.add_argument("--prompt-file", help='prompts decoded as one batch: JSON lines with a "prompt" field '
+                      "(.jsonl / .json), else one prompt per line")
     p.add_argument("--max-new-tokens", type=int, required=True)
     p.add_argument("--block-size", type=int, required=True, help="B; 1 with shift is plain AR decoding")
     p.add_argument("--threshold", type=float, default=None,
@@ -69,15 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(args) -> list[str]:
-    if args.prompt is not None:
-        return [args.prompt]
-    if not os.path.isfile(args.prompt_file):
-        raise UsageError(f"--prompt-file {args.prompt_file} does not exist")
-    with open(args.prompt_file, encoding="utf-8") as f:
-        prompts = [line.rstrip("\n") for line in f if line.strip()]
-    if not prompts:
-        raise UsageError(f"--prompt-file {args.prompt_file} has no prompts (one per line)")
-    return prompts
+    return [args.prompt] if args.prompt is not None else read_prompt_file(args.prompt_file)
 
 
 def generate_config(args):
