@@ -274,8 +274,8 @@ def main(argv=None) -> None:
                    help="speculative mode: draft layouts")
     p.add_argument("--drafter", help="with --hf-dir: a drafter folder (export of a lora.scope=noised run); the HF "
                                      "baseline is then the base folder itself")
-    p.add_argument("--prompt-file", help="speculative mode: prompts (.jsonl / .json: JSON lines with 'prompt'; else one per line); "
-                                         "batch 1 decodes each alone")
+    p.add_argument("--prompt-file", help="speculative mode: prompts (.jsonl / .json: JSON lines with 'prompt'; "
+                                         "else one per line); batch 1 decodes each alone")
     p.add_argument("--dtype", default="fp32", choices=options(WeightDtype))
     p.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
