@@ -36,17 +36,19 @@ TOPS = (1, 2, 3, 4, 8)
 
 @torch.inference_mode()
 def first_draft_ranks(sampler, trajectory: list, start: int, block: int, reveal_first: bool) -> list:
-    """Rank of x[p+1] in the first draft's distribution, for every p from `start` on."""
+    """Rank of x[p+1] in the first draft's distribution, for every p from `start` on. One cache
+    grows a token at a time; each block is a peek, whose K/V the next append overwrites."""
+    cache = KVCache(1, len(trajectory) + block)
+    sampler._hidden(cache, torch.tensor([trajectory[:start]]), torch.arange(start)[None], append=True)
     ranks = []
     for p in range(start, len(trajectory) - 1):
-        cache = KVCache(1, p + block)
-        sampler._hidden(cache, torch.tensor([trajectory[:p]]), torch.arange(p)[None], append=True)
         ids = torch.full((1, block), sampler.mask_token_id)
         if reveal_first:
             ids[0, 0] = trajectory[p]
         hidden = sampler._hidden(cache, ids, torch.arange(p, p + block)[None], append=False)
         logits = sampler._logits(hidden[0, 0])  # with token shift, slot 0 predicts x[p+1]
         ranks.append(int((logits > logits[trajectory[p + 1]]).sum()))
+        sampler._hidden(cache, torch.tensor([[trajectory[p]]]), torch.tensor([[p]]), append=True)
     return ranks
 
 
