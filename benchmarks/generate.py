@@ -223,12 +223,12 @@ def speculative_main(args, im, hf_folder, eos_ids=()) -> None:
     for c in checks:
         print(f"batch {c['batch']}: megablock AR (B=1) tokens == HF generate tokens (before the first EOS): "
               f"{c['ar_tokens_equal_hf']}")
-    print(f"{'batch':>5} {'B':>3} {'layout':<36} {'acc/blk':>9} {'fwd':>5} {'tok/fwd':>8} {'fwd cost':>8} "
+    print(f"{'batch':>5} {'B':>3} {'layout':<46} {'acc/blk':>9} {'fwd':>5} {'tok/fwd':>8} {'fwd cost':>8} "
           f"{'tok/s med':>10} {'tok/s best':>10} {'vs HF med':>9} {'vs HF best':>10} {'model':>6} {'=AR':>4}")
     for r in rows:
         acc = f"{r['mean_accepted']:.2f}/{r['drafts_per_block']}" if "mean_accepted" in r else "-"
         vs = lambda k: f"{r[k]:.2f}" if r.get(k) is not None else "-"  # noqa: E731
-        print(f"{r['batch']:>5} {r['block_size']:>3} {r['layout']:<36} {acc:>9} {r['forwards']:>5} "
+        print(f"{r['batch']:>5} {r['block_size']:>3} {r['layout']:<46} {acc:>9} {r['forwards']:>5} "
               f"{r['tokens_per_forward']:>8.2f} {vs('forward_cost_x_ar'):>8} {r['tokens_per_s_median']:>10.1f} "
               f"{r['tokens_per_s_best']:>10.1f} {vs('vs_hf_median'):>9} {vs('vs_hf_best'):>10} "
               f"{vs('modeled_vs_hf_one_ar_step'):>6} {str(r.get('same_as_ar', '-')):>4}")

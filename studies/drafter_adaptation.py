@@ -13,8 +13,8 @@ its count at batch 1) at B = 4 and 8 in the three layouts, drafts kept per verif
 tokens per forward, and for the full-model arm the AR perplexity of held-out Wikipedia text. The
 arms take turns (the one with the fewest tokens trains next) up to --round-tokens each; then the
 best gated arm (most tokens per forward at B = 8, one forward per block, masked layout; chosen
-once, OUT/best.txt) continues to --tokens, and then the full-model arm to the same budget. An
-interruption loses at most the chunk in flight.
+once, OUT/best.txt) continues to --tokens, and then the full-model arms to the same budget. An
+interruption loses at most the chunk in flight (a curve point it cut off is taken on the rerun).
 
 Data (all prepared by parallel_adaptation.py --until data under PREP, plus one file made here):
   - distilled: the base model's own greedy continuations of corpus prompts (SFT format: the
@@ -27,9 +27,9 @@ first slot masked (the one-forward layout):
   - the recipe of the first sittings (t ~ U[eps, 1], distillation weight 1, lr 1e-3);
   - every slot masked (t = 1, the draft block's own pattern) at lr 3e-4 and 1e-3 with
     distillation, and at 1e-3 without;
-and the full-model recipe (lambda 0.5, lr 3e-5, block size 1 -> 2 -> 4 -> 8), whose AR
-perplexity on held-out Wikipedia text is compared with the base's (a gated arm's AR model is the
-base itself).
+and the full-model recipe (lambda 0.5, lr 3e-5, block size 1 -> 2 -> 4 -> 8) with two blends
+(RAW_TOKENS), whose AR perplexity on held-out Wikipedia text is compared with the base's (a gated
+arm's AR model is the base itself).
 """
 from __future__ import annotations
 
@@ -51,13 +51,19 @@ GATED = {"lora.enabled": "true", "lora.scope": "noised", "lora.rank": 64, "lora.
 # Every eligible slot of every block masked (t = 1): a speculative draft block is all masks, so
 # this is the only mask pattern the drafter meets when it decodes, and every slot is a target.
 ALL_MASKED = {"diffusion.schedule": "clipped", "diffusion.clip_min": 1.0, "diffusion.clip_max": 1.0}
+FULL = {"diffusion.ar_loss_weight": 0.5, "train.lr": 3e-5, "diffusion.first_slot_mask_prob": 0.5}
 ARMS = {
     "gated_lr1e-3_kl": {**GATED, "train.lr": 1e-3, "diffusion.distill_weight": 1.0},
     "gated_lr3e-4_kl_t1": {**GATED, **ALL_MASKED, "train.lr": 3e-4, "diffusion.distill_weight": 1.0},
     "gated_lr1e-3_t1": {**GATED, **ALL_MASKED, "train.lr": 1e-3},
     "gated_lr1e-3_kl_t1": {**GATED, **ALL_MASKED, "train.lr": 1e-3, "diffusion.distill_weight": 1.0},
-    "full_lr3e-5": {"diffusion.ar_loss_weight": 0.5, "train.lr": 3e-5, "diffusion.first_slot_mask_prob": 0.5},
+    "full_lr3e-5": FULL,
+    "full_lr3e-5_raw100k": FULL,
 }
+# An arm's raw-corpus tokens in its blend, where not --raw-tokens. Beside the ~191k distilled tokens,
+# 240k raw (56%) left the full model's AR perplexity 19.5% *below* the base's after 524k tokens, and
+# SFT alone raised it 34% (docs/parallel_decoding.md): about a third raw is the guess for the 5% band.
+RAW_TOKENS = {"full_lr3e-5_raw100k": 100_000}
 
 
 def parse_args(argv=None):
@@ -79,14 +85,15 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- data
-def raw_records(args, out: Path, tokenizer) -> Path:
-    """Documents of the corpora's training parts, about --raw-tokens in all, as SFT records."""
-    path = out / "raw.jsonl"
+def raw_records(args, out: Path, tokenizer, tokens: int) -> Path:
+    """Documents of the corpora's training parts, about `tokens` in all, as SFT records (a smaller
+    set is a prefix of each corpus's part of a larger one)."""
+    path = out / ("raw.jsonl" if tokens == args.raw_tokens else f"raw_{tokens}.jsonl")
     if path.is_file():
         return path
     from megablock.data.preprocess import iter_documents
 
-    per_corpus, rows = args.raw_tokens // len(CORPORA), []
+    per_corpus, rows = tokens // len(CORPORA), []
     for name, (file, split) in CORPORA.items():
         docs = list(iter_documents(str(Path(needed(args, "corpora")) / file), text_split=split))
         cut, count = int(len(docs) * 0.9), 0
@@ -108,13 +115,17 @@ def prepare(args, prep: Path, out: Path, env: dict) -> dict:
 
     base = prep / "base"
     tok = AutoTokenizer.from_pretrained(str(base / "tokenizer"))
-    raw = out / "data" / "raw"
-    if not Path(f"{raw}.flags.idx").is_file():
-        (out / "data").mkdir(parents=True, exist_ok=True)
-        run([PY, "tools/preprocess_data.py", "--format", "sft", "--input", raw_records(args, out, tok), "--tokenizer",
-             base / "tokenizer", "--output-prefix", raw, "--quiet"], out / "logs" / "data.log", env)
+    blends = {}
+    for arm in args.arms.split(","):
+        tokens = RAW_TOKENS.get(arm, args.raw_tokens)
+        raw = out / "data" / ("raw" if tokens == args.raw_tokens else f"raw_{tokens}")
+        if not Path(f"{raw}.flags.idx").is_file():
+            (out / "data").mkdir(parents=True, exist_ok=True)
+            run([PY, "tools/preprocess_data.py", "--format", "sft", "--input", raw_records(args, out, tok, tokens),
+                 "--tokenizer", base / "tokenizer", "--output-prefix", raw, "--quiet"], out / "logs" / "data.log", env)
+        blends[arm] = [prep / "data" / "distilled", raw]
     return {"base": base, "hf": prep / "base_hf", "heldout": prep / "prompts_heldout.jsonl",
-            "heldout_text": prep / "data" / "heldout_wiki", "data": [prep / "data" / "distilled", raw]}
+            "heldout_text": prep / "data" / "heldout_wiki", "data": blends}
 
 
 # ----------------------------------------------------------------------------- training
@@ -130,7 +141,7 @@ def train_chunk(args, arm: str, paths: dict, out: Path, env: dict) -> None:
     steps, chunk = args.tokens // TOKENS_PER_STEP, args.chunk_tokens // TOKENS_PER_STEP
     lr = ARMS[arm]["train.lr"]
     sets = {
-        "model.init_from": paths["base"], "data.prefix": json.dumps([str(p) for p in paths["data"]]),
+        "model.init_from": paths["base"], "data.prefix": json.dumps([str(p) for p in paths["data"][arm]]),
         "data.format": "sft", "data.split": "100,0,0", "data.seq_len": 128,
         "checkpoint.save_dir": save, "checkpoint.resume": "true", "checkpoint.interval": chunk,
         "checkpoint.keep_last": 1, "train.steps": steps, "train.exit_after_steps": chunk,
@@ -296,6 +307,9 @@ def main(argv=None) -> int:
             add_curve_point(args, "base", paths, out, env)
             for arm in arms:
                 (out / f"curve_{arm}.jsonl").write_text((out / "curve_base.jsonl").read_text())
+        for arm in arms:  # a point an interruption cut off after its chunk had been saved
+            if consumed(out, arm):
+                add_curve_point(args, arm, paths, out, env)
         while True:
             todo = [a for a in arms if consumed(out, a) < args.round_tokens]
             if not todo:

@@ -154,7 +154,7 @@ def _megablock_cases(folder: Path) -> list:
             kwargs = dict(block_size=B, mode="threshold", threshold=0.5, max_new_tokens=N_NEW, eos_token_id=eos,
                           temperature=sampling.temperature, top_p=sampling.top_p, seed=seed)
             cases.append(({"kind": "block", "prompts": PROMPTS, "kwargs": kwargs}, im.sampler().generate(PROMPTS, cfg)))
-        for layout in (dict(two_pass=False), dict(two_pass=True), dict(branches=2, reuse_drafts=True)):
+        for layout in (dict(two_pass=False), dict(two_pass=True), dict(branches=2, reuse_drafts=True, candidates=2)):
             for sampling, seed in ((SamplingParams(), 0), (SAMPLED, 5)):
                 cfg = SpeculativeConfig(block_size=B, max_new_tokens=N_NEW, sampling=sampling, seed=seed, **layout)
                 kwargs = dict(block_size=B, mode="speculative", max_new_tokens=N_NEW, eos_token_id=eos, **layout,
@@ -223,7 +223,7 @@ def test_speculative_mode_equals_transformers_greedy_generate(decoded):
                     spec = [_trim(r, job["eos"], N_NEW) for r in jobs[j]["sequences"]]
                     assert spec == hf, (folder, kw)
                     compared += 1
-    assert compared == len(cases) * 3 * 3  # folders x block sizes x (one pass, two passes, branches + reuse)
+    assert compared == len(cases) * 3 * 3  # folders x block sizes x (one pass, two passes, branches + reuse + candidates)
 
 
 def test_the_folder_is_the_plain_model_without_remote_code_and_refuses_other_attention(decoded, folders):

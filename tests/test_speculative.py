@@ -213,6 +213,59 @@ def test_all_branches_give_every_pass_drafts():
     assert len(reuse.drafted) > len(one.drafted)
 
 
+class RecordingSampler(SpeculativeSampler):
+    """Records every pass's drafts with the new-token index of the first one."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.seen = []
+
+    def propose(self, rows, positions, drafts):
+        self.seen += [(r, pos[0], d) for r, pos, d in zip(rows, positions, drafts) if d]
+        return drafts
+
+
+def test_candidate_blocks_give_drafts_one_ahead_of_the_verifiers_token():
+    """With candidates, a pass after a cut block verifies the drafts of a block that revealed the
+    verifier's token whenever the drafter had ranked it among its next likeliest: exactly the
+    two-forward layout's drafts for that state (one ahead of a known token). Without candidates
+    the same states get the masked block's drafts (two ahead). A vocabulary of 8 tokens, so the
+    untrained drafter's 3 next likeliest often hold the verifier's token."""
+    hf = peaked_model("llama", seed=8, scale=4.0, vocab_size=V_TINY)
+    im = from_hf_model(hf, mask_token_id=V_TINY - 1)
+    im.eos_token_ids = []
+    prompts, n, B = [[1, 2, 3, 4], [5, 0, 2]], 30, 4
+    ar = im.sampler().generate(prompts, GenerateConfig(block_size=1, max_new_tokens=n)).tokens
+    s = RecordingSampler(im.model, im.mask_token_id, im.eos_token_ids, im.pad_token_id)
+
+    def drafts_alone(context, pending, revealed):
+        """The drafts of one block after `context` whose first slot is `pending` (revealed) or masked."""
+        cache = RowKVCache(1, 64, s.device)
+        s._forward(cache, [context])
+        cache.commit(torch.tensor([len(context)]))
+        x = torch.full((1, B), im.mask_token_id)
+        if revealed:
+            x[0, 0] = pending
+        _, hidden = s._forward(cache, [[]], (x, cache.lengths.cpu(), torch.zeros(1, dtype=torch.long)))
+        return s._logits(hidden[0, : B - 1]).argmax(-1).tolist()
+
+    kinds = {}
+    for candidates in (0, 3):
+        s.seen = []
+        cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, branches=2, candidates=candidates)
+        assert s.generate(prompts, cfg).tokens == ar
+        kinds[candidates] = []
+        for r, at, drafts in s.seen:
+            context, pending = prompts[r] + ar[r][: at - 1], ar[r][at - 1]
+            one_ahead = drafts_alone(context, pending, revealed=True)[: len(drafts)]
+            two_ahead = drafts_alone(context, pending, revealed=False)[: len(drafts)]
+            assert drafts in (one_ahead, two_ahead), (candidates, r, at)
+            if one_ahead != two_ahead:
+                kinds[candidates].append(drafts == one_ahead)
+    assert len(kinds[0]) >= 5 and not any(kinds[0])
+    assert sum(kinds[3]) >= 3, kinds[3]
+
+
 # --- KV cache rollback ----------------------------------------------------------------------------------
 def test_cache_after_rollback_equals_never_drafted():
     hf = peaked_model("qwen3", seed=6)
@@ -342,20 +395,23 @@ def _tp_worker(rank, world, cfgs):
 def test_tp2_equals_ar():
     cfgs = [SpeculativeConfig(block_size=4, max_new_tokens=10),
             SpeculativeConfig(block_size=4, max_new_tokens=10, two_pass=True),
-            SpeculativeConfig(block_size=4, max_new_tokens=10, sampling=SamplingParams(1.0, 20), seed=5)]
+            SpeculativeConfig(block_size=4, max_new_tokens=10, sampling=SamplingParams(1.0, 20), seed=5),
+            SpeculativeConfig(block_size=4, max_new_tokens=10, branches=4, candidates=2)]
     ranks = run_distributed(_tp_worker, 2, cfgs)
     assert ranks[0] == ranks[1]  # every TP rank made the same choices
     im = from_hf_model(peaked_model("llama", seed=8), mask_token_id=MASK)
     im.eos_token_ids = []
     ar = im.sampler().generate(PROMPTS[:3], GenerateConfig(block_size=1, max_new_tokens=10)).tokens
-    assert ranks[0][0] == ar and ranks[0][1] == ar
+    assert ranks[0][0] == ar and ranks[0][1] == ar and ranks[0][3] == ar
 
 
 # --- settings and CLI -------------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", [dict(block_size=0), dict(max_new_tokens=0), dict(next_draft="x"),
                                  dict(block_size=2, next_draft="overlap"), dict(draft_steps=2),
                                  dict(two_pass=True, draft_steps=2, sampling=SamplingParams(1.0)),
-                                 dict(shift=False)])
+                                 dict(shift=False), dict(candidates=2), dict(branches=2, candidates=-1),
+                                 dict(branches=2, candidates=2, next_draft="overlap"),
+                                 dict(two_pass=True, candidates=2)])
 def test_bad_settings_raise(bad):
     sampler = speculative_sampler(from_hf_model(tiny_hf_model("llama"), mask_token_id=MASK))
     with pytest.raises(ValueError):

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "bets on (1: every draft kept; B: every count, so every pass has drafts; B slots each)")
     p.add_argument("--reuse-drafts", action="store_true",
                    help="speculative, one pass: after a rejection, verify the drafts after it in the next pass")
+    p.add_argument("--candidates", type=int, default=0,
+                   help="speculative, one pass, --branches >= 2: per bet on a cut block, C more next blocks revealing "
+                        "the drafter's next likeliest tokens for the cut slot (B slots each)")
     p.add_argument("--draft-steps", type=int, default=1, help="speculative --two-pass: refinement forwards per draft")
     p.add_argument("--draft-threshold", type=float, default=None,
                    help="speculative --two-pass: refine drafts with this commit threshold instead")
@@ -84,7 +87,7 @@ def generate_config(args):
         cfg = SpeculativeConfig(
             block_size=args.block_size, max_new_tokens=args.max_new_tokens, two_pass=args.two_pass,
             next_draft=args.next_draft, branches=args.branches, reuse_drafts=args.reuse_drafts,
-            draft_steps=args.draft_steps, draft_threshold=args.draft_threshold,
+            candidates=args.candidates, draft_steps=args.draft_steps, draft_threshold=args.draft_threshold,
             sampling=SamplingParams(args.temperature, args.top_k, args.top_p), seed=args.seed,
         )
         cfg.check_ranges()

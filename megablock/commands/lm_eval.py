@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--branches", type=int, default=1, help="speculative, one pass: next blocks per verify pass")
     p.add_argument("--reuse-drafts", action="store_true",
                    help="speculative, one pass: after a rejection, verify the drafts after it in the next pass")
+    p.add_argument("--candidates", type=int, default=0,
+                   help="speculative, one pass, --branches >= 2: next blocks revealing the drafter's next likeliest "
+                        "tokens where a block is cut")
     p.add_argument("--dtype", default="fp32", help="fp32 (default) | bf16")
     p.add_argument("--tp", type=int, default=None, help="TP ranks per replica (default: every launched process)")
     p.add_argument("--max-length", type=int, default=None,
@@ -108,7 +111,7 @@ def model_args(args) -> dict:
                seed=args.seed)
     if args.mode == "speculative":
         out.update(two_pass=args.two_pass, next_draft=args.next_draft, branches=args.branches,
-                   reuse_drafts=args.reuse_drafts)
+                   reuse_drafts=args.reuse_drafts, candidates=args.candidates)
     return out
 
 

@@ -208,11 +208,22 @@ class SpeculativeConfig:
     reuse_drafts: bool = False
     """One-pass mode: when no branch matches what a pass kept, verify the drafts after the rejected
     one in the next pass (the drafter's guesses for those positions) instead of none."""
+    candidates: int = 0
+    """One-pass mode, masked layout, branches >= 2: for each bet on k kept drafts with k short of
+    all, also draft `candidates` next blocks whose first slot reveals one of the drafter's next
+    likeliest tokens (after the draft) for the slot where the verifier cut the block. The verifier
+    puts its own token there; when that is a candidate, the next pass verifies drafts made one
+    ahead of a known token (the two-forward layout's drafts) instead of two ahead. B slots each."""
     draft_steps: int = 1
     """Refinement forwards per draft (two-forward mode only; greedy only)."""
     draft_threshold: Optional[float] = None
     """Instead of a fixed number of steps, commit slots whose confidence is above this per step."""
     shift: bool = True
+
+    @property
+    def draft_blocks(self) -> int:
+        """One-pass mode: the most next blocks a verify pass carries."""
+        return self.branches + self.candidates * (self.branches - 1)
 
     @property
     def drafts_per_block(self) -> int:
@@ -241,9 +252,15 @@ class SpeculativeConfig:
         if self.branches < 1 or self.branches > max(self.drafts_per_block, 0) + 1:
             raise ValueError(f"branches must be in [1, {max(self.drafts_per_block, 0) + 1}] (one per possible "
                              f"number of kept drafts at block size {self.block_size}), got {self.branches}")
-        if self.two_pass and (self.branches > 1 or self.reuse_drafts):
-            raise ValueError("branches and reuse_drafts are for the one-pass mode (the verify pass drafts the next "
-                             "block); two_pass drafts every block afresh")
+        if self.two_pass and (self.branches > 1 or self.reuse_drafts or self.candidates):
+            raise ValueError("branches, reuse_drafts and candidates are for the one-pass mode (the verify pass drafts "
+                             "the next block); two_pass drafts every block afresh")
+        if self.candidates < 0:
+            raise ValueError(f"candidates must be >= 0, got {self.candidates}")
+        if self.candidates and (self.next_draft != "masked" or self.branches < 2):
+            raise ValueError("candidates reveal the first slot of the next blocks that bet on a cut block: they need "
+                             f"next_draft='masked' and branches >= 2, got next_draft={self.next_draft!r}, "
+                             f"branches={self.branches}")
         if self.draft_steps < 1:
             raise ValueError(f"draft_steps must be >= 1, got {self.draft_steps}")
         if self.draft_threshold is not None and not 0 < self.draft_threshold <= 1:
@@ -790,28 +807,52 @@ class SpeculativeDecoder(Decoder):
             todo[:, 1:] &= ~commit
         return x[:, 1:], q, forwards
 
-    def _next_blocks(self, cache, tokens: list, points: list, B: int, overlap: bool) -> tuple:
+    def _next_blocks(self, cache, tokens: list, points: list, B: int, overlap: bool,
+                     first: Optional[list] = None) -> tuple:
         """The one-pass mode's draft blocks after `tokens` (each row's pending token + drafts), one
         per bet in points[r] (a number k of kept drafts: the block comes after tokens[:k + 1]):
-        right after them with the first slot masked, or overlapping their last one, which it
-        reveals and which it (like a training block's first slot) does not see the clean copy of.
+        right after them with the first slot masked, or revealing first[r][j] there (a candidate
+        for the verifier's token; None: masked), or overlapping their last one, which it reveals
+        and which it (like a training block's first slot) does not see the clean copy of.
         Returns (tokens [b, m * B], first positions [b, m], append slots seen [b, m])."""
         back = 1 if overlap else 0
         seen = torch.tensor(points, dtype=torch.long) + 1 - back  # [b, m]
         x = torch.full((len(tokens), seen.shape[1], B), self.mask_token_id, dtype=torch.long)
         if overlap:
             x[:, :, 0] = torch.tensor([[t[k] for k in row] for t, row in zip(tokens, points)])
+        for i, row in enumerate(first or []):
+            for j, c in enumerate(row):
+                if c is not None:
+                    x[i, j, 0] = c
         return x.flatten(1), cache.lengths.cpu()[:, None] + seen, seen
 
     @staticmethod
-    def _bets(drafts: list, branches: int) -> list:
-        """Per row the kept-draft counts its next blocks bet on: every draft kept first, then
-        none, one, ...; a row with fewer possible counts repeats its first bet (same width)."""
-        rows = []
-        for d in drafts:
-            bets = [len(d)] + [k for k in range(len(d)) if k < branches - 1]
-            rows.append((bets + bets[:1] * branches)[:branches])
-        return rows
+    def _bets(drafts: list, branches: int, alts: Optional[list] = None, candidates: int = 0) -> tuple:
+        """Per row the next blocks' bets: (kept-draft counts, first tokens). Counts: every draft
+        kept first, then none, one, ... (`branches` of them), each with a masked first slot (None);
+        then, for each count k short of all, `candidates` blocks revealing the drafter's likeliest
+        tokens at draft slot k other than the draft itself (alts[r][k], likeliest first). A row
+        with fewer bets repeats its first one (every row has the same width)."""
+        counts, firsts = [], []
+        for i, d in enumerate(drafts):
+            ks = [len(d)] + [k for k in range(len(d)) if k < branches - 1]
+            pairs = [(k, None) for k in ks]
+            if candidates and alts[i] is not None:
+                pairs += [(k, c) for k in ks if k < len(d) for c in [t for t in alts[i][k] if t != d[k]][:candidates]]
+            counts.append([k for k, _ in pairs])
+            firsts.append([c for _, c in pairs])
+        m = max(len(row) for row in counts)
+        return ([(row + row[:1] * m)[:m] for row in counts], [(row + row[:1] * m)[:m] for row in firsts])
+
+    @staticmethod
+    def _matching_bet(counts: list, firsts: list, kept: int, token: int) -> Optional[int]:
+        """The block drafted after exactly the kept drafts and the verifier's next token: one that
+        revealed that token, else one with a masked first slot; None when no bet was right."""
+        pairs = list(zip(counts, firsts))
+        for bet in ((kept, token), (kept, None)):
+            if bet in pairs:
+                return pairs.index(bet)
+        return None
 
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], cfg: SpeculativeConfig,
@@ -826,13 +867,15 @@ class SpeculativeDecoder(Decoder):
         eos = set(self.eos.tolist())
         one_pass = not cfg.two_pass and cfg.drafts_per_block > 0
         overlap = cfg.next_draft == "overlap"
-        cache = RowKVCache(n, max(len(p) for p in prompts) + cfg.max_new_tokens + (1 + cfg.branches) * B + 2, dev)
+        cands = cfg.candidates if one_pass else 0
+        cache = RowKVCache(n, max(len(p) for p in prompts) + cfg.max_new_tokens + (1 + cfg.draft_blocks) * B + 2, dev)
 
         rows = list(range(n))
         out: list[list[int]] = [[] for _ in range(n)]
         drafted, accepted = [], []
         drafts: list[list[int]] = [[] for _ in range(n)]
         qs: list = [None] * n
+        alts: list = [None] * n  # one pass with candidates: per draft slot the drafter's likeliest tokens
         append = [list(p) for p in prompts]  # the prefill: prompts are "pending" tokens with no drafts
         forwards, row_forwards = 0, [0] * n
         while rows:
@@ -851,8 +894,9 @@ class SpeculativeDecoder(Decoder):
             drafts = self.propose(rows, positions, drafts)
             known = [len(a) for a in append]
             tokens = [a + d for a, d in zip(append, drafts)]
-            bets = self._bets(drafts, min(cfg.branches, max(len(d) for d in drafts) + 1)) if one_pass else None
-            noised = self._next_blocks(cache, tokens, bets, B, overlap) if one_pass else None
+            bets, firsts = self._bets(drafts, min(cfg.branches, max(len(d) for d in drafts) + 1), alts,
+                                      cands) if one_pass else (None, None)
+            noised = self._next_blocks(cache, tokens, bets, B, overlap, firsts) if one_pass else None
             app_hidden, noise_hidden = self._forward(cache, tokens, noised)
             forwards += 1
             for r in rows:
@@ -865,7 +909,8 @@ class SpeculativeDecoder(Decoder):
             # Decide every row (TP rank 0's decisions are broadcast so all ranks agree).
             m = len(bets[0]) if one_pass else 0
             width_next = cfg.drafts_per_block
-            decision = torch.zeros(b, 2 + max(m, 1) * width_next, dtype=torch.long)
+            alt_at = 2 + max(m, 1) * width_next  # then, with candidates, each next draft's likeliest tokens
+            decision = torch.zeros(b, alt_at + (m * width_next * (cands + 1) if cands else 0), dtype=torch.long)
             for i in range(b):
                 kept, nxt = verify_drafts(app_logits[i, : len(drafts[i]) + 1], drafts[i], qs[i],
                                           cfg.sampling, generator)
@@ -874,14 +919,17 @@ class SpeculativeDecoder(Decoder):
             if one_pass:
                 skip = 1 if overlap else 0  # overlap: the first output duplicates the AR token
                 outs = noise_hidden.reshape(b, m, B, -1)[:, :, skip: B - 1].reshape(b, m * width_next, -1)
-                nd, next_q = draw(self._logits(outs), cfg.sampling, generator)
-                decision[:, 2:] = nd.cpu()
+                logits = self._logits(outs)
+                nd, next_q = draw(logits, cfg.sampling, generator)
+                decision[:, 2:alt_at] = nd.cpu()
+                if cands:
+                    decision[:, alt_at:] = logits.topk(cands + 1, dim=-1).indices.reshape(b, -1).cpu()
                 if next_q is not None:
                     next_q = next_q.view(b, m, width_next, -1)
             decision = self._agree(decision.to(dev)).cpu()
 
             keep_rows, commit = [], torch.zeros(b, dtype=torch.long)
-            next_append, next_drafts, next_qs = [], [], []
+            next_append, next_drafts, next_qs, next_alts = [], [], [], []
             for i, r in enumerate(rows):
                 kept, nxt = int(decision[i, 0]), int(decision[i, 1])
                 if drafts[i]:
@@ -901,21 +949,26 @@ class SpeculativeDecoder(Decoder):
                     continue
                 keep_rows.append(i)
                 next_append.append([nxt])
-                if one_pass and kept in bets[i]:  # a next block was drafted after exactly these tokens
-                    j = bets[i].index(kept)
+                j = self._matching_bet(bets[i], firsts[i], kept, nxt) if one_pass else None
+                if j is not None:  # a next block was drafted after exactly these tokens
                     next_drafts.append(decision[i, 2 + j * width_next: 2 + (j + 1) * width_next].tolist())
                     next_qs.append(None if next_q is None else next_q[i, j])
+                    w = width_next * (cands + 1)
+                    next_alts.append(decision[i, alt_at + j * w: alt_at + (j + 1) * w].view(width_next, -1).tolist()
+                                     if cands else None)
                 elif one_pass and cfg.reuse_drafts:  # drafts[kept] was rejected; the ones after it still stand
                     next_drafts.append(drafts[i][kept + 1:])
                     next_qs.append(None if qs[i] is None else qs[i][kept + 1:])
+                    next_alts.append(None if alts[i] is None else alts[i][kept + 1:])
                 else:
                     next_drafts.append([])
                     next_qs.append(None)
+                    next_alts.append(None)
             cache.commit(commit)
             if len(keep_rows) < b:
                 cache.select(torch.tensor(keep_rows, dtype=torch.long))
             rows = [rows[i] for i in keep_rows]
-            append, drafts, qs = next_append, next_drafts, next_qs
+            append, drafts, qs, alts = next_append, next_drafts, next_qs, next_alts
 
         return SpeculativeOutput(out, forwards, time.perf_counter() - t0, self.pad_token_id,
                                  drafted=drafted, accepted=accepted, row_forwards=row_forwards)

@@ -55,7 +55,16 @@ token (decided, not yet in the cache, at position s), and possibly drafts for po
       drafted from a shorter prefix, so they are kept less often, but they cost no extra pass;
       with sampling each was drawn from its own q independently of the rejected slot, so the
       acceptance rule still applies to it unchanged.
-  Both are lossless for the same reason as the rest: every kept token passed the verifier.
+    * `candidates` = c (with branches >= 2): a block betting on k < n kept drafts starts at the
+      slot where the verifier cuts the verified block and puts its own token, which this pass
+      cannot know, so its first slot is masked and its first draft is two ahead of a known
+      token. The drafter's distribution at that slot, though, ranks the verifier's token high
+      when its first choice (the rejected draft) is wrong. So the pass also carries, per such
+      bet, c blocks that reveal the drafter's next c likeliest tokens there. When the verifier's
+      token is one of them, the next pass verifies that block's drafts, made one ahead of a known
+      token as in the two-forward layout (kept far more often), at no extra forward; otherwise
+      the masked block stands in. Each candidate costs B more slots per forward.
+  All are lossless for the same reason as the rest: every kept token passed the verifier.
 
 Blocks start wherever the previous verification stopped, not at multiples of B. The model still
 sees in inference what it saw in training for that block: in training a noised block of B slots
@@ -86,6 +95,9 @@ LAYOUTS = {
     "one pass, masked, 2 branches": dict(next_draft="masked", branches=2),
     "one pass, masked, 2 branches + reuse": dict(next_draft="masked", branches=2, reuse_drafts=True),
     "one pass, masked, all branches": dict(next_draft="masked", branches="all"),
+    "one pass, masked, 2 branches + 3 candidates": dict(next_draft="masked", branches=2, candidates=3),
+    "one pass, masked, all branches + 3 candidates": dict(next_draft="masked", branches="all", candidates=3),
+    "one pass, masked, all branches + 7 candidates": dict(next_draft="masked", branches="all", candidates=7),
 }
 """The draft layouts the benchmarks and studies compare, by name. branches="all": a next block
 for every possible number of kept drafts at the block size."""

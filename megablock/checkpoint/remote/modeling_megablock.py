@@ -203,7 +203,7 @@ class BlockGenerationMixin:
                        top_k: Optional[int] = None, eos_token_id: Union[int, Sequence[int], None] = None,
                        pad_token_id: Optional[int] = None, seed: int = 0, tokens_per_step: Optional[int] = None,
                        two_pass: bool = False, next_draft: str = "masked", branches: int = 1,
-                       reuse_drafts: bool = False) -> BlockGenerateOutput:
+                       reuse_drafts: bool = False, candidates: int = 0) -> BlockGenerateOutput:
         """Decode `input_ids` [batch, L] (padded on either side; `attention_mask` marks the real
         tokens) block by block.
 
@@ -214,8 +214,9 @@ class BlockGenerationMixin:
         (token for token when greedy, in distribution when sampling). One forward per block
         by default (the verify pass drafts the next block, laid out by `next_draft`: "masked" /
         "overlap"; `branches` next blocks, one per number of kept drafts it bets on, and
-        `reuse_drafts` verifies the drafts after a rejected one in the next pass); `two_pass`
-        drafts in a forward of its own.
+        `reuse_drafts` verifies the drafts after a rejected one in the next pass; with branches >= 2,
+        `candidates` more next blocks per cut bet reveal the drafter's next likeliest tokens for the
+        cut slot); `two_pass` drafts in a forward of its own.
         temperature 0 is greedy; otherwise top_k / top_p sampling with a generator seeded by `seed`.
         EOS ids default to the config's and the generation config's.
         """
@@ -250,7 +251,7 @@ class BlockGenerationMixin:
             runner = _SpeculativeRunner(self, self.config.mask_token_id, eos, pad)
             cfg = SpeculativeConfig(block_size=B, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                                     two_pass=two_pass, next_draft=next_draft, branches=branches,
-                                    reuse_drafts=reuse_drafts, shift=shift)
+                                    reuse_drafts=reuse_drafts, candidates=candidates, shift=shift)
         out = runner.generate(prompts, cfg)
         return BlockGenerateOutput(sequences=out.padded().to(input_ids.device), forwards=out.forwards,
                                    tokens_per_forward=out.tokens_per_forward,
