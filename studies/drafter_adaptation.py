@@ -85,10 +85,15 @@ def parse_args(argv=None):
 
 
 # ----------------------------------------------------------------------------- data
+def raw_name(args, tokens: int) -> str:
+    """The raw set's file stem: "raw" for --raw-tokens (the first blend's name), else raw_TOKENS."""
+    return "raw" if tokens == args.raw_tokens else f"raw_{tokens}"
+
+
 def raw_records(args, out: Path, tokenizer, tokens: int) -> Path:
     """Documents of the corpora's training parts, about `tokens` in all, as SFT records (a smaller
     set is a prefix of each corpus's part of a larger one)."""
-    path = out / ("raw.jsonl" if tokens == args.raw_tokens else f"raw_{tokens}.jsonl")
+    path = out / f"{raw_name(args, tokens)}.jsonl"
     if path.is_file():
         return path
     from megablock.data.preprocess import iter_documents
@@ -118,7 +123,7 @@ def prepare(args, prep: Path, out: Path, env: dict) -> dict:
     blends = {}
     for arm in args.arms.split(","):
         tokens = RAW_TOKENS.get(arm, args.raw_tokens)
-        raw = out / "data" / ("raw" if tokens == args.raw_tokens else f"raw_{tokens}")
+        raw = out / "data" / raw_name(args, tokens)
         if not Path(f"{raw}.flags.idx").is_file():
             (out / "data").mkdir(parents=True, exist_ok=True)
             run([PY, "tools/preprocess_data.py", "--format", "sft", "--input", raw_records(args, out, tok, tokens),
