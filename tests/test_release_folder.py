@@ -154,7 +154,8 @@ def _megablock_cases(folder: Path) -> list:
             kwargs = dict(block_size=B, mode="threshold", threshold=0.5, max_new_tokens=N_NEW, eos_token_id=eos,
                           temperature=sampling.temperature, top_p=sampling.top_p, seed=seed)
             cases.append(({"kind": "block", "prompts": PROMPTS, "kwargs": kwargs}, im.sampler().generate(PROMPTS, cfg)))
-        for layout in (dict(two_pass=False), dict(two_pass=True), dict(branches=2, reuse_drafts=True, candidates=2)):
+        for layout in (dict(two_pass=False), dict(two_pass=True),
+                       dict(branches=2, reuse_drafts=True, candidates=2, candidate_split="likeliest")):
             for sampling, seed in ((SamplingParams(), 0), (SAMPLED, 5)):
                 cfg = SpeculativeConfig(block_size=B, max_new_tokens=N_NEW, sampling=sampling, seed=seed, **layout)
                 kwargs = dict(block_size=B, mode="speculative", max_new_tokens=N_NEW, eos_token_id=eos, **layout,

@@ -250,20 +250,47 @@ def test_candidate_blocks_give_drafts_one_ahead_of_the_verifiers_token():
         return s._logits(hidden[0, : B - 1]).argmax(-1).tolist()
 
     kinds = {}
-    for candidates in (0, 3):
+    for candidates, split in ((0, "even"), (3, "even"), (3, "likeliest")):
         s.seen = []
-        cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, branches=2, candidates=candidates)
+        cfg = SpeculativeConfig(block_size=B, max_new_tokens=n, branches=2, candidates=candidates,
+                                candidate_split=split)
         assert s.generate(prompts, cfg).tokens == ar
-        kinds[candidates] = []
+        kinds[candidates, split] = []
         for r, at, drafts in s.seen:
             context, pending = prompts[r] + ar[r][: at - 1], ar[r][at - 1]
             one_ahead = drafts_alone(context, pending, revealed=True)[: len(drafts)]
             two_ahead = drafts_alone(context, pending, revealed=False)[: len(drafts)]
             assert drafts in (one_ahead, two_ahead), (candidates, r, at)
             if one_ahead != two_ahead:
-                kinds[candidates].append(drafts == one_ahead)
-    assert len(kinds[0]) >= 5 and not any(kinds[0])
-    assert sum(kinds[3]) >= 3, kinds[3]
+                kinds[candidates, split].append(drafts == one_ahead)
+    assert len(kinds[0, "even"]) >= 5 and not any(kinds[0, "even"])
+    assert sum(kinds[3, "even"]) >= 3 and sum(kinds[3, "likeliest"]) >= 3, kinds
+
+
+def test_likeliest_split_ranks_cut_and_token_pairs_by_the_drafters_odds():
+    """The "likeliest" split's (slot, token) pairs against brute force: every pair of every next
+    block scored as log q(token at k) + the log q of the drafts before k, best first; and the bets
+    built from them: the masked bets, then the best pairs at the bet slots, the draft excluded."""
+    torch.manual_seed(0)
+    b, m, w, V, tops = 2, 3, 3, 7, 4
+    logits = torch.randn(b, m, w, V) * 2
+    drafts = torch.randint(0, V, (b, m, w))
+    codes = block_rules.SpeculativeDecoder._ranked_pairs(logits, drafts, tops)
+    logq = logits.log_softmax(-1)
+    for i in range(b):
+        for j in range(m):
+            scored = []
+            for k in range(w):
+                before = sum(logq[i, j, x, drafts[i, j, x]].item() for x in range(k))
+                scored += [(before + logq[i, j, k, c].item(), k, c) for c in logq[i, j, k].topk(tops).indices.tolist()]
+            expected = [(k, c) for _, k, c in sorted(scored, key=lambda x: -x[0])]
+            assert [divmod(x, V) for x in codes[i, j].tolist()] == expected
+    d = [4, 1, 6]  # drafts of one row; alternatives ranked best first
+    alts = [(0, 4), (1, 2), (0, 3), (2, 5), (0, 1), (1, 0), (1, 3)]
+    counts, firsts = block_rules.SpeculativeDecoder._bets([d], 3, [alts], 2, "likeliest")
+    assert list(zip(counts[0], firsts[0])) == [(3, None), (0, None), (1, None), (1, 2), (0, 3), (0, 1), (1, 0)]
+    counts, firsts = block_rules.SpeculativeDecoder._bets([d], 3, [alts], 2, "even")
+    assert list(zip(counts[0], firsts[0])) == [(3, None), (0, None), (1, None), (0, 3), (0, 1), (1, 2), (1, 0)]
 
 
 # --- KV cache rollback ----------------------------------------------------------------------------------
@@ -411,7 +438,9 @@ def test_tp2_equals_ar():
                                  dict(two_pass=True, draft_steps=2, sampling=SamplingParams(1.0)),
                                  dict(shift=False), dict(candidates=2), dict(branches=2, candidates=-1),
                                  dict(branches=2, candidates=2, next_draft="overlap"),
-                                 dict(two_pass=True, candidates=2)])
+                                 dict(two_pass=True, candidates=2),
+                                 dict(branches=2, candidate_split="likeliest"),
+                                 dict(branches=2, candidates=2, candidate_split="widest")])
 def test_bad_settings_raise(bad):
     sampler = speculative_sampler(from_hf_model(tiny_hf_model("llama"), mask_token_id=MASK))
     with pytest.raises(ValueError):

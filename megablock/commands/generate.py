@@ -22,7 +22,7 @@ import sys
 
 from megablock.cli import add_common_flags, add_model_flags, is_rank_zero, launched_parallel, run_tool
 from megablock.config import WeightDtype, options
-from megablock.diffusion.block_rules import DecodeMode, NextDraft
+from megablock.diffusion.block_rules import CandidateSplit, DecodeMode, NextDraft
 from megablock.inference.distill import read_prompt_file
 from megablock.inference.loading import load
 from megablock.inference.sampler import GenerateConfig
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=int, default=0,
                    help="speculative, one pass, --branches >= 2: per bet on a cut block, C more next blocks revealing "
                         "the drafter's next likeliest tokens for the cut slot (B slots each)")
+    p.add_argument("--candidate-split", choices=options(CandidateSplit), default="even",
+                   help="speculative, --candidates: even (C per cut bet) or likeliest (as many blocks, given to the "
+                        "(cut, token) pairs the drafter finds likeliest)")
     p.add_argument("--draft-steps", type=int, default=1, help="speculative --two-pass: refinement forwards per draft")
     p.add_argument("--draft-threshold", type=float, default=None,
                    help="speculative --two-pass: refine drafts with this commit threshold instead")
@@ -87,7 +90,7 @@ def generate_config(args):
         cfg = SpeculativeConfig(
             block_size=args.block_size, max_new_tokens=args.max_new_tokens, two_pass=args.two_pass,
             next_draft=args.next_draft, branches=args.branches, reuse_drafts=args.reuse_drafts,
-            candidates=args.candidates, draft_steps=args.draft_steps, draft_threshold=args.draft_threshold,
+            candidates=args.candidates, candidate_split=args.candidate_split, draft_steps=args.draft_steps, draft_threshold=args.draft_threshold,
             sampling=SamplingParams(args.temperature, args.top_k, args.top_p), seed=args.seed,
         )
         cfg.check_ranges()

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=int, default=0,
                    help="speculative, one pass, --branches >= 2: next blocks revealing the drafter's next likeliest "
                         "tokens where a block is cut")
+    p.add_argument("--candidate-split", default="even",
+                   help="speculative, --candidates: even (default; C per cut bet) | likeliest (as many blocks, to the "
+                        "drafter's likeliest (cut, token) pairs)")
     p.add_argument("--dtype", default="fp32", help="fp32 (default) | bf16")
     p.add_argument("--tp", type=int, default=None, help="TP ranks per replica (default: every launched process)")
     p.add_argument("--max-length", type=int, default=None,
@@ -111,7 +114,7 @@ def model_args(args) -> dict:
                seed=args.seed)
     if args.mode == "speculative":
         out.update(two_pass=args.two_pass, next_draft=args.next_draft, branches=args.branches,
-                   reuse_drafts=args.reuse_drafts, candidates=args.candidates)
+                   reuse_drafts=args.reuse_drafts, candidates=args.candidates, candidate_split=args.candidate_split)
     return out
 
 

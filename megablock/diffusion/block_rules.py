@@ -34,7 +34,10 @@ DecodeMode = Literal["threshold", "speculative"]
 """threshold: confidence-thresholded parallel decoding; speculative: lossless draft-and-verify."""
 NextDraft = Literal["masked", "overlap"]
 """Speculative one-pass mode: layout of the next block's draft (see `speculative`'s module doc)."""
+CandidateSplit = Literal["even", "likeliest"]
+"""Speculative one-pass mode: how the candidate blocks are shared out among the cut bets."""
 DECODE_MODES, NEXT_DRAFTS = typing.get_args(DecodeMode), typing.get_args(NextDraft)
+CANDIDATE_SPLITS = typing.get_args(CandidateSplit)
 
 
 # --- token choice and the commit rule ------------------------------------------------------------
@@ -214,6 +217,12 @@ class SpeculativeConfig:
     likeliest tokens (after the draft) for the slot where the verifier cut the block. The verifier
     puts its own token there; when that is a candidate, the next pass verifies drafts made one
     ahead of a known token (the two-forward layout's drafts) instead of two ahead. B slots each."""
+    candidate_split: CandidateSplit = "even"
+    """How the candidate blocks (`candidates` times the cut bets, so the same number and the same
+    forward either way) are shared out: "even", `candidates` per cut bet; "likeliest", to the
+    (cut, token) pairs the drafter finds likeliest over all the cut bets, each scored by the
+    drafter's probability of its drafts before the cut times that of the token at the cut. Cuts
+    after few drafts are the common ones, so they get more; a confident row's bets reach further."""
     draft_steps: int = 1
     """Refinement forwards per draft (two-forward mode only; greedy only)."""
     draft_threshold: Optional[float] = None
@@ -257,6 +266,11 @@ class SpeculativeConfig:
                              "the next block); two_pass drafts every block afresh")
         if self.candidates < 0:
             raise ValueError(f"candidates must be >= 0, got {self.candidates}")
+        if self.candidate_split not in CANDIDATE_SPLITS:
+            raise ValueError(f"candidate_split must be one of {CANDIDATE_SPLITS}, got {self.candidate_split!r}")
+        if self.candidate_split != "even" and not self.candidates:
+            raise ValueError(f"candidate_split={self.candidate_split!r} shares out candidate blocks, but candidates "
+                             "is 0: set candidates >= 1 (blocks per cut bet)")
         if self.candidates and (self.next_draft != "masked" or self.branches < 2):
             raise ValueError("candidates reveal the first slot of the next blocks that bet on a cut block: they need "
                              f"next_draft='masked' and branches >= 2, got next_draft={self.next_draft!r}, "
@@ -827,22 +841,44 @@ class SpeculativeDecoder(Decoder):
         return x.flatten(1), cache.lengths.cpu()[:, None] + seen, seen
 
     @staticmethod
-    def _bets(drafts: list, branches: int, alts: Optional[list] = None, candidates: int = 0) -> tuple:
+    def _bets(drafts: list, branches: int, alts: Optional[list] = None, candidates: int = 0,
+              split: CandidateSplit = "even") -> tuple:
         """Per row the next blocks' bets: (kept-draft counts, first tokens). Counts: every draft
         kept first, then none, one, ... (`branches` of them), each with a masked first slot (None);
-        then, for each count k short of all, `candidates` blocks revealing the drafter's likeliest
-        tokens at draft slot k other than the draft itself (alts[r][k], likeliest first). A row
+        then candidate blocks revealing a token other than the draft at a cut slot k, from the
+        drafter's (k, token) pairs alts[r], likeliest first: `candidates` per count k short of all
+        ("even"), or that many times the cut counts from the top of the list ("likeliest"). A row
         with fewer bets repeats its first one (every row has the same width)."""
         counts, firsts = [], []
         for i, d in enumerate(drafts):
             ks = [len(d)] + [k for k in range(len(d)) if k < branches - 1]
             pairs = [(k, None) for k in ks]
             if candidates and alts[i] is not None:
-                pairs += [(k, c) for k in ks if k < len(d) for c in [t for t in alts[i][k] if t != d[k]][:candidates]]
+                cut = ks[1:]
+                mine = [(k, c) for k, c in alts[i] if k in cut and c != d[k]]
+                if split == "even":
+                    mine = [p for k in cut for p in [p for p in mine if p[0] == k][:candidates]]
+                pairs += mine[: candidates * len(cut)]
             counts.append([k for k, _ in pairs])
             firsts.append([c for _, c in pairs])
         m = max(len(row) for row in counts)
         return ([(row + row[:1] * m)[:m] for row in counts], [(row + row[:1] * m)[:m] for row in firsts])
+
+    @staticmethod
+    def _ranked_pairs(logits: torch.Tensor, drafts: torch.Tensor, tops: int) -> torch.Tensor:
+        """Per next block ([b, m, w, V] logits, [b, m, w] drafts) its candidate (slot k, token c)
+        pairs as k * V + c, likeliest first: the `tops` likeliest tokens at each slot, scored by
+        log q(c at k) plus the log q of the drafts before k (the drafter's chance that the block
+        is cut at k and the verifier's token is c). The sort is stable, so one slot's tokens stay
+        in their top-k order (what the "even" split takes per slot)."""
+        lse = logits.float().logsumexp(-1)
+        top = logits.topk(tops, dim=-1)
+        before = (logits.gather(-1, drafts[..., None]).squeeze(-1).float() - lse).cumsum(-1)
+        before = F.pad(before[..., :-1], (1, 0))  # the drafts strictly before slot k
+        score = (top.values.float() - lse[..., None] + before[..., None]).flatten(2)
+        slot = torch.arange(logits.shape[2], device=logits.device)[:, None].expand(-1, tops)
+        code = (slot * logits.shape[-1] + top.indices).flatten(2)
+        return code.gather(-1, score.argsort(dim=-1, descending=True, stable=True))
 
     @staticmethod
     def _matching_bet(counts: list, firsts: list, kept: int, token: int) -> Optional[int]:
@@ -895,7 +931,7 @@ class SpeculativeDecoder(Decoder):
             known = [len(a) for a in append]
             tokens = [a + d for a, d in zip(append, drafts)]
             bets, firsts = self._bets(drafts, min(cfg.branches, max(len(d) for d in drafts) + 1), alts,
-                                      cands) if one_pass else (None, None)
+                                      cands, cfg.candidate_split) if one_pass else (None, None)
             noised = self._next_blocks(cache, tokens, bets, B, overlap, firsts) if one_pass else None
             app_hidden, noise_hidden = self._forward(cache, tokens, noised)
             forwards += 1
@@ -909,8 +945,11 @@ class SpeculativeDecoder(Decoder):
             # Decide every row (TP rank 0's decisions are broadcast so all ranks agree).
             m = len(bets[0]) if one_pass else 0
             width_next = cfg.drafts_per_block
-            alt_at = 2 + max(m, 1) * width_next  # then, with candidates, each next draft's likeliest tokens
-            decision = torch.zeros(b, alt_at + (m * width_next * (cands + 1) if cands else 0), dtype=torch.long)
+            alt_at = 2 + max(m, 1) * width_next  # then, with candidates, each next draft's (slot, token) pairs
+            vocab = app_logits.shape[-1]
+            # tokens per slot: a slot may take every candidate block of the "likeliest" split, and one is the draft
+            tops = min(cands * (1 if cfg.candidate_split == "even" else width_next) + 1, vocab) if cands else 0
+            decision = torch.zeros(b, alt_at + m * width_next * tops, dtype=torch.long)
             for i in range(b):
                 kept, nxt = verify_drafts(app_logits[i, : len(drafts[i]) + 1], drafts[i], qs[i],
                                           cfg.sampling, generator)
@@ -923,7 +962,8 @@ class SpeculativeDecoder(Decoder):
                 nd, next_q = draw(logits, cfg.sampling, generator)
                 decision[:, 2:alt_at] = nd.cpu()
                 if cands:
-                    decision[:, alt_at:] = logits.topk(cands + 1, dim=-1).indices.reshape(b, -1).cpu()
+                    decision[:, alt_at:] = self._ranked_pairs(logits.view(b, m, width_next, -1), nd.view(b, m, -1),
+                                                              tops).reshape(b, -1).cpu()
                 if next_q is not None:
                     next_q = next_q.view(b, m, width_next, -1)
             decision = self._agree(decision.to(dev)).cpu()
@@ -953,13 +993,14 @@ class SpeculativeDecoder(Decoder):
                 if j is not None:  # a next block was drafted after exactly these tokens
                     next_drafts.append(decision[i, 2 + j * width_next: 2 + (j + 1) * width_next].tolist())
                     next_qs.append(None if next_q is None else next_q[i, j])
-                    w = width_next * (cands + 1)
-                    next_alts.append(decision[i, alt_at + j * w: alt_at + (j + 1) * w].view(width_next, -1).tolist()
-                                     if cands else None)
+                    w = width_next * tops
+                    next_alts.append([divmod(x, vocab) for x in
+                                      decision[i, alt_at + j * w: alt_at + (j + 1) * w].tolist()] if cands else None)
                 elif one_pass and cfg.reuse_drafts:  # drafts[kept] was rejected; the ones after it still stand
                     next_drafts.append(drafts[i][kept + 1:])
                     next_qs.append(None if qs[i] is None else qs[i][kept + 1:])
-                    next_alts.append(None if alts[i] is None else alts[i][kept + 1:])
+                    next_alts.append(None if alts[i] is None else
+                                     [(k - kept - 1, c) for k, c in alts[i] if k > kept])
                 else:
                     next_drafts.append([])
                     next_qs.append(None)

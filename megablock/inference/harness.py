@@ -9,7 +9,7 @@ or `tools/lm_eval.py` / `megablock-lm-eval`, which does the same with the harnes
 Model arguments: exactly one of `ckpt` (a megablock checkpoint) / `hf_dir` (an HF folder, plain or
 exported; `pretrained` is accepted as its alias, as the `hf` backend spells it), `drafter`,
 `mode` = ar | threshold | speculative, `block_size`, `threshold` or `tokens_per_step`, `two_pass`,
-`next_draft`, `branches`, `reuse_drafts` and `candidates` (speculative), `dtype`, `batch_size`, `max_length`,
+`next_draft`, `branches`, `reuse_drafts`, `candidates` and `candidate_split` (speculative), `dtype`, `batch_size`, `max_length`,
 `max_gen_toks`, `add_bos_token`, `prefix_token_id`, `tp`, `seed`.
 
 What each request type computes, and why it matches the `hf` backend:
@@ -91,7 +91,7 @@ class MegablockLM(TemplateLM):
                  drafter: Optional[str] = None, mode: str = "ar", block_size: Optional[int] = None,
                  threshold: Optional[float] = None, tokens_per_step: Optional[int] = None, two_pass: bool = False,
                  next_draft: str = "masked", branches: int = 1, reuse_drafts: bool = False, candidates: int = 0,
-                 dtype: str = "fp32",
+                 candidate_split: str = "even", dtype: str = "fp32",
                  batch_size=1, max_batch_size=None,
                  max_length: Optional[int] = None, max_gen_toks: int = 256, add_bos_token: Optional[bool] = None,
                  prefix_token_id: Optional[int] = None, tp: Optional[int] = None, device: Optional[str] = None,
@@ -100,7 +100,7 @@ class MegablockLM(TemplateLM):
         if unknown:
             raise ValueError(f"unknown megablock model argument(s) {', '.join(sorted(unknown))}; it takes ckpt, "
                              "hf_dir, drafter, mode, block_size, threshold, tokens_per_step, two_pass, next_draft, branches, "
-                             "reuse_drafts, candidates, "
+                             "reuse_drafts, candidates, candidate_split, "
                              "dtype, batch_size, max_length, max_gen_toks, add_bos_token, prefix_token_id, tp, seed")
         if pretrained is not None:
             if hf_dir is not None:
@@ -123,7 +123,8 @@ class MegablockLM(TemplateLM):
             if mode == "speculative":
                 return SpeculativeConfig(block_size=B, two_pass=two_pass, next_draft=next_draft, shift=shift,
                                          branches=int(branches), reuse_drafts=bool(reuse_drafts),
-                                         candidates=int(candidates), seed=int(seed))
+                                         candidates=int(candidates), candidate_split=candidate_split,
+                                         seed=int(seed))
             return GenerateConfig(block_size=B, threshold=0.9 if threshold is None else float(threshold),
                                   tokens_per_step=tokens_per_step, shift=shift, seed=int(seed))
 
@@ -275,7 +276,7 @@ class MegablockLM(TemplateLM):
         if self.mode == "speculative":
             info.update(two_pass=self.decoding.two_pass, next_draft=self.decoding.next_draft,
                         branches=self.decoding.branches, reuse_drafts=self.decoding.reuse_drafts,
-                        candidates=self.decoding.candidates)
+                        candidates=self.decoding.candidates, candidate_split=self.decoding.candidate_split)
         info["decoding"] = {task: summarize(s, self.mode) for task, s in sorted(stats.items())}
         return {"megablock": info, "model_num_parameters": parameter_count(self.model.cfg)[1],
                 "model_dtype": self.dtype}

@@ -64,6 +64,12 @@ token (decided, not yet in the cache, at position s), and possibly drafts for po
       token is one of them, the next pass verifies that block's drafts, made one ahead of a known
       token as in the two-forward layout (kept far more often), at no extra forward; otherwise
       the masked block stands in. Each candidate costs B more slots per forward.
+      `candidate_split="likeliest"` shares the same number of candidate blocks out by the
+      drafter's own odds instead of c per bet: each (cut k, token t) pair is scored by the
+      drafter's probability of its first k drafts times that of t at slot k, and the best pairs
+      over all bets get the blocks. Cuts after few drafts are the common ones, so they get deeper
+      candidate lists, and a row whose drafts look safe spends its blocks on later cuts (the
+      dynamic draft trees of EAGLE-2, over the cut slots).
   All are lossless for the same reason as the rest: every kept token passed the verifier.
 
 Blocks start wherever the previous verification stopped, not at multiples of B. The model still
@@ -98,6 +104,8 @@ LAYOUTS = {
     "one pass, masked, 2 branches + 3 candidates": dict(next_draft="masked", branches=2, candidates=3),
     "one pass, masked, all branches + 3 candidates": dict(next_draft="masked", branches="all", candidates=3),
     "one pass, masked, all branches + 7 candidates": dict(next_draft="masked", branches="all", candidates=7),
+    "one pass, masked, all branches + 7 candidates, likeliest": dict(next_draft="masked", branches="all",
+                                                                     candidates=7, candidate_split="likeliest"),
 }
 """The draft layouts the benchmarks and studies compare, by name. branches="all": a next block
 for every possible number of kept drafts at the block size."""

@@ -203,7 +203,8 @@ class BlockGenerationMixin:
                        top_k: Optional[int] = None, eos_token_id: Union[int, Sequence[int], None] = None,
                        pad_token_id: Optional[int] = None, seed: int = 0, tokens_per_step: Optional[int] = None,
                        two_pass: bool = False, next_draft: str = "masked", branches: int = 1,
-                       reuse_drafts: bool = False, candidates: int = 0) -> BlockGenerateOutput:
+                       reuse_drafts: bool = False, candidates: int = 0,
+                       candidate_split: str = "even") -> BlockGenerateOutput:
         """Decode `input_ids` [batch, L] (padded on either side; `attention_mask` marks the real
         tokens) block by block.
 
@@ -216,7 +217,8 @@ class BlockGenerationMixin:
         "overlap"; `branches` next blocks, one per number of kept drafts it bets on, and
         `reuse_drafts` verifies the drafts after a rejected one in the next pass; with branches >= 2,
         `candidates` more next blocks per cut bet reveal the drafter's next likeliest tokens for the
-        cut slot); `two_pass` drafts in a forward of its own.
+        cut slot, `candidate_split` "even" per bet or "likeliest" to the drafter's likeliest (cut,
+        token) pairs); `two_pass` drafts in a forward of its own.
         temperature 0 is greedy; otherwise top_k / top_p sampling with a generator seeded by `seed`.
         EOS ids default to the config's and the generation config's.
         """
@@ -251,7 +253,8 @@ class BlockGenerationMixin:
             runner = _SpeculativeRunner(self, self.config.mask_token_id, eos, pad)
             cfg = SpeculativeConfig(block_size=B, max_new_tokens=max_new_tokens, sampling=sampling, seed=seed,
                                     two_pass=two_pass, next_draft=next_draft, branches=branches,
-                                    reuse_drafts=reuse_drafts, candidates=candidates, shift=shift)
+                                    reuse_drafts=reuse_drafts, candidates=candidates,
+                                    candidate_split=candidate_split, shift=shift)
         out = runner.generate(prompts, cfg)
         return BlockGenerateOutput(sequences=out.padded().to(input_ids.device), forwards=out.forwards,
                                    tokens_per_forward=out.tokens_per_forward,
