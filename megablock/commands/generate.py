@@ -90,7 +90,8 @@ def generate_config(args):
         cfg = SpeculativeConfig(
             block_size=args.block_size, max_new_tokens=args.max_new_tokens, two_pass=args.two_pass,
             next_draft=args.next_draft, branches=args.branches, reuse_drafts=args.reuse_drafts,
-            candidates=args.candidates, candidate_split=args.candidate_split, draft_steps=args.draft_steps, draft_threshold=args.draft_threshold,
+            candidates=args.candidates, candidate_split=args.candidate_split,
+            draft_steps=args.draft_steps, draft_threshold=args.draft_threshold,
             sampling=SamplingParams(args.temperature, args.top_k, args.top_p), seed=args.seed,
         )
         cfg.check_ranges()

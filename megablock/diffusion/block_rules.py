@@ -857,7 +857,7 @@ class SpeculativeDecoder(Decoder):
                 cut = ks[1:]
                 mine = [(k, c) for k, c in alts[i] if k in cut and c != d[k]]
                 if split == "even":
-                    mine = [p for k in cut for p in [p for p in mine if p[0] == k][:candidates]]
+                    mine = [pair for k in cut for pair in [q for q in mine if q[0] == k][:candidates]]
                 pairs += mine[: candidates * len(cut)]
             counts.append([k for k, _ in pairs])
             firsts.append([c for _, c in pairs])
