@@ -911,7 +911,7 @@ class SpeculativeDecoder(Decoder):
         drafted, accepted = [], []
         drafts: list[list[int]] = [[] for _ in range(n)]
         qs: list = [None] * n
-        alts: list = [None] * n  # one pass with candidates: per draft slot the drafter's likeliest tokens
+        alts: list = [None] * n  # one pass with candidates: the drafter's (slot, token) pairs, likeliest first
         append = [list(p) for p in prompts]  # the prefill: prompts are "pending" tokens with no drafts
         forwards, row_forwards = 0, [0] * n
         while rows:
